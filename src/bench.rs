@@ -1,0 +1,1 @@
+//! Built-in benchmark (used by `omniq bench`).

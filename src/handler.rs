@@ -1,0 +1,164 @@
+//! Handlers: the code that runs a task kind, how they are registered (typed or plain
+//! closures), the context a running handler sees, and how one execution is run and turned into
+//! an outcome (panics caught, unknown kinds failed visibly).
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::commit::Outcome;
+use crate::task::{Task, TaskError, TaskId, TaskInfo, Timestamp};
+
+/// A handler over raw JSON payload bytes, returning JSON result bytes.
+pub(crate) type RawHandler = dyn Fn(&TaskContext, &[u8]) -> Result<Vec<u8>, TaskError> + Send + Sync;
+
+/// Execution states shared between a running handler, its worker and the timeout watchdog.
+pub(crate) const EXEC_RUNNING: u8 = 0;
+pub(crate) const EXEC_DONE: u8 = 1;
+pub(crate) const EXEC_TIMED_OUT: u8 = 2;
+
+/// What a running handler can know about its execution.
+///
+/// Threads cannot be killed, so timeouts and shutdown are cooperative: a long handler should
+/// check [`is_cancelled`](TaskContext::is_cancelled) between steps and return early. Whatever it
+/// returns after its attempt was closed (timed out) is rejected by the engine.
+pub struct TaskContext {
+    pub(crate) id: TaskId,
+    pub(crate) kind: String,
+    pub(crate) queue: String,
+    pub(crate) attempt: u32,
+    pub(crate) max_retries: u32,
+    pub(crate) deadline: Option<Timestamp>,
+    pub(crate) state: Arc<AtomicU8>,
+    pub(crate) stop: Arc<AtomicBool>,
+}
+
+impl TaskContext {
+    pub(crate) fn new(task: &TaskInfo, deadline: Option<Timestamp>, stop: Arc<AtomicBool>) -> TaskContext {
+        TaskContext {
+            id: task.id,
+            kind: task.kind.clone(),
+            queue: task.queue.clone(),
+            attempt: task.attempts,
+            max_retries: task.max_retries,
+            deadline,
+            state: Arc::new(AtomicU8::new(EXEC_RUNNING)),
+            stop,
+        }
+    }
+
+    /// The task being run.
+    pub fn task_id(&self) -> TaskId {
+        self.id
+    }
+    /// Its kind.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+    /// Its queue.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+    /// This execution's number, 1-based (already counted durably).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+    /// The task's retry budget.
+    pub fn max_retries(&self) -> u32 {
+        self.max_retries
+    }
+    /// True when a transient failure now would be final.
+    pub fn is_last_attempt(&self) -> bool {
+        self.attempt > self.max_retries
+    }
+    /// When this execution times out, if it has a timeout.
+    pub fn deadline(&self) -> Option<Timestamp> {
+        self.deadline
+    }
+    /// True once the execution has timed out (its result will be ignored) or the worker pool's
+    /// grace period has run out. Check it between steps of long work.
+    pub fn is_cancelled(&self) -> bool {
+        self.state.load(Ordering::Acquire) == EXEC_TIMED_OUT || self.stop.load(Ordering::Acquire)
+    }
+}
+
+/// Handlers by task kind, shared by every worker pool of a queue.
+#[derive(Default)]
+pub(crate) struct Registry {
+    handlers: RwLock<HashMap<String, Arc<RawHandler>>>,
+}
+
+impl Registry {
+    pub(crate) fn insert(&self, kind: &str, h: Arc<RawHandler>) {
+        self.handlers.write().insert(kind.to_string(), h);
+    }
+
+    pub(crate) fn get(&self, kind: &str) -> Option<Arc<RawHandler>> {
+        self.handlers.read().get(kind).cloned()
+    }
+
+    pub(crate) fn kinds(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.handlers.read().keys().cloned().collect();
+        k.sort();
+        k
+    }
+}
+
+/// Wraps a typed handler: decodes the payload as `T`, encodes the output.
+pub(crate) fn typed<T, F>(handler: F) -> Arc<RawHandler>
+where
+    T: Task,
+    F: Fn(T, &TaskContext) -> Result<T::Output, TaskError> + Send + Sync + 'static,
+{
+    Arc::new(move |ctx: &TaskContext, payload: &[u8]| {
+        let args: T = serde_json::from_slice(payload).map_err(|e| {
+            TaskError::permanent(
+                "decode",
+                format!("payload of task {} does not decode as {} ({}): {e}", ctx.id, T::NAME, std::any::type_name::<T>()),
+            )
+        })?;
+        let out = handler(args, ctx)?;
+        serde_json::to_vec(&out).map_err(|e| TaskError::permanent("encode", format!("cannot encode the result of {}: {e}", T::NAME)))
+    })
+}
+
+/// Wraps a plain closure over JSON values.
+pub(crate) fn plain<F>(handler: F) -> Arc<RawHandler>
+where
+    F: Fn(serde_json::Value, &TaskContext) -> Result<serde_json::Value, TaskError> + Send + Sync + 'static,
+{
+    Arc::new(move |ctx: &TaskContext, payload: &[u8]| {
+        let args: serde_json::Value = serde_json::from_slice(payload)
+            .map_err(|e| TaskError::permanent("decode", format!("payload of task {} is not JSON: {e}", ctx.id)))?;
+        let out = handler(args, ctx)?;
+        serde_json::to_vec(&out).map_err(|e| TaskError::permanent("encode", e.to_string()))
+    })
+}
+
+/// Runs one execution: looks up the handler, calls it with panics caught.
+pub(crate) fn execute(registry: &Registry, task: &TaskInfo, ctx: &TaskContext) -> Outcome {
+    let Some(handler) = registry.get(&task.kind) else {
+        return Outcome::Failure(TaskError::permanent(
+            "unregistered",
+            format!(
+                "no handler is registered for task kind {:?}; register one and call retry on this task",
+                task.kind
+            ),
+        ));
+    };
+    match catch_unwind(AssertUnwindSafe(|| handler(ctx, &task.payload))) {
+        Ok(Ok(bytes)) => Outcome::Success(bytes),
+        Ok(Err(e)) => Outcome::Failure(e),
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "handler panicked with a non-string payload".to_string());
+            Outcome::Failure(TaskError::transient("panic", msg))
+        }
+    }
+}

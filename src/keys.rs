@@ -1,0 +1,307 @@
+//! The key layout: every key omniq stores, encoded by hand as fixed-width big-endian bytes so
+//! that sled's byte order is the order we scan in. All keys live in one sled tree, so one
+//! `apply_batch` updates a record and all its index entries atomically.
+//!
+//! | prefix | layout                                                        | value            |
+//! |--------|---------------------------------------------------------------|------------------|
+//! | `m`    | `m` name                                                      | meta envelope    |
+//! | `t`    | `t` id(16)                                                    | task envelope    |
+//! | `s`    | `s` status(1) id(16)                                          | empty            |
+//! | `p`    | `p` qlen(1) queue prio(1) next_run_ms(8) id(16)               | empty            |
+//! | `f`    | `f` finished_ms(8) id(16)                                     | empty            |
+//! | `l`    | `l` id(16) seq(8)                                             | log envelope     |
+//! | `c`    | `c` status(1) queue                                           | u64 BE count     |
+//!
+//! `prio` is `127 - priority` (as a byte), so higher priority sorts first; within a priority,
+//! earlier `next_run_ms` first, then the id (UUIDv7, so enqueue order).
+
+use crate::error::{Error, Result};
+use crate::task::{Status, TaskId, Timestamp};
+
+/// Prefix bytes. Part of the on-disk format.
+pub const META: u8 = b'm';
+/// Task records.
+pub const TASK: u8 = b't';
+/// State index.
+pub const STATE: u8 = b's';
+/// Pending (due-time) index.
+pub const PENDING: u8 = b'p';
+/// Finished-time index (for retention).
+pub const FINISHED: u8 = b'f';
+/// Transition log.
+pub const LOG: u8 = b'l';
+/// Per-status, per-queue counters.
+pub const COUNT: u8 = b'c';
+
+/// Meta key holding the on-disk format version.
+pub const META_FORMAT: &[u8] = b"mformat";
+/// Meta key holding the last transition sequence number used.
+pub const META_SEQ: &[u8] = b"mseq";
+/// Meta key holding the last process-run id.
+pub const META_RUN: &[u8] = b"mrun";
+
+/// Longest queue name (it is length-prefixed by one byte in keys).
+pub const MAX_QUEUE_NAME: usize = 128;
+
+/// `t` id
+pub fn task(id: TaskId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(TASK);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// `s` status id
+pub fn state(status: Status, id: TaskId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(18);
+    k.push(STATE);
+    k.push(status.code());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// `s` status: the prefix of one state's index.
+pub fn state_prefix(status: Status) -> Vec<u8> {
+    vec![STATE, status.code()]
+}
+
+/// Priority byte: higher priority sorts first.
+pub fn priority_byte(priority: i8) -> u8 {
+    (127i16 - i16::from(priority)) as u8
+}
+
+fn priority_from_byte(b: u8) -> i8 {
+    (127i16 - i16::from(b)) as i8
+}
+
+/// `p` qlen queue: the prefix of one queue's pending index.
+pub fn pending_queue_prefix(queue: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + queue.len() + 25);
+    k.push(PENDING);
+    k.push(queue.len() as u8);
+    k.extend_from_slice(queue.as_bytes());
+    k
+}
+
+/// `p` qlen queue prio: the prefix of one priority bucket of one queue.
+pub fn pending_bucket_prefix(queue: &str, prio_byte: u8) -> Vec<u8> {
+    let mut k = pending_queue_prefix(queue);
+    k.push(prio_byte);
+    k
+}
+
+/// `p` qlen queue prio next_run id
+pub fn pending(queue: &str, priority: i8, next_run: Timestamp, id: TaskId) -> Vec<u8> {
+    let mut k = pending_bucket_prefix(queue, priority_byte(priority));
+    k.extend_from_slice(&next_run.0.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// A decoded pending-index key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingKey {
+    /// Queue name.
+    pub queue: String,
+    /// Task priority.
+    pub priority: i8,
+    /// When it is due.
+    pub next_run: Timestamp,
+    /// The task.
+    pub id: TaskId,
+}
+
+/// Decodes a `p` key.
+pub fn decode_pending(key: &[u8]) -> Result<PendingKey> {
+    let bad = |reason: &str| corrupt_key("pending-index key", key, reason);
+    let [PENDING, qlen, rest @ ..] = key else {
+        return Err(bad("wrong prefix or too short"));
+    };
+    let qlen = *qlen as usize;
+    if rest.len() != qlen + 1 + 8 + 16 {
+        return Err(bad("wrong length"));
+    }
+    let (queue, rest) = rest.split_at(qlen);
+    let queue = std::str::from_utf8(queue).map_err(|_| bad("queue name is not UTF-8"))?;
+    let priority = priority_from_byte(rest[0]);
+    let next_run = Timestamp(u64::from_be_bytes(fixed(&rest[1..9])));
+    let id = TaskId::from_bytes(fixed(&rest[9..25]));
+    Ok(PendingKey {
+        queue: queue.to_string(),
+        priority,
+        next_run,
+        id,
+    })
+}
+
+/// `f` finished_ms id
+pub fn finished(at: Timestamp, id: TaskId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(25);
+    k.push(FINISHED);
+    k.extend_from_slice(&at.0.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Decodes an `f` key into (finished_at, id).
+pub fn decode_finished(key: &[u8]) -> Result<(Timestamp, TaskId)> {
+    match key {
+        [FINISHED, rest @ ..] if rest.len() == 24 => Ok((
+            Timestamp(u64::from_be_bytes(fixed(&rest[..8]))),
+            TaskId::from_bytes(fixed(&rest[8..])),
+        )),
+        _ => Err(corrupt_key("finished-index key", key, "wrong prefix or length")),
+    }
+}
+
+/// `l` id seq
+pub fn log(id: TaskId, seq: u64) -> Vec<u8> {
+    let mut k = log_prefix(id);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// `l` id: the prefix of one task's log.
+pub fn log_prefix(id: TaskId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(25);
+    k.push(LOG);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Decodes an `l` key into (id, seq).
+pub fn decode_log(key: &[u8]) -> Result<(TaskId, u64)> {
+    match key {
+        [LOG, rest @ ..] if rest.len() == 24 => Ok((
+            TaskId::from_bytes(fixed(&rest[..16])),
+            u64::from_be_bytes(fixed(&rest[16..])),
+        )),
+        _ => Err(corrupt_key("log key", key, "wrong prefix or length")),
+    }
+}
+
+/// Decodes a `t` key into the id.
+pub fn decode_task(key: &[u8]) -> Result<TaskId> {
+    match key {
+        [TASK, rest @ ..] if rest.len() == 16 => Ok(TaskId::from_bytes(fixed(rest))),
+        _ => Err(corrupt_key("task key", key, "wrong prefix or length")),
+    }
+}
+
+/// Decodes an `s` key into (status, id).
+pub fn decode_state(key: &[u8]) -> Result<(Status, TaskId)> {
+    match key {
+        [STATE, code, rest @ ..] if rest.len() == 16 => {
+            let status = Status::from_code(*code)
+                .ok_or_else(|| corrupt_key("state-index key", key, "unknown status byte"))?;
+            Ok((status, TaskId::from_bytes(fixed(rest))))
+        }
+        _ => Err(corrupt_key("state-index key", key, "wrong prefix or length")),
+    }
+}
+
+/// `c` status queue
+pub fn count(status: Status, queue: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + queue.len());
+    k.push(COUNT);
+    k.push(status.code());
+    k.extend_from_slice(queue.as_bytes());
+    k
+}
+
+/// Decodes a `c` key into (status, queue).
+pub fn decode_count(key: &[u8]) -> Result<(Status, String)> {
+    let bad = |r: &str| corrupt_key("counter key", key, r);
+    match key {
+        [COUNT, code, queue @ ..] => {
+            let status = Status::from_code(*code).ok_or_else(|| bad("unknown status byte"))?;
+            let queue = std::str::from_utf8(queue).map_err(|_| bad("queue name is not UTF-8"))?;
+            Ok((status, queue.to_string()))
+        }
+        _ => Err(bad("wrong prefix")),
+    }
+}
+
+/// A key, printed for humans: the prefix letter, then a task id where the key holds one.
+pub fn describe(key: &[u8]) -> String {
+    let id_at = |off: usize| -> Option<TaskId> {
+        key.get(off..off + 16).map(|b| TaskId::from_bytes(fixed(b)))
+    };
+    let hex = || key.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    match key.first() {
+        Some(&TASK) if key.len() == 17 => format!("t/{}", id_at(1).map(|i| i.to_string()).unwrap_or_default()),
+        Some(&LOG) if key.len() == 25 => match decode_log(key) {
+            Ok((id, seq)) => format!("l/{id}/{seq}"),
+            Err(_) => format!("l/{}", hex()),
+        },
+        Some(&STATE) if key.len() == 18 => match decode_state(key) {
+            Ok((st, id)) => format!("s/{st}/{id}"),
+            Err(_) => format!("s/{}", hex()),
+        },
+        Some(&META) => format!("m/{}", String::from_utf8_lossy(&key[1..])),
+        _ => format!("0x{}", hex()),
+    }
+}
+
+fn corrupt_key(what: &'static str, key: &[u8], reason: &str) -> Error {
+    Error::Corrupt {
+        what,
+        key: describe(key),
+        reason: reason.to_string(),
+    }
+}
+
+/// Copies a slice of known length into an array. Callers check lengths first; a mismatch can
+/// only come from a bug here, and yields zeros rather than a panic.
+fn fixed<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    if bytes.len() == N {
+        out.copy_from_slice(bytes);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_keys_sort_by_priority_then_time_then_id() {
+        let a = TaskId::generate();
+        let b = TaskId::generate();
+        let high = pending("q", 5, Timestamp(2_000), b);
+        let low_early = pending("q", 0, Timestamp(1_000), a);
+        let low_late = pending("q", 0, Timestamp(1_500), a);
+        let neg = pending("q", -3, Timestamp(0), a);
+        let mut keys = vec![neg.clone(), low_late.clone(), high.clone(), low_early.clone()];
+        keys.sort();
+        assert_eq!(keys, vec![high, low_early, low_late, neg]);
+        let same_time_a = pending("q", 0, Timestamp(7), a);
+        let same_time_b = pending("q", 0, Timestamp(7), b);
+        assert!(same_time_a < same_time_b, "enqueue order breaks ties");
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let id = TaskId::generate();
+        let k = pending("emails", -128, Timestamp(u64::MAX), id);
+        let d = decode_pending(&k).unwrap();
+        assert_eq!((d.queue.as_str(), d.priority, d.next_run, d.id), ("emails", -128, Timestamp(u64::MAX), id));
+        assert_eq!(decode_log(&log(id, 9)).unwrap(), (id, 9));
+        assert_eq!(decode_finished(&finished(Timestamp(5), id)).unwrap(), (Timestamp(5), id));
+        assert_eq!(decode_state(&state(Status::Failed, id)).unwrap(), (Status::Failed, id));
+        assert_eq!(decode_task(&task(id)).unwrap(), id);
+        assert_eq!(decode_count(&count(Status::Running, "x")).unwrap(), (Status::Running, "x".into()));
+    }
+
+    #[test]
+    fn bad_keys_are_errors_not_panics() {
+        for bad in [&b""[..], b"p", b"p\x05ab", b"l123", b"s\x09aaaaaaaaaaaaaaaa", b"f"] {
+            assert!(decode_pending(bad).is_err());
+            assert!(decode_log(bad).is_err());
+            assert!(decode_state(bad).is_err());
+            assert!(decode_finished(bad).is_err());
+            let _ = describe(bad);
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The task state machine as pure functions: given a record and an event, the next record.
+//! No I/O here; the commit writer applies these and stores the results atomically.
+
+use crate::log::Cause;
+use crate::retry::{decide, Backoff, Decision};
+use crate::task::{Status, TaskError, TaskInfo, Timestamp, ERROR_HISTORY_LIMIT};
+
+/// Why an event does not apply to a record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The record is not in a state the event applies to.
+    WrongState(Status),
+    /// Pending but not due yet.
+    NotDue,
+    /// A completion from an execution whose lease is no longer current (timed out, recovered).
+    Stale,
+}
+
+/// Pending -> Running. `attempts + 1`; `lease` fences this execution.
+pub(crate) fn claim(rec: &TaskInfo, now: Timestamp, lease: u64) -> Result<(TaskInfo, Cause), Refusal> {
+    if rec.status != Status::Pending {
+        return Err(Refusal::WrongState(rec.status));
+    }
+    if rec.next_run_at > now {
+        return Err(Refusal::NotDue);
+    }
+    let mut next = rec.clone();
+    next.status = Status::Running;
+    next.attempts = rec.attempts.saturating_add(1);
+    next.started_at = Some(now);
+    next.lease = lease;
+    Ok((next, Cause::Claimed))
+}
+
+fn check_lease(rec: &TaskInfo, lease: u64) -> Result<(), Refusal> {
+    if rec.status != Status::Running {
+        return Err(if rec.lease == lease { Refusal::WrongState(rec.status) } else { Refusal::Stale });
+    }
+    if rec.lease != lease {
+        return Err(Refusal::Stale);
+    }
+    Ok(())
+}
+
+/// Running -> Completed, fenced by `lease`.
+pub(crate) fn succeed(
+    rec: &TaskInfo,
+    lease: u64,
+    result: Vec<u8>,
+    now: Timestamp,
+) -> Result<(TaskInfo, Cause), Refusal> {
+    check_lease(rec, lease)?;
+    let mut next = rec.clone();
+    next.status = Status::Completed;
+    next.result = Some(result);
+    next.finished_at = Some(now);
+    Ok((next, Cause::Succeeded))
+}
+
+/// Running -> Pending (retry after backoff) or Failed, fenced by `lease`. `unit` is the jitter
+/// sample in `[0, 1]`; `backoff` is the task's effective backoff.
+pub(crate) fn fail(
+    rec: &TaskInfo,
+    lease: u64,
+    mut error: TaskError,
+    now: Timestamp,
+    backoff: &Backoff,
+    unit: f64,
+) -> Result<(TaskInfo, Cause), Refusal> {
+    check_lease(rec, lease)?;
+    error.retry_count = rec.attempts.saturating_sub(1);
+    error.timestamp = now;
+    let cause = Cause::Failed {
+        error_type: error.error_type.clone(),
+        permanent: error.permanent,
+    };
+    let mut next = rec.clone();
+    match decide(rec.attempts, rec.max_retries, error.permanent) {
+        Decision::Retry => {
+            next.status = Status::Pending;
+            let delay = backoff.delay_ms(rec.attempts, unit);
+            next.next_run_at = Timestamp(now.0.saturating_add(delay));
+        }
+        Decision::Fail => {
+            next.status = Status::Failed;
+            next.finished_at = Some(now);
+        }
+    }
+    push_error(&mut next, error);
+    Ok((next, cause))
+}
+
+fn push_error(rec: &mut TaskInfo, error: TaskError) {
+    rec.errors.push(error.clone());
+    if rec.errors.len() > ERROR_HISTORY_LIMIT {
+        let excess = rec.errors.len() - ERROR_HISTORY_LIMIT;
+        rec.errors.drain(..excess);
+    }
+    rec.last_error = Some(error);
+}
+
+/// Pending -> Cancelled.
+pub(crate) fn cancel(rec: &TaskInfo, now: Timestamp) -> Result<(TaskInfo, Cause), Refusal> {
+    if rec.status != Status::Pending {
+        return Err(Refusal::WrongState(rec.status));
+    }
+    let mut next = rec.clone();
+    next.status = Status::Cancelled;
+    next.finished_at = Some(now);
+    Ok((next, Cause::Cancelled))
+}
+
+/// Failed | Cancelled -> Pending, due now, with a fresh budget: `attempts` restarts at 0 so the
+/// task again gets `max_retries + 1` executions. Its error history and log are kept.
+pub(crate) fn manual_retry(rec: &TaskInfo, now: Timestamp) -> Result<(TaskInfo, Cause), Refusal> {
+    if !matches!(rec.status, Status::Failed | Status::Cancelled) {
+        return Err(Refusal::WrongState(rec.status));
+    }
+    let mut next = rec.clone();
+    next.status = Status::Pending;
+    next.attempts = 0;
+    next.next_run_at = now;
+    next.finished_at = None;
+    next.result = None;
+    Ok((next, Cause::ManualRetry))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::TaskId;
+
+    fn pending(max_retries: u32) -> TaskInfo {
+        TaskInfo {
+            id: TaskId::generate(),
+            kind: "k".into(),
+            queue: "default".into(),
+            payload: b"null".to_vec(),
+            status: Status::Pending,
+            attempts: 0,
+            max_retries,
+            priority: 0,
+            created_at: Timestamp(0),
+            next_run_at: Timestamp(0),
+            started_at: None,
+            finished_at: None,
+            timeout_ms: None,
+            backoff: None,
+            result: None,
+            last_error: None,
+            errors: vec![],
+            lease: 0,
+        }
+    }
+
+    #[test]
+    fn failing_every_time_runs_exactly_budget_plus_one() {
+        let b = Backoff::default();
+        let mut rec = pending(3);
+        let mut now = Timestamp(0);
+        let mut runs = 0;
+        for lease in 1.. {
+            if rec.status != Status::Pending {
+                break;
+            }
+            now = rec.next_run_at;
+            rec = claim(&rec, now, lease).unwrap().0;
+            runs += 1;
+            rec = fail(&rec, lease, TaskError::transient("x", "y"), now, &b, 0.5).unwrap().0;
+        }
+        assert_eq!(runs, 4);
+        assert_eq!(rec.status, Status::Failed);
+        assert_eq!(rec.attempts, 4);
+        let counts: Vec<u32> = rec.errors.iter().map(|e| e.retry_count).collect();
+        assert_eq!(counts, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn stale_leases_are_rejected() {
+        let rec = claim(&pending(1), Timestamp(0), 7).unwrap().0;
+        assert_eq!(succeed(&rec, 6, vec![], Timestamp(1)), Err(Refusal::Stale));
+        let done = succeed(&rec, 7, vec![], Timestamp(1)).unwrap().0;
+        assert_eq!(succeed(&done, 7, vec![], Timestamp(1)), Err(Refusal::WrongState(Status::Completed)));
+    }
+
+    #[test]
+    fn not_due_tasks_cannot_be_claimed() {
+        let mut rec = pending(1);
+        rec.next_run_at = Timestamp(10);
+        assert_eq!(claim(&rec, Timestamp(9), 1), Err(Refusal::NotDue));
+        assert!(claim(&rec, Timestamp(10), 1).is_ok());
+    }
+}

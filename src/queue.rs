@@ -1,0 +1,556 @@
+//! The public face of the engine: [`Queue`] (open, enqueue, inspect, cancel, retry, wait,
+//! purge, subscribe, register handlers) and [`QueueBuilder`] (options).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::Mutex;
+
+use crate::clock::{Clock, SystemClock};
+use crate::commit::{self, BackoffTable, Command, Writer};
+use crate::error::{Error, Result};
+use crate::events::{Notify, TransitionEvent};
+use crate::handler::{self, Registry, TaskContext};
+use crate::inspect::{ConsistencyReport, ListFilter, Page, PurgeReport, RecoveryReport, Stats};
+use crate::keys::MAX_QUEUE_NAME;
+use crate::log::LogEntry;
+use crate::recovery;
+use crate::retry::{JitterSource, RandomJitter, RetryPolicy};
+use crate::store::sled_store::{SledOptions, SledStore};
+use crate::store::Store;
+use crate::task::{EnqueueOptions, Status, Task, TaskError, TaskId, TaskInfo, Timestamp};
+use crate::worker::WorkerPoolBuilder;
+
+/// The queue every task goes to unless told otherwise.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// When a write is acknowledged relative to when it is safe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Every write is its own commit: flushed and fsync'd before the call returns. Lowest
+    /// throughput under concurrency, simplest to reason about.
+    Immediate,
+    /// Default. Concurrent writes are grouped: one flush + fsync acknowledges the whole group.
+    /// Every acknowledged write is on disk, exactly as with `Immediate`.
+    #[default]
+    Group,
+    /// Writes are acknowledged once applied in memory; sled's background flusher writes and
+    /// fsyncs them every `flush_every` (default 500 ms). A process kill or power loss can lose
+    /// the transitions of the last `flush_every`. Claims stay durable before the handler runs,
+    /// so even here no execution goes uncounted.
+    Relaxed,
+}
+
+/// Options for opening a queue directory. Start from [`Queue::builder`].
+pub struct QueueBuilder {
+    path: PathBuf,
+    durability: Durability,
+    cache_bytes: u64,
+    flush_every: Duration,
+    policy: RetryPolicy,
+    queue_policies: HashMap<String, RetryPolicy>,
+    clock: Arc<dyn Clock>,
+    jitter: Option<Box<dyn JitterSource>>,
+    max_payload_bytes: usize,
+    retention: Option<Duration>,
+    purge_interval: Duration,
+}
+
+impl QueueBuilder {
+    /// How writes are made durable (default [`Durability::Group`]).
+    pub fn durability(mut self, d: Durability) -> Self {
+        self.durability = d;
+        self
+    }
+    /// sled's page cache size in bytes (default 64 MiB).
+    pub fn cache_bytes(mut self, bytes: u64) -> Self {
+        self.cache_bytes = bytes;
+        self
+    }
+    /// Background flush period, used by [`Durability::Relaxed`] (default 500 ms).
+    pub fn flush_every(mut self, d: Duration) -> Self {
+        self.flush_every = d;
+        self
+    }
+    /// Default retry budget and backoff for every queue (default: 3 retries, 1 s .. 60 s, ±25 %).
+    pub fn retry_policy(mut self, p: RetryPolicy) -> Self {
+        self.policy = p;
+        self
+    }
+    /// Retry budget and backoff for one named queue.
+    pub fn queue_retry_policy(mut self, queue: impl Into<String>, p: RetryPolicy) -> Self {
+        self.queue_policies.insert(queue.into(), p);
+        self
+    }
+    /// The time source (tests pass a [`ManualClock`](crate::testing::ManualClock)).
+    pub fn clock(mut self, c: impl Clock) -> Self {
+        self.clock = Arc::new(c);
+        self
+    }
+    /// Where backoff jitter comes from (default: OS-seeded).
+    pub fn jitter(mut self, j: impl JitterSource) -> Self {
+        self.jitter = Some(Box::new(j));
+        self
+    }
+    /// Shorthand for a reproducible jitter sequence.
+    pub fn jitter_seed(self, seed: u64) -> Self {
+        self.jitter(RandomJitter::seeded(seed))
+    }
+    /// Largest JSON-encoded payload accepted by `enqueue` (default 256 KiB). Queues carry
+    /// references to big data, not the data.
+    pub fn max_payload_bytes(mut self, n: usize) -> Self {
+        self.max_payload_bytes = n;
+        self
+    }
+    /// Purge finished tasks (and their logs) older than `age` automatically, checking every
+    /// `purge_interval` (default 60 s). Without it, call [`Queue::purge`] yourself.
+    pub fn retention(mut self, age: Duration) -> Self {
+        self.retention = Some(age);
+        self
+    }
+    /// How often automatic retention runs.
+    pub fn purge_interval(mut self, d: Duration) -> Self {
+        self.purge_interval = d;
+        self
+    }
+
+    /// Opens (creating if needed) the directory, recovers tasks orphaned by a previous process,
+    /// and returns the queue. Fails with [`Error::Locked`] if another process holds it.
+    pub fn open(self) -> Result<Queue> {
+        let store = SledStore::open(
+            &self.path,
+            &SledOptions {
+                cache_bytes: self.cache_bytes,
+                flush_every_ms: Some(u64::try_from(self.flush_every.as_millis()).unwrap_or(500).max(1)),
+            },
+        )?;
+        let store: Arc<dyn Store> = Arc::new(store);
+        let notify = Arc::new(Notify::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let backoff = BackoffTable {
+            default: self.policy.backoff,
+            per_queue: self.queue_policies.iter().map(|(q, p)| (q.clone(), p.backoff)).collect(),
+        };
+        let writer = Writer {
+            store: store.clone(),
+            clock: self.clock.clone(),
+            notify: notify.clone(),
+            jitter: self.jitter.unwrap_or_else(|| Box::new(RandomJitter::from_entropy())),
+            backoff,
+            durability: self.durability,
+        }
+        .spawn(rx)?;
+        // Recovery runs before the queue is returned, so no worker can claim first.
+        let report = recovery::recover(&*store, &tx)?;
+        let (janitor_stop, janitor_rx) = crossbeam_channel::bounded::<()>(0);
+        let inner = Arc::new(Inner {
+            path: self.path,
+            store,
+            clock: self.clock,
+            tx: Some(tx),
+            notify,
+            registry: Registry::default(),
+            policy: self.policy,
+            queue_policies: self.queue_policies,
+            max_payload_bytes: self.max_payload_bytes,
+            recovery: report,
+            writer: Mutex::new(Some(writer)),
+            janitor_stop: Some(janitor_stop),
+        });
+        if let Some(age) = self.retention {
+            spawn_janitor(Arc::downgrade(&inner), janitor_rx, age, self.purge_interval)?;
+        }
+        Ok(Queue { inner })
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) path: PathBuf,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    tx: Option<Sender<Command>>,
+    pub(crate) notify: Arc<Notify>,
+    pub(crate) registry: Registry,
+    policy: RetryPolicy,
+    queue_policies: HashMap<String, RetryPolicy>,
+    max_payload_bytes: usize,
+    recovery: RecoveryReport,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    janitor_stop: Option<Sender<()>>,
+}
+
+impl Inner {
+    pub(crate) fn tx(&self) -> Result<&Sender<Command>> {
+        self.tx.as_ref().ok_or(Error::Closed)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.janitor_stop.take();
+        // Dropping the last command sender ends the writer after it drains what is queued.
+        self.tx.take();
+        if let Some(w) = self.writer.lock().take() {
+            let _ = w.join();
+        }
+        if let Err(e) = self.store.sync() {
+            tracing::error!(error = %e, "final sync at close failed");
+        }
+    }
+}
+
+fn spawn_janitor(queue: Weak<Inner>, stop: Receiver<()>, age: Duration, every: Duration) -> Result<()> {
+    std::thread::Builder::new()
+        .name("omniq-retention".into())
+        .spawn(move || loop {
+            match stop.recv_timeout(every) {
+                Err(RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            let Some(inner) = queue.upgrade() else { return };
+            let q = Queue { inner };
+            match q.purge(age) {
+                Ok(r) if r.tasks_removed > 0 => tracing::info!(removed = r.tasks_removed, "retention purge"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "retention purge failed"),
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| Error::Storage(format!("cannot start the retention thread: {e}")))
+}
+
+/// A durable task queue stored in one directory. Cheap to clone; all clones share one engine.
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use omniq::{Queue, Task, TaskContext, TaskError, Status};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Add { a: i64, b: i64 }
+/// impl Task for Add {
+///     const NAME: &'static str = "add";
+///     type Output = i64;
+/// }
+///
+/// # fn main() -> omniq::Result<()> {
+/// # let dir = tempfile::tempdir().unwrap();
+/// let queue = Queue::open(dir.path().join("jobs"))?;
+/// queue.register(|t: Add, _ctx: &TaskContext| -> Result<i64, TaskError> { Ok(t.a + t.b) });
+/// let id = queue.enqueue(Add { a: 2, b: 3 })?;
+///
+/// let pool = queue.workers().concurrency(2).start()?;
+/// let done = queue.wait(id, std::time::Duration::from_secs(10))?;
+/// pool.stop();
+///
+/// assert_eq!(done.status, Status::Completed);
+/// assert_eq!(done.result::<i64>()?, Some(5));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Queue {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl Queue {
+    /// Opens a queue directory with default options (creating it if needed).
+    pub fn open(path: impl AsRef<Path>) -> Result<Queue> {
+        Queue::builder(path).open()
+    }
+
+    /// Starts configuring a queue directory.
+    pub fn builder(path: impl AsRef<Path>) -> QueueBuilder {
+        QueueBuilder {
+            path: path.as_ref().to_path_buf(),
+            durability: Durability::default(),
+            cache_bytes: 64 << 20,
+            flush_every: Duration::from_millis(500),
+            policy: RetryPolicy::default(),
+            queue_policies: HashMap::new(),
+            clock: Arc::new(SystemClock),
+            jitter: None,
+            max_payload_bytes: 256 << 10,
+            retention: None,
+            purge_interval: Duration::from_secs(60),
+        }
+    }
+
+    /// The directory this queue lives in.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// What crash recovery did when this queue was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    /// The current time by this queue's clock.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    // ----- enqueue -------------------------------------------------------------------------
+
+    /// Enqueues a task with default options. Returns once the task is durable (per the
+    /// queue's [`Durability`]).
+    pub fn enqueue<T: Task>(&self, task: T) -> Result<TaskId> {
+        self.enqueue_with(task, EnqueueOptions::default())
+    }
+
+    /// Enqueues a task with options (queue, delay or run time, retries, priority, timeout).
+    pub fn enqueue_with<T: Task>(&self, task: T, options: EnqueueOptions) -> Result<TaskId> {
+        let record = self.build(T::NAME, encode_payload(&task)?, &options)?;
+        let id = record.id;
+        self.insert(vec![record])?;
+        Ok(id)
+    }
+
+    /// Enqueues many tasks of one kind in one atomic, durable write: all or none.
+    pub fn enqueue_many<T: Task>(&self, tasks: impl IntoIterator<Item = T>) -> Result<Vec<TaskId>> {
+        self.enqueue_many_with(tasks, EnqueueOptions::default())
+    }
+
+    /// [`enqueue_many`](Queue::enqueue_many) with the same options for every task.
+    pub fn enqueue_many_with<T: Task>(&self, tasks: impl IntoIterator<Item = T>, options: EnqueueOptions) -> Result<Vec<TaskId>> {
+        let records = tasks
+            .into_iter()
+            .map(|t| self.build(T::NAME, encode_payload(&t)?, &options))
+            .collect::<Result<Vec<_>>>()?;
+        let ids = records.iter().map(|r| r.id).collect();
+        self.insert(records)?;
+        Ok(ids)
+    }
+
+    /// Enqueues a task by kind name with a JSON payload, for handlers registered with
+    /// [`register_fn`](Queue::register_fn) and for tools that do not link the task types.
+    pub fn enqueue_json(&self, kind: &str, payload: &serde_json::Value, options: EnqueueOptions) -> Result<TaskId> {
+        let bytes = serde_json::to_vec(payload).map_err(|e| Error::Encode {
+            what: "payload",
+            reason: e.to_string(),
+        })?;
+        let record = self.build(kind, bytes, &options)?;
+        let id = record.id;
+        self.insert(vec![record])?;
+        Ok(id)
+    }
+
+    fn insert(&self, tasks: Vec<TaskInfo>) -> Result<()> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        commit::call(self.inner.tx()?, |reply| Command::Insert { tasks, reply })
+    }
+
+    fn build(&self, kind: &str, payload: Vec<u8>, o: &EnqueueOptions) -> Result<TaskInfo> {
+        validate_name("task kind", kind)?;
+        let queue = o.queue.as_deref().unwrap_or(DEFAULT_QUEUE);
+        validate_name("queue name", queue)?;
+        if payload.len() > self.inner.max_payload_bytes {
+            return Err(Error::Invalid {
+                what: "payload",
+                reason: format!(
+                    "{kind} payload is {} bytes, over the limit of {} (QueueBuilder::max_payload_bytes)",
+                    payload.len(),
+                    self.inner.max_payload_bytes
+                ),
+            });
+        }
+        let now = self.inner.clock.now();
+        let next_run_at = match (o.run_at, o.delay) {
+            (Some(at), _) => at,
+            (None, Some(d)) => now.add(d),
+            (None, None) => now,
+        };
+        let policy = self.inner.queue_policies.get(queue).unwrap_or(&self.inner.policy);
+        Ok(TaskInfo {
+            id: TaskId::generate(),
+            kind: kind.to_string(),
+            queue: queue.to_string(),
+            payload,
+            status: Status::Pending,
+            attempts: 0,
+            max_retries: o.max_retries.unwrap_or(policy.max_retries),
+            priority: o.priority,
+            created_at: now,
+            next_run_at,
+            started_at: None,
+            finished_at: None,
+            timeout_ms: o.timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            backoff: o.backoff,
+            result: None,
+            last_error: None,
+            errors: Vec::new(),
+            lease: 0,
+        })
+    }
+
+    // ----- inspect -------------------------------------------------------------------------
+
+    /// One task, or `None` if there is no such task. A record that no longer decodes gives
+    /// [`Error::Corrupt`] naming its key; other tasks still load.
+    pub fn get(&self, id: TaskId) -> Result<Option<TaskInfo>> {
+        self.inner.store.get(id)
+    }
+
+    /// A page of tasks, newest first. Pass `page.next_cursor` back as the filter's cursor to
+    /// get the next page; every task appears exactly once across pages.
+    pub fn list(&self, filter: &ListFilter) -> Result<Page> {
+        self.inner.store.list(filter)
+    }
+
+    /// Counts per status and per queue (O(queues): counters are maintained with every commit).
+    pub fn stats(&self) -> Result<Stats> {
+        let mut stats = Stats::default();
+        for ((queue, status), n) in self.inner.store.counts() {
+            *stats.by_status.entry(status).or_insert(0) += n;
+            *stats.by_queue.entry(queue).or_default().entry(status).or_insert(0) += n;
+            stats.total += n;
+        }
+        Ok(stats)
+    }
+
+    /// A task's transitions, oldest first (empty if the task does not exist or was purged).
+    pub fn history(&self, id: TaskId) -> Result<Vec<LogEntry>> {
+        self.inner.store.history(id)
+    }
+
+    /// Blocks until the task is terminal (woken by the engine, not by polling), or `timeout`.
+    pub fn wait(&self, id: TaskId, timeout: Duration) -> Result<TaskInfo> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (token, rx) = self.inner.notify.add_waiter(id);
+            let task = self.get(id)?.ok_or(Error::NotFound(id))?;
+            if task.status.is_terminal() {
+                self.inner.notify.remove_waiter(id, token);
+                return Ok(task);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if rx.recv_timeout(left).is_err() {
+                self.inner.notify.remove_waiter(id, token);
+                let task = self.get(id)?.ok_or(Error::NotFound(id))?;
+                if task.status.is_terminal() {
+                    return Ok(task);
+                }
+                return Err(Error::WaitTimeout {
+                    id,
+                    timeout,
+                    status: task.status,
+                });
+            }
+        }
+    }
+
+    /// A channel that receives every transition committed from now on (enqueue, claim,
+    /// success, failure, cancel, retry). For metrics and audit.
+    pub fn subscribe(&self) -> Receiver<TransitionEvent> {
+        self.inner.notify.subscribe()
+    }
+
+    /// Reads everything and checks that records, indexes, counters and the log agree.
+    /// Meant for tests and operators (`omniq check`); it is a full scan.
+    pub fn check_consistency(&self) -> Result<ConsistencyReport> {
+        self.inner.store.check()
+    }
+
+    /// Bytes the directory uses on disk.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        self.inner.store.size_on_disk()
+    }
+
+    // ----- operate -------------------------------------------------------------------------
+
+    /// Cancels a `Pending` task. Any other state gives [`Error::InvalidState`].
+    pub fn cancel(&self, id: TaskId) -> Result<TaskInfo> {
+        commit::call(self.inner.tx()?, |reply| Command::Cancel { id, reply })
+    }
+
+    /// Re-queues a `Failed` or `Cancelled` task, due now, with a fresh budget: `attempts`
+    /// restarts at 0, so it gets `max_retries + 1` more executions. Its error history and log
+    /// are kept (the log records the manual retry).
+    pub fn retry(&self, id: TaskId) -> Result<TaskInfo> {
+        commit::call(self.inner.tx()?, |reply| Command::Retry { id, reply })
+    }
+
+    /// Deletes finished (terminal) tasks that finished more than `older_than` ago, with their
+    /// log entries.
+    pub fn purge(&self, older_than: Duration) -> Result<PurgeReport> {
+        let cutoff = self.inner.clock.now().sub(older_than);
+        let mut report = PurgeReport::default();
+        loop {
+            let removed = commit::call(self.inner.tx()?, |reply| Command::Purge { cutoff, limit: 1000, reply })?;
+            report.tasks_removed += removed;
+            if removed == 0 {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// Makes everything committed so far durable and closes this handle. The engine stops when
+    /// the last clone of the queue (and every worker pool) is gone.
+    pub fn close(self) -> Result<()> {
+        self.inner.store.sync()
+    }
+
+    // ----- handlers and workers ------------------------------------------------------------
+
+    /// Registers the handler for task type `T` (replacing any previous one).
+    ///
+    /// A handler returns `Ok(output)`, or `Err(TaskError)`: transient errors (including any
+    /// `std::error::Error` via `?`) are retried within the budget, permanent ones fail at once.
+    /// A panic counts as a transient failure with `error_type = "panic"`.
+    pub fn register<T, F>(&self, handler: F)
+    where
+        T: Task,
+        F: Fn(T, &TaskContext) -> Result<T::Output, TaskError> + Send + Sync + 'static,
+    {
+        self.inner.registry.insert(T::NAME, handler::typed::<T, F>(handler));
+    }
+
+    /// Registers a plain closure over JSON for a kind name.
+    pub fn register_fn<F>(&self, kind: &str, handler: F)
+    where
+        F: Fn(serde_json::Value, &TaskContext) -> Result<serde_json::Value, TaskError> + Send + Sync + 'static,
+    {
+        self.inner.registry.insert(kind, handler::plain(handler));
+    }
+
+    /// Kinds that have a handler.
+    pub fn registered_kinds(&self) -> Vec<String> {
+        self.inner.registry.kinds()
+    }
+
+    /// Configures a worker pool for this queue.
+    pub fn workers(&self) -> WorkerPoolBuilder {
+        WorkerPoolBuilder::new(self.clone())
+    }
+}
+
+fn encode_payload<T: Task>(task: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(task).map_err(|e| Error::Encode {
+        what: "payload",
+        reason: format!("{}: {e}", T::NAME),
+    })
+}
+
+pub(crate) fn validate_name(what: &'static str, name: &str) -> Result<()> {
+    let bad = |reason: &str| {
+        Err(Error::Invalid {
+            what,
+            reason: format!("{name:?} {reason}"),
+        })
+    };
+    if name.is_empty() {
+        return bad("is empty");
+    }
+    if name.len() > MAX_QUEUE_NAME {
+        return bad(&format!("is longer than {MAX_QUEUE_NAME} bytes"));
+    }
+    if name.chars().any(|c| c.is_control()) {
+        return bad("contains control characters");
+    }
+    Ok(())
+}

@@ -1,0 +1,577 @@
+//! The sled implementation of [`Store`]: one sled tree, hand-encoded keys (`keys.rs`),
+//! enveloped values (`codec.rs`), one `apply_batch` per commit group.
+//!
+//! Durability: sled 0.34.7's `flush()` ends in `sync_file_range`, which does not survive power
+//! loss; only `fsync` does. So [`SledStore::sync`] is `flush()` + `sync_all()` on sled's data
+//! file (+ any new blob files and their directory). It is the only place that makes data durable.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+
+use crate::codec::{self, RecordKind};
+use crate::error::{Error, Result};
+use crate::inspect::{ConsistencyReport, CorruptEntry, ListFilter, Page};
+use crate::keys;
+use crate::log::{Cause, LogEntry};
+use crate::store::{Change, DueScan, DueTask, QueueSet, Store};
+use crate::task::{Status, TaskId, TaskInfo, Timestamp};
+
+/// The newest on-disk format this build reads and the one it writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Options for opening the store.
+#[derive(Clone, Debug)]
+pub(crate) struct SledOptions {
+    pub cache_bytes: u64,
+    /// sled's background flusher period; `None` disables it.
+    pub flush_every_ms: Option<u64>,
+}
+
+pub(crate) struct SledStore {
+    dir: PathBuf,
+    db: sled::Db,
+    /// sled's data file, opened separately so we can `fsync` it.
+    data_file: File,
+    counters: Mutex<BTreeMap<(String, Status), u64>>,
+    last_seq: Mutex<u64>,
+    run_id: u64,
+    synced_blobs: Mutex<HashSet<OsString>>,
+}
+
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+impl SledStore {
+    pub(crate) fn open(dir: &Path, opts: &SledOptions) -> Result<SledStore> {
+        let open_err = |reason: String| Error::Open {
+            path: dir.to_path_buf(),
+            reason,
+        };
+        let existed = dir.join("db").exists();
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(opts.cache_bytes)
+            .flush_every_ms(opts.flush_every_ms)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| {
+                if is_lock_error(&e) {
+                    Error::Locked {
+                        path: dir.to_path_buf(),
+                    }
+                } else {
+                    open_err(e.to_string())
+                }
+            })?;
+        let data_file = File::open(dir.join("db")).map_err(|e| open_err(format!("cannot open sled's data file: {e}")))?;
+        let mut store = SledStore {
+            dir: dir.to_path_buf(),
+            db,
+            data_file,
+            counters: Mutex::new(BTreeMap::new()),
+            last_seq: Mutex::new(0),
+            run_id: 0,
+            synced_blobs: Mutex::new(HashSet::new()),
+        };
+        store.check_format(existed)?;
+        if !existed {
+            // New files and directories need their directory entries on disk too.
+            sync_dir(dir)?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
+        store.run_id = store.read_meta_u64(keys::META_RUN)? + 1;
+        store.db.insert(keys::META_RUN, codec::encode(RecordKind::Meta, &store.run_id)?)?;
+        *store.last_seq.lock() = store.read_meta_u64(keys::META_SEQ)?;
+        store.load_counters()?;
+        store.sync()?;
+        Ok(store)
+    }
+
+    fn check_format(&self, existed: bool) -> Result<()> {
+        match self.db.get(keys::META_FORMAT)? {
+            Some(bytes) => {
+                let found: u32 = codec::decode(RecordKind::Meta, &bytes, &|| "m/format".into())?;
+                if found > FORMAT_VERSION {
+                    return Err(Error::FormatTooNew {
+                        path: self.dir.clone(),
+                        found,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+                Ok(())
+            }
+            None if self.db.is_empty() || !existed => {
+                self.db.insert(keys::META_FORMAT, codec::encode(RecordKind::Meta, &FORMAT_VERSION)?)?;
+                Ok(())
+            }
+            None => Err(Error::Open {
+                path: self.dir.clone(),
+                reason: "it holds a sled database that omniq did not write (no format version)".into(),
+            }),
+        }
+    }
+
+    fn read_meta_u64(&self, key: &[u8]) -> Result<u64> {
+        match self.db.get(key)? {
+            Some(bytes) => codec::decode(RecordKind::Meta, &bytes, &|| keys::describe(key)),
+            None => Ok(0),
+        }
+    }
+
+    fn load_counters(&self) -> Result<()> {
+        let mut map = BTreeMap::new();
+        for item in self.db.scan_prefix([keys::COUNT]) {
+            let (k, v) = item?;
+            let (status, queue) = keys::decode_count(&k)?;
+            let n = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| Error::Corrupt {
+                what: "counter",
+                key: format!("c/{status}/{queue}"),
+                reason: format!("{} bytes, expected 8", v.len()),
+            })?);
+            map.insert((queue, status), n);
+        }
+        *self.counters.lock() = map;
+        Ok(())
+    }
+
+    fn decode_task(key: &[u8], bytes: &[u8]) -> Result<TaskInfo> {
+        codec::decode(RecordKind::Task, bytes, &|| keys::describe(key))
+    }
+
+    fn index_keys(t: &TaskInfo) -> Vec<Vec<u8>> {
+        let mut out = vec![keys::state(t.status, t.id)];
+        if t.status == Status::Pending {
+            out.push(keys::pending(&t.queue, t.priority, t.next_run_at, t.id));
+        }
+        if t.status.is_terminal() {
+            if let Some(at) = t.finished_at {
+                out.push(keys::finished(at, t.id));
+            }
+        }
+        out
+    }
+
+    /// Syncs blob files sled created since the last sync (sled writes them without fsync).
+    fn sync_new_blobs(&self) -> Result<()> {
+        let blob_dir = self.dir.join("blobs");
+        let Ok(entries) = std::fs::read_dir(&blob_dir) else {
+            return Ok(());
+        };
+        let mut synced = self.synced_blobs.lock();
+        let mut any = false;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if synced.contains(&name) {
+                continue;
+            }
+            if let Ok(f) = File::open(entry.path()) {
+                f.sync_all()?;
+            }
+            synced.insert(name);
+            any = true;
+        }
+        if any {
+            sync_dir(&blob_dir)?;
+        }
+        Ok(())
+    }
+
+    fn each_log(&self, id: TaskId) -> Result<Vec<LogEntry>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(keys::log_prefix(id)) {
+            let (k, v) = item?;
+            out.push(codec::decode(RecordKind::Log, &v, &|| keys::describe(&k))?);
+        }
+        Ok(out)
+    }
+
+    /// The due tasks of one queue: walks its priority buckets best first; within a bucket keys
+    /// are in due-time order, so each bucket costs one seek plus the due keys taken.
+    fn due_in_queue(
+        &self,
+        queue: &str,
+        now: Timestamp,
+        limit: usize,
+        skip: &HashSet<TaskId>,
+        scan: &mut DueScan,
+    ) -> Result<Vec<DueTask>> {
+        let qprefix = keys::pending_queue_prefix(queue);
+        let mut end = qprefix.clone();
+        end.push(0xff);
+        end.push(0xff);
+        let mut found = Vec::new();
+        let mut start = qprefix.clone();
+        'buckets: loop {
+            let mut iter = self.db.range(start.clone()..end.clone());
+            let mut bucket: Option<i8> = None;
+            loop {
+                let Some(item) = iter.next() else {
+                    break 'buckets;
+                };
+                let (k, _) = item?;
+                let pk = keys::decode_pending(&k)?;
+                if bucket.is_some_and(|b| b != pk.priority) {
+                    // Entered the next bucket while collecting: continue from here.
+                    start = k.to_vec();
+                    continue 'buckets;
+                }
+                bucket = Some(pk.priority);
+                if pk.next_run > now {
+                    scan.next_wake = Some(scan.next_wake.map_or(pk.next_run, |w| w.min(pk.next_run)));
+                    let pb = keys::priority_byte(pk.priority);
+                    if pb == u8::MAX {
+                        break 'buckets;
+                    }
+                    start = keys::pending_bucket_prefix(queue, pb + 1);
+                    continue 'buckets;
+                }
+                if !skip.contains(&pk.id) {
+                    found.push(DueTask {
+                        id: pk.id,
+                        priority: pk.priority,
+                        next_run: pk.next_run,
+                    });
+                    if found.len() >= limit {
+                        break 'buckets;
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+impl Store for SledStore {
+    fn commit(&self, changes: &[Change], last_seq: u64, durable: bool) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        let mut counters = self.counters.lock().clone();
+        let mut touched: HashSet<(String, Status)> = HashSet::new();
+        for ch in changes {
+            if let Some(b) = &ch.before {
+                for k in Self::index_keys(b) {
+                    batch.remove(k);
+                }
+                let key = (b.queue.clone(), b.status);
+                let n = counters.entry(key.clone()).or_insert(0);
+                *n = n.saturating_sub(1);
+                touched.insert(key);
+            }
+            match &ch.after {
+                Some(a) => {
+                    batch.insert(keys::task(a.id), codec::encode(RecordKind::Task, a)?);
+                    for k in Self::index_keys(a) {
+                        batch.insert(k, Vec::new());
+                    }
+                    let key = (a.queue.clone(), a.status);
+                    *counters.entry(key.clone()).or_insert(0) += 1;
+                    touched.insert(key);
+                }
+                None => {
+                    if let Some(b) = &ch.before {
+                        batch.remove(keys::task(b.id));
+                        for item in self.db.scan_prefix(keys::log_prefix(b.id)).keys() {
+                            batch.remove(item?);
+                        }
+                    }
+                }
+            }
+            if let Some(entry) = &ch.log {
+                batch.insert(keys::log(entry.task_id, entry.seq), codec::encode(RecordKind::Log, entry)?);
+            }
+        }
+        for (queue, status) in &touched {
+            let key = keys::count(*status, queue);
+            match counters.get(&(queue.clone(), *status)).copied().unwrap_or(0) {
+                0 => {
+                    counters.remove(&(queue.clone(), *status));
+                    batch.remove(key);
+                }
+                n => batch.insert(key, n.to_be_bytes().to_vec()),
+            }
+        }
+        batch.insert(keys::META_SEQ, codec::encode(RecordKind::Meta, &last_seq)?);
+        self.db.apply_batch(batch)?;
+        *self.counters.lock() = counters;
+        *self.last_seq.lock() = last_seq;
+        if durable {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn get(&self, id: TaskId) -> Result<Option<TaskInfo>> {
+        let key = keys::task(id);
+        match self.db.get(&key)? {
+            Some(bytes) => Self::decode_task(&key, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn due(&self, queues: &QueueSet, now: Timestamp, limit: usize, skip: &HashSet<TaskId>) -> Result<DueScan> {
+        let names: Vec<String> = match queues {
+            QueueSet::Named(names) => names.clone(),
+            // Only queues that have pending work, from the counters.
+            QueueSet::All => self
+                .counters
+                .lock()
+                .iter()
+                .filter(|((_, s), n)| *s == Status::Pending && **n > 0)
+                .map(|((q, _), _)| q.clone())
+                .collect(),
+        };
+        let mut scan = DueScan::default();
+        let mut all = Vec::new();
+        for q in names {
+            let found = self.due_in_queue(&q, now, limit, skip, &mut scan)?;
+            all.extend(found);
+        }
+        all.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.next_run.cmp(&b.next_run))
+                .then(a.id.cmp(&b.id))
+        });
+        all.truncate(limit);
+        scan.ready = all;
+        Ok(scan)
+    }
+
+    fn ids_in_state(&self, status: Status) -> Result<Vec<TaskId>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(keys::state_prefix(status)).keys() {
+            let k = item?;
+            out.push(keys::decode_state(&k)?.1);
+        }
+        Ok(out)
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Page> {
+        let limit = filter.effective_limit();
+        // Newest first: scan backwards from just below the cursor (or the prefix's end).
+        let prefix = match filter.status {
+            Some(st) => keys::state_prefix(st),
+            None => vec![keys::TASK],
+        };
+        let high = match filter.cursor {
+            Some(c) => [prefix.as_slice(), c.as_bytes()].concat(),
+            None => prefix_end(&prefix),
+        };
+        let low = prefix;
+        let mut page = Page {
+            tasks: Vec::new(),
+            next_cursor: None,
+            corrupt: Vec::new(),
+        };
+        for item in self.db.range(low..high).rev() {
+            let (k, v) = item?;
+            let (id, record) = if filter.status.is_some() {
+                let (_, id) = keys::decode_state(&k)?;
+                let tkey = keys::task(id);
+                match self.db.get(&tkey)? {
+                    Some(bytes) => (id, Self::decode_task(&tkey, &bytes)),
+                    None => continue,
+                }
+            } else {
+                (keys::decode_task(&k)?, Self::decode_task(&k, &v))
+            };
+            match record {
+                Ok(t) if filter.matches(&t) => page.tasks.push(t),
+                Ok(_) => {}
+                Err(e) => page.corrupt.push(CorruptEntry {
+                    key: keys::describe(&keys::task(id)),
+                    reason: e.to_string(),
+                }),
+            }
+            if page.tasks.len() >= limit {
+                page.next_cursor = Some(id);
+                break;
+            }
+        }
+        Ok(page)
+    }
+
+    fn history(&self, id: TaskId) -> Result<Vec<LogEntry>> {
+        self.each_log(id)
+    }
+
+    fn finished_before(&self, cutoff: Timestamp, limit: usize) -> Result<Vec<TaskId>> {
+        let low = vec![keys::FINISHED];
+        let high = keys::finished(cutoff, TaskId::from_bytes([0; 16]));
+        let mut out = Vec::new();
+        for item in self.db.range(low..high).keys().take(limit) {
+            out.push(keys::decode_finished(&item?)?.1);
+        }
+        Ok(out)
+    }
+
+    fn counts(&self) -> BTreeMap<(String, Status), u64> {
+        self.counters.lock().clone()
+    }
+
+    fn last_seq(&self) -> u64 {
+        *self.last_seq.lock()
+    }
+
+    fn run_id(&self) -> u64 {
+        self.run_id
+    }
+
+    fn check(&self) -> Result<ConsistencyReport> {
+        check_all(self)
+    }
+
+    fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.db.flush()?;
+        self.data_file.sync_all()?;
+        self.sync_new_blobs()
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix` (prefixes here never end in
+/// 0xff).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    if let Some(last) = end.last_mut() {
+        *last = last.saturating_add(1);
+    }
+    end
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// The index-consistency checker: reads everything and reports every disagreement.
+fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
+    let mut report = ConsistencyReport::default();
+    let mut problems: Vec<String> = Vec::new();
+    let mut p = |msg: String| problems.push(msg);
+    let mut tasks: HashMap<TaskId, TaskInfo> = HashMap::new();
+    for item in s.db.scan_prefix([keys::TASK]) {
+        let (k, v) = item?;
+        match keys::decode_task(&k).and_then(|_| SledStore::decode_task(&k, &v)) {
+            Ok(t) => {
+                tasks.insert(t.id, t);
+            }
+            Err(e) => p(e.to_string()),
+        }
+    }
+    // State index: exactly one entry per task, matching its status.
+    let mut states: HashMap<TaskId, Vec<Status>> = HashMap::new();
+    for item in s.db.scan_prefix([keys::STATE]).keys() {
+        let (st, id) = keys::decode_state(&item?)?;
+        states.entry(id).or_default().push(st);
+    }
+    for (id, t) in &tasks {
+        match states.get(id).map(Vec::as_slice) {
+            Some([st]) if *st == t.status => {}
+            other => p(format!("task {id} is {} but the state index has {other:?}", t.status)),
+        }
+    }
+    for id in states.keys() {
+        if !tasks.contains_key(id) {
+            p(format!("state index names task {id}, which has no record"));
+        }
+    }
+    // Pending index: exactly the Pending tasks, with matching queue/priority/due time.
+    let mut pending_seen = HashSet::new();
+    for item in s.db.scan_prefix([keys::PENDING]).keys() {
+        let pk = keys::decode_pending(&item?)?;
+        match tasks.get(&pk.id) {
+            Some(t) if t.status == Status::Pending
+                && t.queue == pk.queue
+                && t.priority == pk.priority
+                && t.next_run_at == pk.next_run => {}
+            Some(t) => p(format!("pending index entry {pk:?} disagrees with task {} ({})", t.id, t.status)),
+            None => p(format!("pending index names task {}, which has no record", pk.id)),
+        }
+        if !pending_seen.insert(pk.id) {
+            p(format!("task {} has more than one pending index entry", pk.id));
+        }
+    }
+    for (id, t) in &tasks {
+        if t.status == Status::Pending && !pending_seen.contains(id) {
+            p(format!("pending task {id} is missing from the pending index"));
+        }
+    }
+    // Finished index: exactly the terminal tasks.
+    let mut finished_seen = HashSet::new();
+    for item in s.db.scan_prefix([keys::FINISHED]).keys() {
+        let (at, id) = keys::decode_finished(&item?)?;
+        match tasks.get(&id) {
+            Some(t) if t.status.is_terminal() && t.finished_at == Some(at) => {}
+            _ => p(format!("finished index entry for {id} at {at} disagrees with its record")),
+        }
+        finished_seen.insert(id);
+    }
+    for (id, t) in &tasks {
+        if t.status.is_terminal() && !finished_seen.contains(id) {
+            p(format!("terminal task {id} is missing from the finished index"));
+        }
+    }
+    // Counters equal a recount.
+    let mut recount: BTreeMap<(String, Status), u64> = BTreeMap::new();
+    for t in tasks.values() {
+        *recount.entry((t.queue.clone(), t.status)).or_insert(0) += 1;
+    }
+    if recount != s.counts() {
+        p(format!("counters {:?} differ from a recount {recount:?}", s.counts()));
+    }
+    // Log: per task, strictly increasing sequence numbers, ending in the task's state, and one
+    // claim per counted attempt since the last manual retry.
+    let last_seq = s.last_seq();
+    let mut logs: HashMap<TaskId, Vec<LogEntry>> = HashMap::new();
+    for item in s.db.scan_prefix([keys::LOG]) {
+        let (k, v) = item?;
+        let (id, seq) = keys::decode_log(&k)?;
+        let entry: LogEntry = codec::decode(RecordKind::Log, &v, &|| keys::describe(&k))?;
+        if entry.seq != seq || entry.task_id != id {
+            p(format!("log entry at {} holds seq {} of task {}", keys::describe(&k), entry.seq, entry.task_id));
+        }
+        if seq > last_seq {
+            p(format!("log entry {seq} is beyond the stored last sequence {last_seq}"));
+        }
+        report.log_entries += 1;
+        logs.entry(id).or_default().push(entry);
+    }
+    for (id, t) in &tasks {
+        let Some(entries) = logs.get(id) else {
+            p(format!("task {id} has no log entries"));
+            continue;
+        };
+        if entries.windows(2).any(|w| w[0].seq >= w[1].seq) {
+            p(format!("task {id}: log sequence numbers do not strictly increase"));
+        }
+        if entries.windows(2).any(|w| w[1].from != Some(w[0].to)) {
+            p(format!("task {id}: log transitions do not chain (a 'from' differs from the previous 'to')"));
+        }
+        if entries.last().map(|e| e.to) != Some(t.status) {
+            p(format!("task {id} is {} but its last log entry says {:?}", t.status, entries.last().map(|e| e.to)));
+        }
+        let since_reset = entries.iter().rev().take_while(|e| e.cause != Cause::ManualRetry);
+        let claims = since_reset.filter(|e| e.cause == Cause::Claimed).count();
+        if claims as u32 != t.attempts {
+            p(format!("task {id} has attempts = {} but {claims} claims in its log", t.attempts));
+        }
+    }
+    for id in logs.keys() {
+        if !tasks.contains_key(id) {
+            p(format!("log entries exist for task {id}, which has no record"));
+        }
+    }
+    report.tasks = tasks.len();
+    report.problems = problems;
+    Ok(report)
+}

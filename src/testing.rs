@@ -1,0 +1,208 @@
+//! Tools for testing code that uses omniq — and omniq itself: a manual clock, seeded jitter,
+//! and a way to run due tasks step by step on the current thread, so a whole retry schedule
+//! runs in microseconds without sleeping.
+//!
+//! ```
+//! use std::time::Duration;
+//! use serde::{Deserialize, Serialize};
+//! use omniq::testing::{self, ManualClock};
+//! use omniq::{EnqueueOptions, Queue, Status, Task, TaskContext, TaskError};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Flaky;
+//! impl Task for Flaky { const NAME: &'static str = "flaky"; type Output = (); }
+//!
+//! # fn main() -> omniq::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! let clock = ManualClock::starting_at_epoch_plus(Duration::from_secs(1_000));
+//! let queue = Queue::builder(dir.path()).clock(clock.clone()).jitter_seed(7).open()?;
+//! queue.register(|_: Flaky, _: &TaskContext| -> Result<(), TaskError> {
+//!     Err(TaskError::transient("network", "unreachable"))
+//! });
+//! let id = queue.enqueue_with(Flaky, EnqueueOptions::new().max_retries(2))?;
+//! let report = testing::run_until_idle(&queue, &clock, 100)?;
+//! let task = queue.get(id)?.unwrap();
+//! assert_eq!(task.status, Status::Failed);
+//! assert_eq!(task.attempts, 3);
+//! assert_eq!(report.executions, 3);
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashSet;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::clock::Clock;
+use crate::commit::{self, Command, Finished, Outcome};
+use crate::error::Result;
+use crate::handler::{self, TaskContext};
+use crate::queue::Queue;
+use crate::store::QueueSet;
+use crate::task::{TaskError, TaskId, Timestamp};
+
+pub use crate::retry::{FixedJitter, RandomJitter};
+
+type Callback = Box<dyn Fn() + Send + Sync>;
+
+struct ManualInner {
+    now: Mutex<Timestamp>,
+    callbacks: Mutex<Vec<Callback>>,
+}
+
+/// A clock that only moves when told to. Clones share the same time.
+#[derive(Clone)]
+pub struct ManualClock {
+    inner: Arc<ManualInner>,
+}
+
+impl ManualClock {
+    /// A clock stopped at `t`.
+    pub fn new(t: Timestamp) -> ManualClock {
+        ManualClock {
+            inner: Arc::new(ManualInner {
+                now: Mutex::new(t),
+                callbacks: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// A clock stopped at the Unix epoch plus `d`.
+    pub fn starting_at_epoch_plus(d: Duration) -> ManualClock {
+        ManualClock::new(Timestamp(0).add(d))
+    }
+
+    /// A clock stopped at the current wall-clock time.
+    pub fn starting_now() -> ManualClock {
+        ManualClock::new(Timestamp::now())
+    }
+
+    /// Moves time forward by `d`.
+    pub fn advance(&self, d: Duration) {
+        let mut now = self.inner.now.lock();
+        *now = now.add(d);
+        drop(now);
+        self.changed();
+    }
+
+    /// Sets the time (it may go backwards; the engine tolerates that but tests rarely want it).
+    pub fn set(&self, t: Timestamp) {
+        *self.inner.now.lock() = t;
+        self.changed();
+    }
+
+    fn changed(&self) {
+        for cb in self.inner.callbacks.lock().iter() {
+            cb();
+        }
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        *self.inner.now.lock()
+    }
+    fn on_change(&self, callback: Box<dyn Fn() + Send + Sync>) {
+        self.inner.callbacks.lock().push(callback);
+    }
+}
+
+/// One execution run by [`run_due`].
+#[derive(Clone, Debug)]
+pub struct Execution {
+    /// The task.
+    pub id: TaskId,
+    /// Its attempt number (1-based).
+    pub attempt: u32,
+    /// `Ok(())` on success, the error otherwise.
+    pub outcome: std::result::Result<(), TaskError>,
+}
+
+/// What [`run_due`] / [`run_until_idle`] did.
+#[derive(Clone, Debug, Default)]
+pub struct RunReport {
+    /// Executions run.
+    pub executions: usize,
+    /// Each execution, in order.
+    pub log: Vec<Execution>,
+}
+
+/// Runs every task that is due now, one at a time, on the calling thread, until none is due.
+/// Each claim and outcome is committed exactly as a worker pool would. A handler counts as timed
+/// out if the queue's clock passed its deadline while it ran (advance a `ManualClock` inside
+/// the handler to simulate a slow one). Tasks rescheduled into the future are not run.
+pub fn run_due(queue: &Queue) -> Result<RunReport> {
+    let mut report = RunReport::default();
+    let inner = &queue.inner;
+    let never = Arc::new(AtomicBool::new(false));
+    let mut skip = HashSet::new();
+    loop {
+        let now = inner.clock.now();
+        let scan = inner.store.due(&QueueSet::All, now, 1, &skip)?;
+        let Some(due) = scan.ready.first() else {
+            return Ok(report);
+        };
+        let claimed = commit::call(inner.tx()?, |reply| Command::Claim {
+            ids: vec![due.id],
+            now,
+            reply,
+        })?;
+        let Some(task) = claimed.into_iter().next() else {
+            skip.insert(due.id);
+            continue;
+        };
+        let deadline = task.timeout().map(|t| now.add(t));
+        let ctx = TaskContext::new(&task, deadline, never.clone());
+        let mut outcome = handler::execute(&inner.registry, &task, &ctx);
+        if deadline.is_some_and(|d| inner.clock.now() > d) {
+            outcome = Outcome::Failure(TaskError::transient(
+                "timeout",
+                format!("attempt {} exceeded its timeout", task.attempts),
+            ));
+        }
+        report.executions += 1;
+        report.log.push(Execution {
+            id: task.id,
+            attempt: task.attempts,
+            outcome: match &outcome {
+                Outcome::Success(_) => Ok(()),
+                Outcome::Failure(e) => Err(e.clone()),
+            },
+        });
+        let id = task.id;
+        let lease = task.lease;
+        match commit::call(inner.tx()?, |reply| Command::Finish { id, lease, outcome, reply })? {
+            Finished::Applied(_) | Finished::Stale => {}
+        }
+    }
+}
+
+/// Repeats [`run_due`], advancing `clock` to the next due time in between, until no task is
+/// due or scheduled, or `max_rounds` rounds have run. Runs a whole retry schedule without
+/// sleeping.
+pub fn run_until_idle(queue: &Queue, clock: &ManualClock, max_rounds: usize) -> Result<RunReport> {
+    let mut total = RunReport::default();
+    for _ in 0..max_rounds {
+        let r = run_due(queue)?;
+        total.executions += r.executions;
+        total.log.extend(r.log);
+        let now = clock.now();
+        let scan = queue.inner.store.due(&QueueSet::All, now, 1, &HashSet::new())?;
+        if !scan.ready.is_empty() {
+            continue;
+        }
+        match scan.next_wake {
+            Some(t) => clock.set(t.max(now)),
+            None => return Ok(total),
+        }
+    }
+    Ok(total)
+}
+
+/// When the next scheduled (not yet due) task becomes due, if any.
+pub fn next_due_at(queue: &Queue) -> Result<Option<Timestamp>> {
+    let now = queue.inner.clock.now();
+    Ok(queue.inner.store.due(&QueueSet::All, now, 1, &HashSet::new())?.next_wake)
+}

@@ -1,0 +1,410 @@
+//! The worker pool: N OS threads fed by one dispatcher through a crossbeam channel.
+//!
+//! The dispatcher claims only as many tasks as there are free workers (no claim-ahead), in
+//! order (priority, then due time, then enqueue order), with one durable commit for the whole
+//! claim batch before any handler runs. When nothing is due it blocks until new work commits,
+//! the earliest `next_run_at` or running deadline arrives, a worker frees up, or `stop()` is
+//! called: no fixed-interval polling, so an idle pool uses no CPU.
+//!
+//! Timeouts: when an execution outlives its deadline the dispatcher closes the attempt in the
+//! store (a `"timeout"` failure), flags the handler's context as cancelled, and starts a
+//! replacement thread so the pool keeps its concurrency. The stuck thread exits once its handler
+//! returns; its late result is rejected by lease fencing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+
+use crate::commit::{self, Command, Finished, Outcome};
+use crate::error::{Error, Result};
+use crate::handler::{self, TaskContext, EXEC_DONE, EXEC_RUNNING, EXEC_TIMED_OUT};
+use crate::queue::Queue;
+use crate::store::QueueSet;
+use crate::task::{TaskError, TaskId, TaskInfo, Timestamp};
+
+/// Configures a worker pool. Start from [`Queue::workers`].
+///
+/// ```no_run
+/// # fn demo(queue: omniq::Queue) -> omniq::Result<()> {
+/// use std::time::Duration;
+/// let pool = queue
+///     .workers()
+///     .concurrency(8)
+///     .queues(["default", "emails"])
+///     .grace_period(Duration::from_secs(30))
+///     .start()?;
+/// // ... later
+/// let report = pool.stop();
+/// println!("{} executions abandoned to recovery", report.abandoned);
+/// # Ok(()) }
+/// ```
+pub struct WorkerPoolBuilder {
+    queue: Queue,
+    concurrency: usize,
+    queues: QueueSet,
+    grace: Duration,
+}
+
+impl WorkerPoolBuilder {
+    pub(crate) fn new(queue: Queue) -> WorkerPoolBuilder {
+        WorkerPoolBuilder {
+            queue,
+            concurrency: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4).max(2),
+            queues: QueueSet::All,
+            grace: Duration::from_secs(30),
+        }
+    }
+
+    /// Number of worker threads (default: the number of CPUs, at least 2).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    /// Serve only these queues (default: all queues).
+    pub fn queues<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.queues = QueueSet::Named(names.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// How long `stop()` waits for running handlers before giving up on them (default 30 s).
+    pub fn grace_period(mut self, d: Duration) -> Self {
+        self.grace = d;
+        self
+    }
+
+    /// Starts the dispatcher and the worker threads.
+    pub fn start(self) -> Result<WorkerPool> {
+        if let QueueSet::Named(names) = &self.queues {
+            for n in names {
+                crate::queue::validate_name("queue name", n)?;
+            }
+        }
+        let inner = &self.queue.inner;
+        let wake = inner.notify.add_waker();
+        let weak = Arc::downgrade(&inner.notify);
+        inner.clock.on_change(Box::new(move || {
+            if let Some(n) = weak.upgrade() {
+                n.wake_all();
+            }
+        }));
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+        let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<TaskId>();
+        let cancel_all = Arc::new(AtomicBool::new(false));
+        let mut d = Dispatcher {
+            queue: self.queue.clone(),
+            queues: self.queues,
+            grace: self.grace,
+            job_tx: Some(job_tx),
+            job_rx,
+            done_tx,
+            done_rx,
+            wake,
+            stop_rx,
+            cancel_all,
+            free: self.concurrency,
+            running: HashMap::new(),
+            skip: HashSet::new(),
+            threads: Vec::new(),
+        };
+        for _ in 0..self.concurrency {
+            d.spawn_worker()?;
+        }
+        let handle = std::thread::Builder::new()
+            .name("omniq-dispatcher".into())
+            .spawn(move || d.run())
+            .map_err(|e| Error::Storage(format!("cannot start the dispatcher: {e}")))?;
+        Ok(WorkerPool {
+            stop_tx,
+            dispatcher: Some(handle),
+        })
+    }
+}
+
+/// What [`WorkerPool::stop`] saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StopReport {
+    /// Executions still running when the grace period ran out. They stay `Running` in the store
+    /// until they finish (if the queue is still open) or until the next open recovers them.
+    pub abandoned: usize,
+}
+
+/// A running worker pool. Dropping it stops it gracefully, like [`stop`](WorkerPool::stop).
+pub struct WorkerPool {
+    stop_tx: Sender<()>,
+    dispatcher: Option<JoinHandle<StopReport>>,
+}
+
+impl WorkerPool {
+    /// Stops claiming, waits for running handlers to finish (up to the grace period), then
+    /// returns.
+    pub fn stop(mut self) -> StopReport {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> StopReport {
+        let _ = self.stop_tx.try_send(());
+        match self.dispatcher.take() {
+            Some(h) => h.join().unwrap_or_default(),
+            None => StopReport::default(),
+        }
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Job {
+    task: TaskInfo,
+    ctx: Arc<TaskContext>,
+}
+
+struct Running {
+    lease: u64,
+    deadline: Option<Timestamp>,
+    timeout: Option<Duration>,
+    ctx: Arc<TaskContext>,
+}
+
+struct Dispatcher {
+    queue: Queue,
+    queues: QueueSet,
+    grace: Duration,
+    job_tx: Option<Sender<Job>>,
+    job_rx: Receiver<Job>,
+    done_tx: Sender<TaskId>,
+    done_rx: Receiver<TaskId>,
+    wake: Receiver<()>,
+    stop_rx: Receiver<()>,
+    cancel_all: Arc<AtomicBool>,
+    free: usize,
+    running: HashMap<TaskId, Running>,
+    /// Tasks whose records do not decode: never claimable, reported once.
+    skip: HashSet<TaskId>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Dispatcher {
+    fn spawn_worker(&mut self) -> Result<()> {
+        let jobs = self.job_rx.clone();
+        let done = self.done_tx.clone();
+        let queue = self.queue.clone();
+        let h = std::thread::Builder::new()
+            .name("omniq-worker".into())
+            .spawn(move || worker_loop(queue, jobs, done))
+            .map_err(|e| Error::Storage(format!("cannot start a worker thread: {e}")))?;
+        self.threads.retain(|t| !t.is_finished());
+        self.threads.push(h);
+        Ok(())
+    }
+
+    fn run(mut self) -> StopReport {
+        let mut stopping: Option<Instant> = None;
+        loop {
+            if stopping.is_none() {
+                if let Err(e) = self.claim_while_free() {
+                    tracing::error!(error = %e, "claiming failed; retrying when woken");
+                }
+            }
+            self.expire_deadlines();
+            if let Some(since) = stopping {
+                if self.running.is_empty() {
+                    break;
+                }
+                if since.elapsed() >= self.grace {
+                    self.cancel_all.store(true, Ordering::Release);
+                    break;
+                }
+            }
+            let timeout = self.sleep_for(stopping);
+            select! {
+                recv(self.done_rx) -> id => {
+                    if let Ok(id) = id {
+                        self.finished(id);
+                    }
+                    // Take every other completion too, so the next claim is one batch.
+                    while let Ok(id) = self.done_rx.try_recv() {
+                        self.finished(id);
+                    }
+                }
+                recv(self.wake) -> _ => {}
+                recv(self.stop_rx) -> _ => {
+                    stopping.get_or_insert_with(Instant::now);
+                }
+                default(timeout) => {}
+            }
+        }
+        let abandoned = self.running.len();
+        // Idle workers exit when the job channel closes; stuck ones are detached.
+        self.job_tx.take();
+        if abandoned == 0 {
+            for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+        if abandoned > 0 {
+            tracing::warn!(abandoned, "grace period over: executions left running; the next open recovers any that do not finish");
+        }
+        StopReport { abandoned }
+    }
+
+    fn finished(&mut self, id: TaskId) {
+        if self.running.remove(&id).is_some() {
+            self.free += 1;
+        }
+    }
+
+    /// How long to block: until the earliest due time or deadline; forever if neither.
+    fn sleep_for(&mut self, stopping: Option<Instant>) -> Duration {
+        let now = self.queue.now();
+        let mut wake_at: Option<Timestamp> = None;
+        let mut consider = |t: Timestamp| wake_at = Some(wake_at.map_or(t, |w: Timestamp| w.min(t)));
+        for r in self.running.values() {
+            if let Some(d) = r.deadline {
+                consider(d);
+            }
+        }
+        if stopping.is_none() && self.free > 0 {
+            if let Ok(scan) = self.queue.inner.store.due(&self.queues, now, 1, &self.skip) {
+                if !scan.ready.is_empty() {
+                    return Duration::ZERO;
+                }
+                if let Some(w) = scan.next_wake {
+                    consider(w);
+                }
+            }
+        }
+        let mut sleep = match wake_at {
+            Some(t) => t.since(now),
+            None => Duration::from_secs(3600),
+        };
+        if let Some(since) = stopping {
+            sleep = sleep.min(self.grace.saturating_sub(since.elapsed()));
+        }
+        sleep
+    }
+
+    fn claim_while_free(&mut self) -> Result<()> {
+        while self.free > 0 {
+            let now = self.queue.now();
+            let scan = self.queue.inner.store.due(&self.queues, now, self.free, &self.skip)?;
+            if scan.ready.is_empty() {
+                return Ok(());
+            }
+            let ids: Vec<TaskId> = scan.ready.iter().map(|d| d.id).collect();
+            let claimed = commit::call(self.queue.inner.tx()?, |reply| Command::Claim {
+                ids: ids.clone(),
+                now,
+                reply,
+            })?;
+            if claimed.is_empty() {
+                // Nothing claimable: find records that do not decode so we stop picking them.
+                for id in &ids {
+                    if let Err(e) = self.queue.get(*id) {
+                        tracing::error!(task = %id, error = %e, "pending task's record does not decode; skipping it");
+                        self.skip.insert(*id);
+                    }
+                }
+                return Ok(());
+            }
+            for task in claimed {
+                self.dispatch(task);
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, task: TaskInfo) {
+        let deadline = task.timeout().map(|t| task.started_at.unwrap_or_else(|| self.queue.now()).add(t));
+        let ctx = Arc::new(TaskContext::new(&task, deadline, self.cancel_all.clone()));
+        self.running.insert(
+            task.id,
+            Running {
+                lease: task.lease,
+                deadline,
+                timeout: task.timeout(),
+                ctx: ctx.clone(),
+            },
+        );
+        self.free -= 1;
+        if let Some(tx) = &self.job_tx {
+            let _ = tx.send(Job { task, ctx });
+        }
+    }
+
+    fn expire_deadlines(&mut self) {
+        let now = self.queue.now();
+        let expired: Vec<TaskId> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.deadline.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            let Some(r) = self.running.get(&id) else { continue };
+            // Whoever flips the state first decides: the worker (finished in time) or us.
+            if r.ctx.state.compare_exchange(EXEC_RUNNING, EXEC_TIMED_OUT, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                continue;
+            }
+            let lease = r.lease;
+            let limit = r.timeout.unwrap_or_default();
+            let error = TaskError::transient("timeout", format!("attempt {} exceeded its timeout of {limit:?}", r.ctx.attempt()));
+            let outcome = self.queue.inner.tx().and_then(|tx| {
+                commit::call(tx, |reply| Command::Finish {
+                    id,
+                    lease,
+                    outcome: Outcome::Failure(error),
+                    reply,
+                })
+            });
+            if let Err(e) = outcome {
+                tracing::error!(task = %id, error = %e, "could not record a timeout");
+            }
+            tracing::warn!(task = %id, "execution timed out; replacing its worker thread");
+            self.running.remove(&id);
+            self.free += 1;
+            if let Err(e) = self.spawn_worker() {
+                tracing::error!(error = %e, "could not replace a timed-out worker; the pool runs one thread short");
+                self.free -= 1;
+            }
+        }
+    }
+}
+
+fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<TaskId>) {
+    for job in jobs {
+        let outcome = handler::execute(&queue.inner.registry, &job.task, &job.ctx);
+        let in_time = job
+            .ctx
+            .state
+            .compare_exchange(EXEC_RUNNING, EXEC_DONE, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        let id = job.task.id;
+        let result = queue
+            .inner
+            .tx()
+            .and_then(|tx| commit::call(tx, |reply| Command::Finish { id, lease: job.task.lease, outcome, reply }));
+        match result {
+            Ok(Finished::Applied(_)) => {}
+            Ok(Finished::Stale) => tracing::info!(task = %id, attempt = job.task.attempts, "late result of a closed attempt rejected"),
+            Err(e) => tracing::error!(task = %id, error = %e, "could not record the outcome; the task stays RUNNING until the next open recovers it"),
+        }
+        if !in_time {
+            // A replacement thread took our place when this execution timed out.
+            return;
+        }
+        let _ = done.send(id);
+    }
+}
