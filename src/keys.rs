@@ -223,22 +223,19 @@ pub fn decode_count(key: &[u8]) -> Result<(Status, String)> {
 }
 
 /// A key, printed for humans: the prefix letter, then a task id where the key holds one.
+/// Never fails (it is used to build error messages, so it must not produce errors itself).
 pub fn describe(key: &[u8]) -> String {
-    let id_at = |off: usize| -> Option<TaskId> {
-        key.get(off..off + 16).map(|b| TaskId::from_bytes(fixed(b)))
-    };
+    let id_at = |off: usize| TaskId::from_bytes(fixed(&key[off..off + 16]));
     let hex = || key.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    match key.first() {
-        Some(&TASK) if key.len() == 17 => format!("t/{}", id_at(1).map(|i| i.to_string()).unwrap_or_default()),
-        Some(&LOG) if key.len() == 25 => match decode_log(key) {
-            Ok((id, seq)) => format!("l/{id}/{seq}"),
-            Err(_) => format!("l/{}", hex()),
+    match (key.first(), key.len()) {
+        (Some(&TASK), 17) => format!("t/{}", id_at(1)),
+        (Some(&LOG), 25) => format!("l/{}/{}", id_at(1), u64::from_be_bytes(fixed(&key[17..]))),
+        (Some(&STATE), 18) => match Status::from_code(key[1]) {
+            Some(st) => format!("s/{st}/{}", id_at(2)),
+            None => format!("s/?{}/{}", key[1], id_at(2)),
         },
-        Some(&STATE) if key.len() == 18 => match decode_state(key) {
-            Ok((st, id)) => format!("s/{st}/{id}"),
-            Err(_) => format!("s/{}", hex()),
-        },
-        Some(&META) => format!("m/{}", String::from_utf8_lossy(&key[1..])),
+        (Some(&FINISHED), 25) => format!("f/{}/{}", u64::from_be_bytes(fixed(&key[1..9])), id_at(9)),
+        (Some(&META), _) => format!("m/{}", String::from_utf8_lossy(&key[1..])),
         _ => format!("0x{}", hex()),
     }
 }

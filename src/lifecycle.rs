@@ -157,13 +157,12 @@ mod tests {
     fn failing_every_time_runs_exactly_budget_plus_one() {
         let b = Backoff::default();
         let mut rec = pending(3);
-        let mut now = Timestamp(0);
         let mut runs = 0;
         for lease in 1.. {
             if rec.status != Status::Pending {
                 break;
             }
-            now = rec.next_run_at;
+            let now = rec.next_run_at;
             rec = claim(&rec, now, lease).unwrap().0;
             runs += 1;
             rec = fail(&rec, lease, TaskError::transient("x", "y"), now, &b, 0.5).unwrap().0;

@@ -254,21 +254,15 @@ impl<E: std::error::Error> From<E> for TaskError {
     }
 }
 
-/// `std::io::error::Error` -> `io::Error`: readable but still specific.
+/// `std::io::error::Error` -> `io::Error`, `core::num::error::ParseIntError` ->
+/// `num::ParseIntError`: readable but still specific (private `error` modules are skipped).
 fn short_type_name(full: &str) -> String {
     let base = full.split('<').next().unwrap_or(full);
-    let parts: Vec<&str> = base.split("::").collect();
-    match parts.len() {
-        0 | 1 => base.to_string(),
-        n => {
-            let last = parts[n - 1];
-            // Skip a private module that repeats the type's name (`io::error::Error`).
-            let mut module = parts[n - 2];
-            if n >= 3 && module.eq_ignore_ascii_case(last) {
-                module = parts[n - 3];
-            }
-            format!("{module}::{last}")
-        }
+    let mut parts = base.split("::").rev();
+    let last = parts.next().unwrap_or(base);
+    match parts.find(|m| !matches!(*m, "error" | "errors")) {
+        Some(module) => format!("{module}::{last}"),
+        None => last.to_string(),
     }
 }
 
