@@ -258,7 +258,8 @@ impl<E: std::error::Error> From<E> for TaskError {
 /// `num::ParseIntError`: readable but still specific (private `error` modules are skipped).
 fn short_type_name(full: &str) -> String {
     let base = full.split('<').next().unwrap_or(full);
-    let mut parts = base.split("::").rev();
+    let parts: Vec<&str> = base.split("::").collect();
+    let mut parts = parts.into_iter().rev();
     let last = parts.next().unwrap_or(base);
     match parts.find(|m| !matches!(*m, "error" | "errors")) {
         Some(module) => format!("{module}::{last}"),
