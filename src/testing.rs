@@ -41,7 +41,7 @@ use crate::error::Result;
 use crate::handler::{self, TaskContext};
 use crate::queue::Queue;
 use crate::store::QueueSet;
-use crate::task::{TaskError, TaskId, Timestamp};
+use crate::task::{TaskError, TaskId, TaskInfo, Timestamp};
 
 pub use crate::retry::{FixedJitter, RandomJitter};
 
@@ -199,6 +199,89 @@ pub fn run_until_idle(queue: &Queue, clock: &ManualClock, max_rounds: usize) -> 
         }
     }
     Ok(total)
+}
+
+/// A task claimed by [`claim_next`]: `Running` in the store, its attempt counted, waiting for
+/// you to decide its outcome — or to [`abandon`](Claimed::abandon) it, as a crash would.
+pub struct Claimed {
+    queue: Queue,
+    /// The task as claimed (status `Running`, `attempts` already incremented, `lease` set).
+    pub task: TaskInfo,
+}
+
+impl Claimed {
+    /// Records success with `output` as the result. Returns `false` if the attempt was no
+    /// longer current (it timed out or was recovered) and the result was rejected.
+    pub fn succeed<T: serde::Serialize>(self, output: &T) -> Result<bool> {
+        let bytes = serde_json::to_vec(output).map_err(|e| crate::Error::Encode {
+            what: "result",
+            reason: e.to_string(),
+        })?;
+        self.finish(Outcome::Success(bytes))
+    }
+
+    /// Records a failure; the retry rule decides what happens next. Returns `false` if the
+    /// attempt was no longer current.
+    pub fn fail(self, error: TaskError) -> Result<bool> {
+        self.finish(Outcome::Failure(error))
+    }
+
+    /// Runs the registered handler for this task on the calling thread and records its outcome.
+    pub fn run(self) -> Result<Execution> {
+        let never = Arc::new(AtomicBool::new(false));
+        let ctx = TaskContext::new(&self.task, None, never);
+        let outcome = handler::execute(&self.queue.inner.registry, &self.task, &ctx);
+        let execution = Execution {
+            id: self.task.id,
+            attempt: self.task.attempts,
+            outcome: match &outcome {
+                Outcome::Success(_) => Ok(()),
+                Outcome::Failure(e) => Err(e.clone()),
+            },
+        };
+        self.finish(outcome)?;
+        Ok(execution)
+    }
+
+    /// Leaves the task `Running`, as if the process died mid-execution. The next open of the
+    /// directory recovers it.
+    pub fn abandon(self) {}
+
+    fn finish(self, outcome: Outcome) -> Result<bool> {
+        let id = self.task.id;
+        let lease = self.task.lease;
+        let r = commit::call(self.queue.inner.tx()?, |reply| Command::Finish { id, lease, outcome, reply })?;
+        Ok(matches!(r, Finished::Applied(_)))
+    }
+}
+
+/// Claims the best due task (priority, due time, enqueue order) without running it.
+pub fn claim_next(queue: &Queue) -> Result<Option<Claimed>> {
+    let inner = &queue.inner;
+    let mut skip = HashSet::new();
+    loop {
+        let now = inner.clock.now();
+        let scan = inner.store.due(&QueueSet::All, now, 1, &skip)?;
+        let Some(due) = scan.ready.first() else {
+            return Ok(None);
+        };
+        let claimed = commit::call(inner.tx()?, |reply| Command::Claim {
+            ids: vec![due.id],
+            now,
+            reply,
+        })?;
+        match claimed.into_iter().next() {
+            Some(task) => {
+                return Ok(Some(Claimed {
+                    queue: queue.clone(),
+                    task,
+                }))
+            }
+            None => {
+                skip.insert(due.id);
+            }
+        }
+    }
 }
 
 /// When the next scheduled (not yet due) task becomes due, if any.
