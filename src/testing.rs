@@ -79,6 +79,11 @@ impl ManualClock {
         ManualClock::new(Timestamp::now())
     }
 
+    /// The clock's current time.
+    pub fn now(&self) -> Timestamp {
+        *self.inner.now.lock()
+    }
+
     /// Moves time forward by `d`.
     pub fn advance(&self, d: Duration) {
         let mut now = self.inner.now.lock();
