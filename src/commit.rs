@@ -37,7 +37,7 @@ pub(crate) enum Outcome {
 #[derive(Clone, Debug)]
 pub(crate) enum Finished {
     /// The outcome was recorded; the task as it now is.
-    Applied(TaskInfo),
+    Applied(Box<TaskInfo>),
     /// The lease was no longer current (the attempt timed out or was recovered): ignored.
     Stale,
 }
@@ -256,7 +256,7 @@ fn apply(g: &mut Group<'_>, cmd: Command, jitter: &mut dyn JitterSource, backoff
                 match step {
                     Ok((next, cause)) => {
                         g.record(Some(rec), Some(next.clone()), Some(cause));
-                        Ok(Finished::Applied(next))
+                        Ok(Finished::Applied(Box::new(next)))
                     }
                     Err(Refusal::Stale) | Err(Refusal::WrongState(_)) => Ok(Finished::Stale),
                     Err(r) => Err(refusal_to_error(id, "finish", "running", r)),

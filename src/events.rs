@@ -23,12 +23,15 @@ pub struct TransitionEvent {
     pub error: Option<TaskError>,
 }
 
+/// A `wait` caller: its token (to remove it if it gives up) and its wake-up channel.
+type Waiter = (u64, Sender<()>);
+
 #[derive(Default)]
 pub(crate) struct Notify {
     /// One coalescing wake-up channel per dispatcher.
     wakers: Mutex<Vec<Sender<()>>>,
     /// `wait` callers, by task.
-    waiters: Mutex<HashMap<TaskId, Vec<(u64, Sender<()>)>>>,
+    waiters: Mutex<HashMap<TaskId, Vec<Waiter>>>,
     next_token: std::sync::atomic::AtomicU64,
     subscribers: Mutex<Vec<Sender<TransitionEvent>>>,
 }

@@ -362,7 +362,7 @@ impl Queue {
         let now = self.inner.clock.now();
         let next_run_at = match (o.run_at, o.delay) {
             (Some(at), _) => at,
-            (None, Some(d)) => now.add(d),
+            (None, Some(d)) => now.plus(d),
             (None, None) => now,
         };
         let policy = self.inner.queue_policies.get(queue).unwrap_or(&self.inner.policy);
@@ -478,7 +478,7 @@ impl Queue {
     /// Deletes finished (terminal) tasks that finished more than `older_than` ago, with their
     /// log entries.
     pub fn purge(&self, older_than: Duration) -> Result<PurgeReport> {
-        let cutoff = self.inner.clock.now().sub(older_than);
+        let cutoff = self.inner.clock.now().minus(older_than);
         let mut report = PurgeReport::default();
         loop {
             let removed = commit::call(self.inner.tx()?, |reply| Command::Purge { cutoff, limit: 1000, reply })?;

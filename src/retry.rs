@@ -80,7 +80,7 @@ impl Backoff {
     /// The un-jittered delay before retry `n` (1-based): `min(base * 2^(n-1), cap)`.
     pub fn nominal_ms(&self, n: u32) -> u64 {
         let shift = n.saturating_sub(1).min(63);
-        let grown = self.base_ms.checked_mul(1u64 << shift).unwrap_or(u64::MAX);
+        let grown = self.base_ms.saturating_mul(1u64 << shift);
         grown.min(self.cap_ms)
     }
 

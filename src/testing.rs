@@ -71,7 +71,7 @@ impl ManualClock {
 
     /// A clock stopped at the Unix epoch plus `d`.
     pub fn starting_at_epoch_plus(d: Duration) -> ManualClock {
-        ManualClock::new(Timestamp(0).add(d))
+        ManualClock::new(Timestamp(0).plus(d))
     }
 
     /// A clock stopped at the current wall-clock time.
@@ -87,7 +87,7 @@ impl ManualClock {
     /// Moves time forward by `d`.
     pub fn advance(&self, d: Duration) {
         let mut now = self.inner.now.lock();
-        *now = now.add(d);
+        *now = now.plus(d);
         drop(now);
         self.changed();
     }
@@ -158,7 +158,7 @@ pub fn run_due(queue: &Queue) -> Result<RunReport> {
             skip.insert(due.id);
             continue;
         };
-        let deadline = task.timeout().map(|t| now.add(t));
+        let deadline = task.timeout().map(|t| now.plus(t));
         let ctx = TaskContext::new(&task, deadline, never.clone());
         let mut outcome = handler::execute(&inner.registry, &task, &ctx);
         if deadline.is_some_and(|d| inner.clock.now() > d) {

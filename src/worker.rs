@@ -327,7 +327,7 @@ impl Dispatcher {
     }
 
     fn dispatch(&mut self, task: TaskInfo) {
-        let deadline = task.timeout().map(|t| task.started_at.unwrap_or_else(|| self.queue.now()).add(t));
+        let deadline = task.timeout().map(|t| task.started_at.unwrap_or_else(|| self.queue.now()).plus(t));
         let ctx = Arc::new(TaskContext::new(&task, deadline, self.cancel_all.clone()));
         self.running.insert(
             task.id,
