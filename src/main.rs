@@ -1,1 +1,7 @@
-fn main(){}
+//! The `omniq` command-line tool. See `omniq --help`.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
+}

@@ -1,0 +1,143 @@
+//! Command-line arguments (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+
+/// `omniq`: run the demo, inspect and operate a queue directory, benchmark the engine.
+#[derive(Parser, Debug)]
+#[command(
+    name = "omniq",
+    version,
+    about = "Operate an omniq queue directory: run the demo, inspect, retry, cancel, purge, check, benchmark.",
+    after_help = "Every command takes --data DIR (default ./omniq_data) and --json (one JSON document on stdout)."
+)]
+pub struct Cli {
+    /// The queue directory.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = "./omniq_data"
+    )]
+    pub data: PathBuf,
+    /// Print exactly one JSON document on stdout instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Enqueue a mixed workload (or resume an unfinished one) and run it on a worker pool.
+    Demo(DemoArgs),
+    /// Task counts per status and per queue.
+    Stats,
+    /// List tasks, newest first.
+    List(ListArgs),
+    /// Show one task: its fields, payload, result, errors and transition history.
+    Show {
+        /// The task id (a UUID, as printed by `omniq list`).
+        id: String,
+    },
+    /// Re-queue a failed or cancelled task with a fresh retry budget.
+    Retry(RetryArgs),
+    /// Cancel a pending task.
+    Cancel {
+        /// The task id.
+        id: String,
+    },
+    /// Delete finished tasks (and their history) that finished longer ago than DURATION.
+    Purge {
+        /// How old a finished task must be to be deleted, e.g. 7d, 12h, 30m.
+        #[arg(long, value_name = "DURATION")]
+        older_than: String,
+    },
+    /// Verify every record, index, counter and log entry; exits non-zero if anything disagrees.
+    Check,
+    /// Run the built-in benchmark in a temporary directory (--data is not used).
+    Bench(BenchArgs),
+}
+
+/// `omniq demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Tasks in a fresh workload (ignored when an unfinished workload is resumed).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub tasks: u32,
+    /// Worker threads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub workers: u32,
+    /// How long each handler works, in milliseconds (also OMNIQ_DEMO_WORK_MS; default 40).
+    #[arg(long, hide = true, value_name = "MS")]
+    pub work_ms: Option<u64>,
+}
+
+/// `omniq list`.
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Only tasks in this state: pending, running, completed, failed, cancelled.
+    #[arg(long, value_name = "STATUS")]
+    pub status: Option<String>,
+    /// Only tasks on this queue.
+    #[arg(long, value_name = "QUEUE")]
+    pub queue: Option<String>,
+    /// Only tasks of this kind.
+    #[arg(long, value_name = "KIND")]
+    pub kind: Option<String>,
+    /// At most this many tasks.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub limit: u32,
+    /// Continue after this task id (the "next cursor" printed by the previous page).
+    #[arg(long, value_name = "ID")]
+    pub cursor: Option<String>,
+}
+
+/// `omniq retry`.
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("which").required(true).args(["id", "all_failed"])))]
+pub struct RetryArgs {
+    /// The task id.
+    pub id: Option<String>,
+    /// Retry every failed task.
+    #[arg(long)]
+    pub all_failed: bool,
+}
+
+/// `omniq bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Tasks per phase.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub tasks: u64,
+    /// Worker threads for the lifecycle phase.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub workers: u64,
+    /// Durability mode.
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Group)]
+    pub durability: DurabilityArg,
+}
+
+/// `--durability` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DurabilityArg {
+    /// Every write is its own flush + fsync.
+    Immediate,
+    /// Concurrent writes share one flush + fsync (the default).
+    Group,
+    /// Acknowledged in memory; flushed in the background.
+    Relaxed,
+}
+
+impl From<DurabilityArg> for omniq::Durability {
+    fn from(d: DurabilityArg) -> omniq::Durability {
+        match d {
+            DurabilityArg::Immediate => omniq::Durability::Immediate,
+            DurabilityArg::Group => omniq::Durability::Group,
+            DurabilityArg::Relaxed => omniq::Durability::Relaxed,
+        }
+    }
+}

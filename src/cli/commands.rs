@@ -1,0 +1,451 @@
+//! The inspect-and-operate commands: stats, list, show, retry, cancel, purge, check, bench.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use omniq::bench::{BenchOptions, BenchReport};
+use omniq::{ListFilter, Queue, Status, TaskId, TaskInfo};
+use serde_json::{json, Value};
+
+use super::args::{BenchArgs, ListArgs};
+use super::output::{
+    emit, emit_json, log_json, status_counts_json, status_str, task_json, truncate, ts, ts_opt,
+    Table,
+};
+use super::CliError;
+
+/// `omniq stats`.
+pub fn stats(queue: &Queue, json: bool) -> Result<ExitCode, CliError> {
+    let stats = queue.stats()?;
+    if json {
+        let by_queue: serde_json::Map<String, Value> = stats
+            .by_queue
+            .iter()
+            .map(|(q, counts)| {
+                (
+                    q.clone(),
+                    status_counts_json(|s| counts.get(&s).copied().unwrap_or(0)),
+                )
+            })
+            .collect();
+        emit_json(&json!({
+            "directory": queue.path().display().to_string(),
+            "total": stats.total,
+            "by_status": status_counts_json(|s| stats.count(s)),
+            "by_queue": by_queue,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut headers = vec!["QUEUE"];
+    headers.extend(Status::ALL.iter().map(|s| status_str(*s)));
+    headers.push("TOTAL");
+    let mut table = Table::new(&headers).right(&(1..headers.len()).collect::<Vec<_>>());
+    for (q, counts) in &stats.by_queue {
+        let mut row = vec![q.clone()];
+        row.extend(
+            Status::ALL
+                .iter()
+                .map(|s| counts.get(s).copied().unwrap_or(0).to_string()),
+        );
+        row.push(counts.values().sum::<u64>().to_string());
+        table.row(row);
+    }
+    let mut row = vec!["(all)".to_string()];
+    row.extend(Status::ALL.iter().map(|s| stats.count(*s).to_string()));
+    row.push(stats.total.to_string());
+    table.row(row);
+    emit(&format!(
+        "{}: {} task(s)\n\n{}",
+        queue.path().display(),
+        stats.total,
+        table.render()
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `omniq list`.
+pub fn list(
+    queue: &Queue,
+    json: bool,
+    a: &ListArgs,
+    status: Option<Status>,
+    cursor: Option<TaskId>,
+) -> Result<ExitCode, CliError> {
+    let mut filter = ListFilter::new().limit(a.limit as usize).cursor(cursor);
+    filter.status = status;
+    filter.queue = a.queue.clone();
+    filter.kind = a.kind.clone();
+    let page = queue.list(&filter)?;
+    for c in &page.corrupt {
+        eprintln!(
+            "warning: skipped a record that does not decode at {}: {}",
+            c.key, c.reason
+        );
+    }
+    if json {
+        emit_json(&json!({
+            "tasks": page.tasks.iter().map(task_json).collect::<Vec<_>>(),
+            "next_cursor": page.next_cursor.map(|c| c.to_string()),
+            "corrupt": page.corrupt,
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if page.tasks.is_empty() {
+        emit("no tasks match\n")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = Table::new(&[
+        "ID",
+        "KIND",
+        "QUEUE",
+        "STATUS",
+        "ATTEMPTS",
+        "PRI",
+        "CREATED",
+        "DUE / FINISHED",
+        "LAST ERROR",
+    ])
+    .right(&[4, 5]);
+    for t in &page.tasks {
+        table.row(list_row(t));
+    }
+    let mut text = table.render();
+    match page.next_cursor {
+        Some(c) => text.push_str(&format!(
+            "\n{} task(s) shown; more with --cursor {c}\n",
+            page.tasks.len()
+        )),
+        None => text.push_str(&format!("\n{} task(s)\n", page.tasks.len())),
+    }
+    emit(&text)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list_row(t: &TaskInfo) -> Vec<String> {
+    let when = match t.finished_at {
+        Some(f) => ts(f),
+        None => ts(t.next_run_at),
+    };
+    let err = t
+        .last_error
+        .as_ref()
+        .map(|e| truncate(&format!("{}: {}", e.error_type, e.message), 48))
+        .unwrap_or_default();
+    vec![
+        t.id.to_string(),
+        t.kind.clone(),
+        t.queue.clone(),
+        status_str(t.status).to_string(),
+        format!("{}/{}", t.attempts, u64::from(t.max_retries) + 1),
+        t.priority.to_string(),
+        ts(t.created_at),
+        when,
+        err,
+    ]
+}
+
+fn get(queue: &Queue, id: TaskId) -> Result<TaskInfo, CliError> {
+    queue.get(id)?.ok_or_else(|| {
+        CliError::Runtime(format!("task {id} not found in {}", queue.path().display()))
+    })
+}
+
+/// `omniq show ID`.
+pub fn show(queue: &Queue, json: bool, id: TaskId) -> Result<ExitCode, CliError> {
+    let t = get(queue, id)?;
+    let history = queue.history(id)?;
+    if json {
+        let mut v = task_json(&t);
+        if let Value::Object(m) = &mut v {
+            m.insert(
+                "history".into(),
+                Value::Array(history.iter().map(log_json).collect()),
+            );
+        }
+        emit_json(&v)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let compact = |v: &Value| serde_json::to_string(v).unwrap_or_else(|_| "?".into());
+    let mut fields = Table::new(&["FIELD", "VALUE"]);
+    fields.row(["id".to_string(), t.id.to_string()]);
+    fields.row(["kind".to_string(), t.kind.clone()]);
+    fields.row(["queue".to_string(), t.queue.clone()]);
+    fields.row(["status".to_string(), status_str(t.status).to_string()]);
+    fields.row([
+        "attempts".to_string(),
+        format!(
+            "{} of at most {} (max_retries {})",
+            t.attempts,
+            u64::from(t.max_retries) + 1,
+            t.max_retries
+        ),
+    ]);
+    fields.row(["priority".to_string(), t.priority.to_string()]);
+    fields.row(["created".to_string(), ts(t.created_at)]);
+    fields.row(["next run".to_string(), ts(t.next_run_at)]);
+    fields.row(["started".to_string(), ts_opt(t.started_at)]);
+    fields.row(["finished".to_string(), ts_opt(t.finished_at)]);
+    fields.row([
+        "timeout".to_string(),
+        t.timeout()
+            .map(|d| humantime::format_duration(d).to_string())
+            .unwrap_or_else(|| "-".into()),
+    ]);
+    fields.row(["payload".to_string(), compact(&t.payload_json())]);
+    fields.row([
+        "result".to_string(),
+        t.result_json()
+            .map(|r| compact(&r))
+            .unwrap_or_else(|| "-".into()),
+    ]);
+    fields.row([
+        "last error".to_string(),
+        t.last_error
+            .as_ref()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "-".into()),
+    ]);
+    let mut text = fields.render();
+
+    text.push_str(&format!("\nerrors ({}, oldest first)\n", t.errors.len()));
+    if !t.errors.is_empty() {
+        let mut errors =
+            Table::new(&["#", "TYPE", "KIND", "RETRY", "AT", "MESSAGE"]).right(&[0, 3]);
+        for (i, e) in t.errors.iter().enumerate() {
+            errors.row([
+                (i + 1).to_string(),
+                e.error_type.clone(),
+                if e.permanent {
+                    "permanent"
+                } else {
+                    "transient"
+                }
+                .to_string(),
+                e.retry_count.to_string(),
+                ts(e.timestamp),
+                truncate(&e.message, 80),
+            ]);
+        }
+        text.push_str(&errors.render());
+    }
+
+    text.push_str(&format!("\nhistory ({} transition(s))\n", history.len()));
+    if !history.is_empty() {
+        let mut h =
+            Table::new(&["SEQ", "AT", "FROM", "TO", "ATTEMPT", "CAUSE", "RUN"]).right(&[0, 4, 6]);
+        for e in &history {
+            h.row([
+                e.seq.to_string(),
+                ts(e.at),
+                e.from.map(status_str).unwrap_or("-").to_string(),
+                status_str(e.to).to_string(),
+                e.attempt.to_string(),
+                e.cause.to_string(),
+                e.run_id.to_string(),
+            ]);
+        }
+        text.push_str(&h.render());
+    }
+    emit(&text)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `omniq retry ID | --all-failed`.
+pub fn retry(queue: &Queue, json: bool, id: Option<TaskId>) -> Result<ExitCode, CliError> {
+    let ids = match id {
+        Some(id) => {
+            get(queue, id)?;
+            vec![id]
+        }
+        None => all_failed(queue)?,
+    };
+    let mut retried = Vec::with_capacity(ids.len());
+    for id in ids {
+        retried.push(queue.retry(id)?);
+    }
+    if json {
+        emit_json(&json!({
+            "retried": retried.len(),
+            "tasks": retried.iter().map(task_json).collect::<Vec<_>>(),
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let text = match (id, retried.first()) {
+        (Some(_), Some(t)) => format!(
+            "task {} re-queued: {} with a fresh budget of {} execution(s), due now\n",
+            t.id,
+            status_str(t.status),
+            u64::from(t.max_retries) + 1
+        ),
+        _ => format!("re-queued {} failed task(s)\n", retried.len()),
+    };
+    emit(&text)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn all_failed(queue: &Queue) -> Result<Vec<TaskId>, CliError> {
+    let mut ids = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = queue.list(
+            &ListFilter::new()
+                .status(Status::Failed)
+                .limit(1000)
+                .cursor(cursor),
+        )?;
+        ids.extend(page.tasks.iter().map(|t| t.id));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => return Ok(ids),
+        }
+    }
+}
+
+/// `omniq cancel ID`.
+pub fn cancel(queue: &Queue, json: bool, id: TaskId) -> Result<ExitCode, CliError> {
+    get(queue, id)?;
+    let t = queue.cancel(id)?;
+    if json {
+        emit_json(&task_json(&t))?;
+    } else {
+        emit(&format!("task {} cancelled\n", t.id))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `omniq purge --older-than DURATION`.
+pub fn purge(queue: &Queue, json: bool, given: &str, age: Duration) -> Result<ExitCode, CliError> {
+    let report = queue.purge(age)?;
+    if json {
+        emit_json(&json!({
+            "tasks_removed": report.tasks_removed,
+            "older_than": given,
+            "older_than_ms": u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+        }))?;
+    } else {
+        emit(&format!(
+            "purged {} finished task(s) that finished more than {} ago\n",
+            report.tasks_removed,
+            humantime::format_duration(age)
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `omniq check`: exit status 1 when a problem is found.
+pub fn check(queue: &Queue, json: bool) -> Result<ExitCode, CliError> {
+    let report = queue.check_consistency()?;
+    let ok = report.is_consistent();
+    if json {
+        emit_json(&json!({
+            "consistent": ok,
+            "tasks": report.tasks,
+            "log_entries": report.log_entries,
+            "problems": report.problems,
+        }))?;
+    } else {
+        let mut text = format!(
+            "checked {} task(s) and {} log entr{}\n",
+            report.tasks,
+            report.log_entries,
+            if report.log_entries == 1 { "y" } else { "ies" }
+        );
+        if ok {
+            text.push_str("consistent: every record, index, counter and log entry agrees\n");
+        } else {
+            for p in &report.problems {
+                text.push_str(&format!("problem: {p}\n"));
+            }
+        }
+        emit(&text)?;
+    }
+    if ok {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "error: {} consistency problem(s) found in {}",
+            report.problems.len(),
+            queue.path().display()
+        );
+        Ok(ExitCode::from(1))
+    }
+}
+
+/// `omniq bench`: runs in a temporary directory.
+pub fn bench(json: bool, a: &BenchArgs) -> Result<ExitCode, CliError> {
+    let opts = BenchOptions {
+        tasks: usize::try_from(a.tasks).unwrap_or(usize::MAX),
+        workers: usize::try_from(a.workers).unwrap_or(usize::MAX),
+        durability: a.durability.into(),
+    };
+    let mut progress = |line: &str| {
+        if !json {
+            eprintln!("{line}");
+        }
+    };
+    let report = omniq::bench::run(&opts, &mut progress)?;
+    if json {
+        let v = serde_json::to_value(&report)
+            .map_err(|e| CliError::Runtime(format!("cannot encode the bench report: {e}")))?;
+        emit_json(&v)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    emit(&bench_table(&report))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_table(r: &BenchReport) -> String {
+    let rate = |x: f64| format!("{} tasks/s", thousands(x.round() as u64));
+    let mut t = Table::new(&["MEASURE", "VALUE"]).right(&[1]);
+    t.row([
+        "durable enqueue (one producer)".to_string(),
+        rate(r.enqueue_per_s),
+    ]);
+    t.row([
+        "enqueue_many (batches of 1,000)".to_string(),
+        rate(r.enqueue_many_per_s),
+    ]);
+    t.row(["full lifecycle".to_string(), rate(r.lifecycle_per_s)]);
+    t.row([
+        "enqueue-to-start p50".to_string(),
+        format!("{:.2} ms", r.latency_p50_ms),
+    ]);
+    t.row([
+        "enqueue-to-start p99".to_string(),
+        format!("{:.2} ms", r.latency_p99_ms),
+    ]);
+    t.row([
+        "disk per task".to_string(),
+        format!("{} bytes", thousands(r.disk_bytes_per_task.round() as u64)),
+    ]);
+    format!(
+        "omniq bench: {} tasks per phase, {} workers, durability {}\n\n{}",
+        r.tasks,
+        r.workers,
+        r.durability,
+        t.render()
+    )
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(super::thousands(0), "0");
+        assert_eq!(super::thousands(999), "999");
+        assert_eq!(super::thousands(1000), "1,000");
+        assert_eq!(super::thousands(1234567), "1,234,567");
+    }
+}

@@ -1,0 +1,745 @@
+//! The `omniq` binary, run for real on real temporary directories: every command's happy path
+//! (human and `--json`), every bad input (clear one-line error, non-zero exit, stored data
+//! unchanged), and the demo killed mid-run and resumed with nothing lost.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use omniq::{Cause, EnqueueOptions, ListFilter, Queue, Stats, Status, TaskError, TaskId, TaskInfo};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_omniq");
+
+/// Runs `omniq --data DIR ARGS...`.
+fn omniq(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--data")
+        .arg(dir)
+        .args(args)
+        .env_remove("OMNIQ_DEMO_WORK_MS")
+        .output()
+        .expect("run omniq")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs a command that must succeed and returns its stdout.
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let o = omniq(dir, args);
+    assert!(
+        o.status.success(),
+        "omniq {args:?} failed ({:?}):\n{}{}",
+        o.status,
+        stdout(&o),
+        stderr(&o)
+    );
+    stdout(&o)
+}
+
+/// Runs a `--json` command that must succeed and parses its stdout as one JSON document.
+fn ok_json(dir: &Path, args: &[&str]) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let out = ok(dir, &a);
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("omniq {a:?} printed invalid JSON ({e}):\n{out}"))
+}
+
+/// Runs a command that must fail with `code`, print nothing on stdout and one `error:` line
+/// (containing `needle`) on stderr. Returns stderr.
+fn fails(dir: &Path, args: &[&str], code: i32, needle: &str) -> String {
+    let o = omniq(dir, args);
+    let err = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "omniq {args:?}: wrong exit status; stderr:\n{err}"
+    );
+    assert!(
+        o.stdout.is_empty(),
+        "omniq {args:?} wrote to stdout on error:\n{}",
+        stdout(&o)
+    );
+    assert!(
+        err.starts_with("error: "),
+        "omniq {args:?}: stderr does not start with `error:`:\n{err}"
+    );
+    assert!(
+        err.contains(needle),
+        "omniq {args:?}: stderr lacks {needle:?}:\n{err}"
+    );
+    err
+}
+
+/// Like [`fails`], and the error is exactly one line.
+fn fails_one_line(dir: &Path, args: &[&str], code: i32, needle: &str) -> String {
+    let err = fails(dir, args, code, needle);
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "omniq {args:?}: error is not one line:\n{err}"
+    );
+    err
+}
+
+/// Known tasks in a fixture directory.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    completed: Vec<TaskId>,
+    /// Two on queue "emails" (transient error, no retries left), one permanent.
+    failed: Vec<TaskId>,
+    scheduled: TaskId,
+    cancelled: TaskId,
+}
+
+const UNKNOWN_ID: &str = "01a20000-0000-7000-8000-000000000000";
+
+/// 8 tasks: 3 COMPLETED, 3 FAILED, 1 PENDING (scheduled in an hour), 1 CANCELLED, on queues
+/// "default" and "emails". The queue is closed before the binary runs.
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("q");
+    let q = Queue::open(&dir).unwrap();
+    q.register_fn("resize", |v, _| Ok(json!({ "ok": v["n"] })));
+    q.register_fn("email", |_, _| {
+        Err(TaskError::transient("smtp", "relay unreachable"))
+    });
+    q.register_fn("charge", |_, _| {
+        Err(TaskError::permanent("card_declined", "declined"))
+    });
+    let completed: Vec<TaskId> = (0..3)
+        .map(|n| {
+            q.enqueue_json("resize", &json!({ "n": n }), EnqueueOptions::new())
+                .unwrap()
+        })
+        .collect();
+    let mut failed: Vec<TaskId> = (0..2)
+        .map(|n| {
+            q.enqueue_json(
+                "email",
+                &json!({ "to": format!("user{n}@example.com") }),
+                EnqueueOptions::new().queue("emails").max_retries(0),
+            )
+            .unwrap()
+        })
+        .collect();
+    failed.push(
+        q.enqueue_json("charge", &json!({ "cents": 999 }), EnqueueOptions::new())
+            .unwrap(),
+    );
+    let later = EnqueueOptions::new().delay(Duration::from_secs(3600));
+    let scheduled = q
+        .enqueue_json("report", &json!({}), later.clone().priority(-5))
+        .unwrap();
+    let cancelled = q
+        .enqueue_json("resize", &json!({ "n": 99 }), later)
+        .unwrap();
+    q.cancel(cancelled).unwrap();
+    let report = omniq::testing::run_due(&q).unwrap();
+    assert_eq!(report.executions, 6);
+    drop(q);
+    Fixture {
+        _tmp: tmp,
+        dir,
+        completed,
+        failed,
+        scheduled,
+        cancelled,
+    }
+}
+
+/// Everything stored that an operator can see: every task record (with its history) and stats.
+fn snapshot_of(q: &Queue) -> (Vec<(TaskInfo, usize)>, Stats) {
+    let page = q.list(&ListFilter::new().limit(10_000)).unwrap();
+    assert!(page.next_cursor.is_none());
+    let tasks = page.tasks.into_iter().map(|t| {
+        let h = q.history(t.id).unwrap().len();
+        (t, h)
+    });
+    (tasks.collect(), q.stats().unwrap())
+}
+
+fn snapshot(dir: &Path) -> (Vec<(TaskInfo, usize)>, Stats) {
+    snapshot_of(&Queue::open(dir).unwrap())
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn s(id: TaskId) -> String {
+    id.to_string()
+}
+
+fn is_rfc3339(v: &Value) -> bool {
+    v.as_str()
+        .is_some_and(|t| humantime::parse_rfc3339(t).is_ok())
+}
+
+#[test]
+fn stats_and_list_show_the_stored_tasks() {
+    let f = fixture();
+    let d = f.dir.as_path();
+
+    let st = ok_json(d, &["stats"]);
+    assert_eq!(st["total"], 8);
+    assert_eq!(
+        st["by_status"],
+        json!({"PENDING": 1, "RUNNING": 0, "COMPLETED": 3, "FAILED": 3, "CANCELLED": 1})
+    );
+    assert_eq!(st["by_queue"]["emails"]["FAILED"], 2);
+    assert_eq!(st["by_queue"]["default"]["COMPLETED"], 3);
+    let human = ok(d, &["stats"]);
+    assert!(human.contains("8 task(s)"), "{human}");
+    let header = human
+        .lines()
+        .find(|l| l.starts_with("QUEUE"))
+        .expect("table header");
+    for col in [
+        "PENDING",
+        "RUNNING",
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TOTAL",
+    ] {
+        assert!(header.contains(col), "{header}");
+    }
+    let emails = human
+        .lines()
+        .find(|l| l.starts_with("emails"))
+        .expect("emails row");
+    let cells: Vec<&str> = emails.split_whitespace().collect();
+    assert_eq!(cells, ["emails", "0", "0", "0", "2", "0", "2"]);
+
+    let all = ok_json(d, &["list"]);
+    let listed: HashSet<String> = ids(&all).into_iter().collect();
+    let expected: HashSet<String> = f
+        .completed
+        .iter()
+        .chain(&f.failed)
+        .chain([&f.scheduled, &f.cancelled])
+        .map(|i| s(*i))
+        .collect();
+    assert_eq!(listed, expected);
+    assert!(all["next_cursor"].is_null());
+    for t in all["tasks"].as_array().unwrap() {
+        for key in [
+            "id",
+            "kind",
+            "queue",
+            "status",
+            "attempts",
+            "max_retries",
+            "priority",
+            "payload",
+            "result",
+            "last_error",
+            "errors",
+        ] {
+            assert!(t.get(key).is_some(), "task lacks {key}: {t}");
+        }
+        assert!(
+            is_rfc3339(&t["created_at"]) && is_rfc3339(&t["next_run_at"]),
+            "{t}"
+        );
+    }
+
+    let failed = ok_json(d, &["list", "--status", "failed"]);
+    let mut got = ids(&failed);
+    got.sort();
+    let mut want: Vec<String> = f.failed.iter().map(|i| s(*i)).collect();
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(ids(&ok_json(d, &["list", "--queue", "emails"])).len(), 2);
+    assert_eq!(ids(&ok_json(d, &["list", "--kind", "resize"])).len(), 4);
+    assert_eq!(
+        ids(&ok_json(
+            d,
+            &["list", "--kind", "resize", "--status", "CANCELLED"]
+        )),
+        [s(f.cancelled)]
+    );
+
+    // Pages of 3 cover every task exactly once.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..10 {
+        let mut args = vec!["list", "--limit", "3"];
+        if let Some(c) = &cursor {
+            args.extend(["--cursor", c.as_str()]);
+        }
+        let page = ok_json(d, &args);
+        assert!(ids(&page).len() <= 3);
+        seen.extend(ids(&page));
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 8);
+    assert_eq!(seen.iter().cloned().collect::<HashSet<_>>(), expected);
+
+    let human = ok(d, &["list", "--status", "failed"]);
+    assert!(human.lines().next().unwrap().starts_with("ID "), "{human}");
+    for id in &f.failed {
+        let row = human
+            .lines()
+            .find(|l| l.starts_with(&s(*id)))
+            .expect("row per failed task");
+        assert!(row.contains("FAILED"), "{row}");
+    }
+    assert!(human.contains("smtp: relay unreachable"), "{human}");
+    let paged = ok(d, &["list", "--limit", "2"]);
+    assert!(paged.contains("more with --cursor"), "{paged}");
+    assert_eq!(
+        ok(d, &["list", "--status", "running"]).trim(),
+        "no tasks match"
+    );
+}
+
+#[test]
+fn show_prints_fields_errors_and_history() {
+    let f = fixture();
+    let d = f.dir.as_path();
+
+    let t = ok_json(d, &["show", &s(f.failed[0])]);
+    assert_eq!(t["id"], s(f.failed[0]));
+    assert_eq!(t["kind"], "email");
+    assert_eq!(t["queue"], "emails");
+    assert_eq!(t["status"], "FAILED");
+    assert_eq!(t["attempts"], 1);
+    assert_eq!(t["max_retries"], 0);
+    assert_eq!(t["payload"], json!({"to": "user0@example.com"}));
+    assert!(t["result"].is_null());
+    assert_eq!(t["errors"].as_array().unwrap().len(), 1);
+    assert_eq!(t["errors"][0]["error_type"], "smtp");
+    assert_eq!(t["errors"][0]["permanent"], false);
+    assert_eq!(t["errors"][0]["retry_count"], 0);
+    assert!(is_rfc3339(&t["errors"][0]["timestamp"]) && is_rfc3339(&t["finished_at"]));
+    assert_eq!(t["last_error"]["message"], "relay unreachable");
+    let to: Vec<&str> = t["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(to, ["PENDING", "RUNNING", "FAILED"]);
+    assert_eq!(t["history"][2]["cause"], "failed (smtp)");
+    assert_eq!(t["history"][2]["from"], "RUNNING");
+
+    let done = ok_json(d, &["show", &s(f.completed[2])]);
+    assert_eq!(done["status"], "COMPLETED");
+    assert_eq!(done["result"], json!({"ok": 2}));
+    assert!(done["last_error"].is_null());
+
+    let human = ok(d, &["show", &s(f.failed[2])]);
+    for needle in [
+        "charge",
+        "FAILED",
+        "card_declined (permanent): declined",
+        "errors (1, oldest first)",
+        "history (3 transition(s))",
+        "claimed",
+    ] {
+        assert!(human.contains(needle), "lacks {needle:?}:\n{human}");
+    }
+}
+
+#[test]
+fn retry_and_cancel_change_exactly_the_named_tasks() {
+    let f = fixture();
+    let d = f.dir.as_path();
+    let (before, _) = snapshot(d);
+
+    let out = ok(d, &["retry", &s(f.failed[2])]);
+    assert!(out.contains("re-queued"), "{out}");
+    let r = ok_json(d, &["retry", "--all-failed"]);
+    assert_eq!(r["retried"], 2);
+    assert_eq!(r["tasks"].as_array().unwrap().len(), 2);
+    assert!(r["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["status"] == "PENDING"));
+    let c = ok_json(d, &["cancel", &s(f.scheduled)]);
+    assert_eq!(c["status"], "CANCELLED");
+
+    let (after, stats) = snapshot(d);
+    assert_eq!(stats.count(Status::Failed), 0);
+    assert_eq!(stats.count(Status::Pending), 3);
+    assert_eq!(stats.count(Status::Cancelled), 2);
+    for (t, _) in &after {
+        let old = &before.iter().find(|(b, _)| b.id == t.id).unwrap().0;
+        if f.failed.contains(&t.id) {
+            assert_eq!(
+                (t.status, t.attempts),
+                (Status::Pending, 0),
+                "retried with a fresh budget"
+            );
+            assert_eq!(t.errors, old.errors, "error history kept");
+        } else if t.id == f.scheduled {
+            assert_eq!(t.status, Status::Cancelled);
+        } else {
+            assert_eq!(t, old, "untouched task changed");
+        }
+    }
+    let q = Queue::open(d).unwrap();
+    assert_eq!(
+        q.history(f.failed[0]).unwrap().last().unwrap().cause,
+        Cause::ManualRetry
+    );
+    assert!(q.check_consistency().unwrap().is_consistent());
+}
+
+#[test]
+fn purge_removes_only_old_finished_tasks() {
+    let f = fixture();
+    let d = f.dir.as_path();
+    let before = snapshot(d);
+    let r = ok_json(d, &["purge", "--older-than", "7d"]);
+    assert_eq!(r["tasks_removed"], 0);
+    assert_eq!(r["older_than"], "7d");
+    assert_eq!(snapshot(d), before);
+
+    let out = ok(d, &["purge", "--older-than", "1ms"]);
+    assert!(out.contains("purged 7 finished task(s)"), "{out}");
+    let (after, stats) = snapshot(d);
+    assert_eq!(stats.total, 1);
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].0.id, f.scheduled);
+    assert_eq!(ok_json(d, &["check"])["consistent"], true);
+}
+
+#[test]
+fn check_passes_on_a_good_store_and_fails_on_a_corrupt_record() {
+    let f = fixture();
+    let d = f.dir.as_path();
+    let c = ok_json(d, &["check"]);
+    assert_eq!(c["consistent"], true);
+    assert_eq!(c["tasks"], 8);
+    assert_eq!(c["problems"], json!([]));
+    // 8 enqueues, 6 claims, 6 outcomes, 1 cancel.
+    assert_eq!(c["log_entries"], 21);
+    assert!(ok(d, &["check"]).contains("consistent"));
+
+    // Overwrite one task record with bytes that do not decode.
+    {
+        let db = sled::open(d).unwrap();
+        db.insert(omniq::keys::task(f.completed[0]), &b"\x01\x00garbage"[..])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let o = omniq(d, &["--json", "check"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let report: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["consistent"], false);
+    assert!(!report["problems"].as_array().unwrap().is_empty());
+    assert!(stderr(&o).starts_with("error: "), "{}", stderr(&o));
+    let o = omniq(d, &["check"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("problem: "), "{}", stdout(&o));
+    // The corrupt record is named; the others still show.
+    fails_one_line(d, &["show", &s(f.completed[0])], 1, "corrupt");
+    ok_json(d, &["show", &s(f.completed[1])]);
+}
+
+#[test]
+fn bench_json_reports_positive_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = ok_json(tmp.path(), &["bench", "--tasks", "200", "--workers", "2"]);
+    for key in [
+        "enqueue_per_s",
+        "enqueue_many_per_s",
+        "lifecycle_per_s",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "disk_bytes_per_task",
+    ] {
+        let x = v[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} missing or not a number: {v}"));
+        assert!(x > 0.0 && x.is_finite(), "{key} = {x}");
+    }
+    assert!(v["latency_p99_ms"].as_f64() >= v["latency_p50_ms"].as_f64());
+    assert_eq!(v["tasks"], 200);
+    assert_eq!(v["durability"], "group");
+    // bench runs in its own temporary directory: --data is left alone.
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn bad_inputs_fail_with_one_line_and_change_nothing() {
+    let f = fixture();
+    let d = f.dir.as_path();
+    let before = snapshot(d);
+    let done = s(f.completed[0]);
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["show", "nope"], 2, "\"nope\" is not a task id"),
+        (&["cancel", "12345"], 2, "is not a task id"),
+        (&["retry", "xyz"], 2, "is not a task id"),
+        (&["list", "--cursor", "xyz"], 2, "is not a task id"),
+        (&["show", UNKNOWN_ID], 1, "not found"),
+        (&["retry", UNKNOWN_ID], 1, "not found"),
+        (&["cancel", UNKNOWN_ID], 1, "not found"),
+        (&["cancel", &done], 1, "cannot cancel"),
+        (&["retry", &done], 1, "cannot retry"),
+        (&["list", "--status", "done"], 2, "\"done\" is not a status"),
+        (
+            &["purge", "--older-than", "7x"],
+            2,
+            "\"7x\" is not a duration",
+        ),
+        (&["purge", "--older-than", "soon"], 2, "is not a duration"),
+        (&["--json", "show", UNKNOWN_ID], 1, "not found"),
+    ];
+    for (args, code, needle) in cases {
+        fails_one_line(d, args, *code, needle);
+    }
+    // Usage errors caught by clap itself: status 2, an `error:` first line.
+    fails(d, &["retry"], 2, "required");
+    fails(d, &["list", "--limit", "0"], 2, "--limit");
+    fails(d, &["bench", "--durability", "fast"], 2, "fast");
+    fails(d, &["frobnicate"], 2, "frobnicate");
+    assert_eq!(snapshot(d), before, "a failed command changed stored data");
+}
+
+#[test]
+fn a_missing_directory_is_reported_and_not_created() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nothing-here");
+    let commands: &[&[&str]] = &[
+        &["stats"],
+        &["list"],
+        &["show", UNKNOWN_ID],
+        &["retry", "--all-failed"],
+        &["cancel", UNKNOWN_ID],
+        &["purge", "--older-than", "1d"],
+        &["check"],
+        &["--json", "stats"],
+    ];
+    for args in commands {
+        let err = fails_one_line(&missing, args, 1, "no queue at");
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+        assert!(err.contains("does not exist"), "{err}");
+        assert!(!missing.exists(), "omniq {args:?} created the directory");
+    }
+    // An existing directory that holds no queue is left empty.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails_one_line(&empty, &["stats"], 1, "holds no omniq queue");
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
+}
+
+#[test]
+fn a_locked_directory_is_reported_plainly() {
+    let f = fixture();
+    let d = f.dir.as_path();
+    let held = Queue::open(d).unwrap();
+    let before = snapshot_of(&held);
+    let id = s(f.scheduled);
+    let commands: &[&[&str]] = &[
+        &["stats"],
+        &["list"],
+        &["show", &id],
+        &["retry", "--all-failed"],
+        &["cancel", &id],
+        &["purge", "--older-than", "1ms"],
+        &["check"],
+        &["--json", "list"],
+        &["demo", "--tasks", "5"],
+    ];
+    let shown = std::path::absolute(d).unwrap().display().to_string();
+    for args in commands {
+        let err = fails_one_line(d, args, 1, "is in use by another process");
+        assert!(err.contains(&shown), "names the directory: {err}");
+        assert!(err.contains("stop that process"), "says what to do: {err}");
+    }
+    assert_eq!(snapshot_of(&held), before);
+}
+
+fn demo_json(dir: &Path, extra: &[&str]) -> Value {
+    let mut args = vec!["demo", "--workers", "4"];
+    args.extend_from_slice(extra);
+    ok_json(dir, &args)
+}
+
+fn assert_all_terminal(summary: &Value, tasks: u64) {
+    assert_eq!(summary["tasks"], tasks, "{summary}");
+    assert_eq!(summary["expected_tasks"], tasks, "{summary}");
+    let by = &summary["by_status"];
+    assert_eq!(by["tasks"], tasks);
+    assert_eq!(
+        (by["PENDING"].as_u64(), by["RUNNING"].as_u64()),
+        (Some(0), Some(0)),
+        "{summary}"
+    );
+    let terminal = by["COMPLETED"].as_u64().unwrap()
+        + by["FAILED"].as_u64().unwrap()
+        + by["CANCELLED"].as_u64().unwrap();
+    assert_eq!(terminal, tasks);
+}
+
+#[test]
+fn demo_runs_a_mixed_workload_then_a_fresh_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("demo");
+    let first = demo_json(&d, &["--tasks", "20", "--work-ms", "5"]);
+    assert_eq!(first["resumed"], false);
+    assert_all_terminal(&first, 20);
+    assert_eq!(first["recovery"]["recovered"], 0);
+    // 20 tasks: 11 resizes + 1 nightly report complete; 4 flaky emails recover through retries;
+    // 2 charges fail permanently; 2 syncs spend their 3 executions.
+    assert_eq!(first["by_status"]["COMPLETED"], 16);
+    assert_eq!(first["by_status"]["FAILED"], 4);
+    let emails = &first["by_kind"]["demo.send_email"];
+    assert_eq!(
+        (emails["COMPLETED"].as_u64(), emails["retries"].as_u64()),
+        (Some(4), Some(6))
+    );
+    assert_eq!(first["by_kind"]["demo.sync_inventory"]["retries"], 4);
+    assert_eq!(first["by_kind"]["demo.charge_card"]["retries"], 0);
+    assert_eq!(first["by_kind"]["demo.nightly_report"]["COMPLETED"], 1);
+    assert_eq!(first["retries_used"], 10);
+
+    // Finished workload: the next run enqueues a fresh one.
+    let human = ok(&d, &["demo", "--tasks", "10", "--work-ms", "5"]);
+    assert!(
+        human.contains("Enqueued a fresh demo workload of 10 tasks"),
+        "{human}"
+    );
+    assert!(human.contains("workers started"), "{human}");
+    assert!(human.contains("all finished"), "{human}");
+    let total = human
+        .lines()
+        .find(|l| l.starts_with("total "))
+        .expect("total row");
+    assert_eq!(total.split_whitespace().nth(1), Some("10"), "{total}");
+    assert!(human.contains("recovered at this open"), "{human}");
+
+    let st = ok_json(&d, &["stats"]);
+    assert_eq!(st["by_queue"]["demo"]["PENDING"], 0);
+    assert_eq!(st["total"], 30);
+    assert_eq!(ok_json(&d, &["check"])["consistent"], true);
+}
+
+/// Starts a slow demo, waits for "workers started", lets the first claims commit, kills it.
+fn start_and_kill(dir: &Path, tasks: &str) {
+    let mut child = Command::new(BIN)
+        .arg("--data")
+        .arg(dir)
+        .args([
+            "demo",
+            "--tasks",
+            tasks,
+            "--workers",
+            "4",
+            "--work-ms",
+            "3000",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines
+            .next()
+            .expect("demo ended before starting its workers")
+            .unwrap();
+        if line.starts_with("workers started") {
+            break;
+        }
+    }
+    // Handlers take 1.5-4.5 s: whatever was claimed in this window is still running.
+    std::thread::sleep(Duration::from_millis(500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// Every task of the demo directory is terminal, and its log counts exactly its attempts.
+fn assert_nothing_lost(dir: &Path, tasks: usize) {
+    let q = Queue::open(dir).unwrap();
+    assert_eq!(q.recovery_report().recovered, 0);
+    let (all, stats) = snapshot_of(&q);
+    assert_eq!(all.len(), tasks);
+    assert_eq!(stats.total, tasks as u64);
+    for (t, _) in &all {
+        assert!(t.status.is_terminal(), "{t:?}");
+        let claims = q
+            .history(t.id)
+            .unwrap()
+            .iter()
+            .filter(|e| e.cause == Cause::Claimed)
+            .count();
+        assert_eq!(
+            claims, t.attempts as usize,
+            "every execution counted: {t:?}"
+        );
+    }
+    assert!(q.check_consistency().unwrap().is_consistent());
+}
+
+#[test]
+fn demo_killed_mid_run_resumes_with_nothing_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("demo");
+    start_and_kill(&d, "20");
+    let second = demo_json(&d, &["--work-ms", "5"]);
+    assert_eq!(second["resumed"], true, "{second}");
+    assert_all_terminal(&second, 20);
+    let rec = &second["recovery"];
+    let recovered = rec["recovered"].as_u64().unwrap();
+    assert!(recovered > 0, "the kill caught running tasks: {second}");
+    assert_eq!(
+        rec["requeued"].as_u64().unwrap() + rec["failed"].as_u64().unwrap(),
+        recovered
+    );
+    assert_eq!(second["crash_recovered_tasks"], recovered);
+    assert_nothing_lost(&d, 20);
+}
+
+#[test]
+fn demo_resumed_after_a_kill_says_so_in_its_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("demo");
+    start_and_kill(&d, "12");
+    let out = ok(&d, &["demo", "--work-ms", "5"]);
+    assert!(
+        out.contains("Resuming the unfinished demo workload"),
+        "{out}"
+    );
+    assert!(out.contains("Crash recovery at open:"), "{out}");
+    assert!(out.contains("(resumed)"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("recovered at this open"))
+        .expect("recovery row");
+    let n: u64 = row.split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert!(n > 0, "{row}");
+    let crashed = out
+        .lines()
+        .find(|l| l.starts_with("crash-recovered tasks"))
+        .expect("crash row");
+    assert_eq!(
+        crashed.split_whitespace().nth(2),
+        Some(n.to_string().as_str()),
+        "{crashed}"
+    );
+    assert_nothing_lost(&d, 12);
+}
