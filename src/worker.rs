@@ -98,7 +98,7 @@ impl WorkerPoolBuilder {
         }));
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
-        let (done_tx, done_rx) = crossbeam_channel::unbounded::<TaskId>();
+        let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
         let cancel_all = Arc::new(AtomicBool::new(false));
         let mut d = Dispatcher {
             queue: self.queue.clone(),
@@ -115,6 +115,7 @@ impl WorkerPoolBuilder {
             running: HashMap::new(),
             skip: HashSet::new(),
             threads: Vec::new(),
+            outbox: Vec::new(),
         };
         for _ in 0..self.concurrency {
             d.spawn_worker()?;
@@ -171,6 +172,14 @@ struct Job {
     ctx: Arc<TaskContext>,
 }
 
+/// A worker's handler returned in time: its slot is free, and `finish` (a `Command::Finish`
+/// whose reply goes straight to the worker) is for the dispatcher to commit together with its
+/// next claim.
+struct Done {
+    id: TaskId,
+    finish: Command,
+}
+
 struct Running {
     lease: u64,
     deadline: Option<Timestamp>,
@@ -184,8 +193,8 @@ struct Dispatcher {
     grace: Duration,
     job_tx: Option<Sender<Job>>,
     job_rx: Receiver<Job>,
-    done_tx: Sender<TaskId>,
-    done_rx: Receiver<TaskId>,
+    done_tx: Sender<Done>,
+    done_rx: Receiver<Done>,
     wake: Receiver<()>,
     stop_rx: Receiver<()>,
     cancel_all: Arc<AtomicBool>,
@@ -194,6 +203,9 @@ struct Dispatcher {
     /// Tasks whose records do not decode: never claimable, reported once.
     skip: HashSet<TaskId>,
     threads: Vec<JoinHandle<()>>,
+    /// Workers' outcomes not yet sent to the writer: they ride with the next claim (one group
+    /// commit for both) and are flushed on their own before the dispatcher blocks.
+    outbox: Vec<Command>,
 }
 
 impl Dispatcher {
@@ -213,11 +225,17 @@ impl Dispatcher {
     fn run(mut self) -> StopReport {
         let mut stopping: Option<Instant> = None;
         loop {
+            // `select!` picks among ready channels at random; a pending stop must win over a
+            // worker's completion, or stop() could be followed by one more claim.
+            if stopping.is_none() && self.stop_rx.try_recv().is_ok() {
+                stopping = Some(Instant::now());
+            }
             if stopping.is_none() {
                 if let Err(e) = self.claim_while_free() {
                     tracing::error!(error = %e, "claiming failed; retrying when woken");
                 }
             }
+            self.flush_outbox();
             self.expire_deadlines();
             if let Some(since) = stopping {
                 if self.running.is_empty() {
@@ -230,13 +248,13 @@ impl Dispatcher {
             }
             let timeout = self.sleep_for(stopping);
             select! {
-                recv(self.done_rx) -> id => {
-                    if let Ok(id) = id {
-                        self.finished(id);
+                recv(self.done_rx) -> done => {
+                    if let Ok(done) = done {
+                        self.finished(done);
                     }
                     // Take every other completion too, so the next claim is one batch.
-                    while let Ok(id) = self.done_rx.try_recv() {
-                        self.finished(id);
+                    while let Ok(done) = self.done_rx.try_recv() {
+                        self.finished(done);
                     }
                 }
                 recv(self.wake) -> _ => {}
@@ -260,9 +278,21 @@ impl Dispatcher {
         StopReport { abandoned }
     }
 
-    fn finished(&mut self, id: TaskId) {
-        if self.running.remove(&id).is_some() {
+    fn finished(&mut self, done: Done) {
+        if self.running.remove(&done.id).is_some() {
             self.free += 1;
+        }
+        self.outbox.push(done.finish);
+    }
+
+    /// Sends outcomes that no claim took along. Their replies go to the workers.
+    fn flush_outbox(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let commands = std::mem::take(&mut self.outbox);
+        if let Err(e) = self.queue.inner.tx().and_then(|tx| tx.send(Command::Many(commands)).map_err(|_| Error::Closed)) {
+            tracing::error!(error = %e, "could not send outcomes to the writer; their workers record them directly");
         }
     }
 
@@ -304,10 +334,15 @@ impl Dispatcher {
                 return Ok(());
             }
             let ids: Vec<TaskId> = scan.ready.iter().map(|d| d.id).collect();
-            let claimed = commit::call(self.queue.inner.tx()?, |reply| Command::Claim {
-                ids: ids.clone(),
-                now,
-                reply,
+            // Workers' outcomes go in the same group as this claim: one commit for both.
+            let mut commands = std::mem::take(&mut self.outbox);
+            let claimed = commit::call(self.queue.inner.tx()?, |reply| {
+                commands.push(Command::Claim {
+                    ids: ids.clone(),
+                    now,
+                    reply,
+                });
+                Command::Many(commands)
             })?;
             if claimed.is_empty() {
                 // Nothing claimable: find records that do not decode so we stop picking them.
@@ -383,7 +418,7 @@ impl Dispatcher {
     }
 }
 
-fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<TaskId>) {
+fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<Done>) {
     for job in jobs {
         let outcome = handler::execute(&queue.inner.registry, &job.task, &job.ctx);
         let in_time = job
@@ -392,10 +427,27 @@ fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<TaskId>) {
             .compare_exchange(EXEC_RUNNING, EXEC_DONE, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         let id = job.task.id;
-        let result = queue
-            .inner
-            .tx()
-            .and_then(|tx| commit::call(tx, |reply| Command::Finish { id, lease: job.task.lease, outcome, reply }));
+        let lease = job.task.lease;
+        let direct = |outcome: Outcome| {
+            queue
+                .inner
+                .tx()
+                .and_then(|tx| commit::call(tx, |reply| Command::Finish { id, lease, outcome, reply }))
+        };
+        let result = if in_time {
+            // Hand the outcome to the dispatcher, which commits it in the same group as its next
+            // claim, and wait until it is durable. Should the dispatcher exit without sending it
+            // (stop() gave up on this execution), the reply channel closes unanswered and the
+            // outcome is committed directly; lease fencing makes a repeat harmless.
+            let (reply, reply_rx) = crossbeam_channel::bounded(1);
+            let finish = Command::Finish { id, lease, outcome: outcome.clone(), reply };
+            match done.send(Done { id, finish }).ok().and_then(|()| reply_rx.recv().ok()) {
+                Some(r) => r,
+                None => direct(outcome),
+            }
+        } else {
+            direct(outcome)
+        };
         match result {
             Ok(Finished::Applied(_)) => {}
             Ok(Finished::Stale) => tracing::info!(task = %id, attempt = job.task.attempts, "late result of a closed attempt rejected"),
@@ -405,6 +457,5 @@ fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<TaskId>) {
             // A replacement thread took our place when this execution timed out.
             return;
         }
-        let _ = done.send(id);
     }
 }
