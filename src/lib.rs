@@ -66,6 +66,8 @@ pub mod testing;
 mod worker;
 
 pub mod bench;
+#[doc(hidden)]
+pub mod fuzzing;
 
 pub use clock::{Clock, SystemClock};
 pub use error::{Error, Result};

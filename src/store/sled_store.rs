@@ -40,6 +40,38 @@ pub(crate) struct SledStore {
     last_seq: Mutex<u64>,
     run_id: u64,
     synced_blobs: Mutex<HashSet<OsString>>,
+    /// Must stay the last field: fields drop in declaration order, so this runs after `db`.
+    _lock_release: LockRelease,
+}
+
+/// Waits, when dropped, until sled's background threads have let go of the directory's file
+/// lock. sled 0.34.7 releases it only when its last internal reference goes, which can be a
+/// moment after the `Db` is dropped; without this, closing a queue and reopening it at once (or
+/// from the next process) could fail with a spurious `Error::Locked`.
+struct LockRelease {
+    db_file: PathBuf,
+}
+
+impl Drop for LockRelease {
+    fn drop(&mut self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let Ok(file) = File::open(&self.db_file) else { return };
+            match file.try_lock() {
+                Ok(()) => {
+                    let _ = file.unlock();
+                    return;
+                }
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => {
+                    tracing::warn!(file = %self.db_file.display(), error = %e, "sled still holds its lock after close");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 fn is_lock_error(e: &sled::Error) -> bool {
@@ -91,6 +123,7 @@ impl SledStore {
             last_seq: Mutex::new(0),
             run_id: 0,
             synced_blobs: Mutex::new(HashSet::new()),
+            _lock_release: LockRelease { db_file: dir.join("db") },
         };
         store.check_format(existed)?;
         if !existed {

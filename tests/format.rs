@@ -1,0 +1,716 @@
+//! Golden bytes pinning on-disk format version 1: value envelopes (task records, log entries,
+//! meta values) and every key layout in `src/keys.rs`. If one of these tests fails, the bytes
+//! omniq writes have changed: existing directories would no longer read. Do not update the
+//! golden bytes; add a new schema/format version with a conversion instead.
+//!
+//! Golden bytes are written as commented segments: hex (spaces ignored), optionally followed by
+//! `'text` for the UTF-8 bytes of a string (`"0a 'send_email"`: length 10, then the text). Values use
+//! bincode 2's standard config: little-endian varints (< 251: one byte; 251 = u16, 252 = u32,
+//! 253 = u64 follows), `i8` as one byte, `f64` as 8 LE bytes, `Option` as a 0/1 tag, enums as
+//! a varint variant index, byte strings and `String`s length-prefixed. Keys are big-endian.
+
+use std::time::Duration;
+
+use omniq::codec::{decode, encode, RecordKind};
+use omniq::testing::ManualClock;
+use omniq::{
+    keys, Backoff, Cause, EnqueueOptions, Error, LogEntry, Queue, Status, TaskError, TaskId,
+    TaskInfo, Timestamp, FORMAT_VERSION,
+};
+
+// sled 0.34 releases its file lock from its background I/O threads shortly *after* a `Db` (or
+// the last `Queue`) is dropped, so an immediate reopen in the same process can briefly find the
+// directory locked. These helpers retry that one error for a bounded time; nothing else.
+fn retry_while_locked<T, E: std::fmt::Debug>(
+    mut open: impl FnMut() -> Result<T, E>,
+    locked: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        match open() {
+            Err(e) if locked(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            other => return other,
+        }
+    }
+}
+
+/// `sled::open`, once sled's previous holder in this process has let go of the lock.
+fn raw_db(dir: &std::path::Path) -> sled::Db {
+    retry_while_locked(
+        || sled::open(dir),
+        |e| e.to_string().contains("could not acquire lock"),
+    )
+    .unwrap()
+}
+
+/// `QueueBuilder::open`, once a queue just closed in this process has let go of the lock.
+fn reopen(open: impl FnMut() -> omniq::Result<Queue>) -> omniq::Result<Queue> {
+    retry_while_locked(open, |e| matches!(e, Error::Locked { .. }))
+}
+
+/// The fixture task id, 018f3a2b-4c5d-7e6f-8a9b-0c1d2e3f4a5b, as hex.
+macro_rules! id_hex {
+    () => {
+        "018f3a2b4c5d7e6f8a9b0c1d2e3f4a5b"
+    };
+}
+const ID_HEX: &str = id_hex!();
+
+fn id() -> TaskId {
+    TaskId::from_bytes(golden(&[ID_HEX]).try_into().unwrap())
+}
+
+fn golden(parts: &[&str]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for part in parts {
+        let (hex_part, text) = part.split_once('\'').unwrap_or((part, ""));
+        let digits: String = hex_part.chars().filter(|c| !c.is_whitespace()).collect();
+        assert!(digits.len() % 2 == 0, "odd hex segment {part:?}");
+        for i in (0..digits.len()).step_by(2) {
+            out.push(
+                u8::from_str_radix(&digits[i..i + 2], 16)
+                    .unwrap_or_else(|_| panic!("bad hex {part:?}")),
+            );
+        }
+        out.extend_from_slice(text.as_bytes());
+    }
+    out
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Encoding `value` gives exactly the golden bytes, and the golden bytes decode to `value`.
+fn assert_golden<T>(what: &str, kind: RecordKind, value: &T, parts: &[&str])
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let expected = golden(parts);
+    let actual = encode(kind, value).unwrap();
+    assert_eq!(
+        hex(&actual),
+        hex(&expected),
+        "{what}: the encoding changed; format version 1 directories would no longer read"
+    );
+    let decoded: T = decode(kind, &expected, &|| what.to_string()).unwrap();
+    assert_eq!(
+        &decoded, value,
+        "{what}: the golden bytes decode to something else"
+    );
+}
+
+const T_CREATED: Timestamp = Timestamp(1_717_171_717_000); // 0x0000018fcf690388
+
+fn full_task() -> TaskInfo {
+    let network = TaskError {
+        error_type: "network".into(),
+        message: "connection reset".into(),
+        retry_count: 0,
+        timestamp: Timestamp(1_717_171_718_000),
+        permanent: false,
+    };
+    let timeout = TaskError {
+        error_type: "timeout".into(),
+        message: "attempt 2 exceeded 30s".into(),
+        retry_count: 1,
+        timestamp: Timestamp(1_717_171_750_500),
+        permanent: false,
+    };
+    TaskInfo {
+        id: id(),
+        kind: "send_email".into(),
+        queue: "emails".into(),
+        payload: br#"{"to":"ada@example.com"}"#.to_vec(),
+        status: Status::Completed,
+        attempts: 3,
+        max_retries: 5,
+        priority: -7,
+        created_at: T_CREATED,
+        next_run_at: Timestamp(1_717_171_752_750),
+        started_at: Some(Timestamp(1_717_171_752_800)),
+        finished_at: Some(Timestamp(1_717_171_753_000)),
+        timeout_ms: Some(30_000),
+        backoff: Some(Backoff {
+            base_ms: 250,
+            cap_ms: 10_000,
+            jitter: 0.5,
+        }),
+        result: Some(br#""sent""#.to_vec()),
+        last_error: Some(timeout.clone()),
+        errors: vec![network, timeout],
+        lease: 42,
+    }
+}
+
+#[test]
+fn format_version_is_one() {
+    assert_eq!(FORMAT_VERSION, 1);
+    assert_eq!(omniq::codec::SCHEMA_VERSION, 1);
+    assert_eq!(
+        [
+            RecordKind::Task as u8,
+            RecordKind::Log as u8,
+            RecordKind::Meta as u8
+        ],
+        [1, 2, 3]
+    );
+}
+
+#[test]
+fn full_task_record_v1() {
+    assert_golden(
+        "full task record",
+        RecordKind::Task,
+        &full_task(),
+        &[
+            "01 0001",                         // envelope: kind 1 (task), schema 1 (u16 BE)
+            concat!("10 ", id_hex!()),         // id: 16 bytes, length-prefixed
+            "0a 'send_email",                  // kind
+            "06 'emails",                      // queue
+            r#"18 '{"to":"ada@example.com"}"#, // payload (JSON bytes)
+            "02",                              // status: Completed (variant 2)
+            "03",                              // attempts
+            "05",                              // max_retries
+            "f9",                              // priority: -7 as one byte
+            "fd 880369cf8f010000",             // created_at (u64 varint)
+            "fd 2e8f69cf8f010000",             // next_run_at
+            "01 fd 608f69cf8f010000",          // started_at: Some
+            "01 fd 289069cf8f010000",          // finished_at: Some
+            "01 fb 3075",                      // timeout_ms: Some(30_000)
+            "01 fa fb1027 000000000000e03f",   // backoff: Some { 250, 10_000, 0.5 }
+            r#"01 06 '"sent""#,                // result: Some
+            "01",                              // last_error: Some
+            "07 'timeout",                     //   error_type
+            "16 'attempt 2 exceeded 30s",      //   message
+            "01 fd 648669cf8f010000 00",       //   retry_count, timestamp, permanent
+            "02",                              // errors: 2
+            "07 'network",                     //   [0]
+            "10 'connection reset",            //
+            "00 fd 700769cf8f010000 00",       //
+            "07 'timeout",                     //   [1]
+            "16 'attempt 2 exceeded 30s",      //
+            "01 fd 648669cf8f010000 00",       //
+            "2a",                              // lease
+        ],
+    );
+}
+
+#[test]
+fn minimal_task_record_v1() {
+    let t = TaskInfo {
+        id: id(),
+        kind: "k".into(),
+        queue: "default".into(),
+        payload: b"null".to_vec(),
+        status: Status::Pending,
+        attempts: 0,
+        max_retries: 3,
+        priority: 0,
+        created_at: Timestamp(0),
+        next_run_at: Timestamp(250),
+        started_at: None,
+        finished_at: None,
+        timeout_ms: None,
+        backoff: None,
+        result: None,
+        last_error: None,
+        errors: Vec::new(),
+        lease: 0,
+    };
+    assert_golden(
+        "minimal task record",
+        RecordKind::Task,
+        &t,
+        &[
+            "01 0001",
+            concat!("10 ", id_hex!()),
+            "01 'k",
+            "07 'default",
+            "04 'null",
+            "00",                // status: Pending (variant 0)
+            "00 03",             // attempts, max_retries
+            "00",                // priority
+            "00 fa",             // created_at 0, next_run_at 250 (largest one-byte varint)
+            "00 00 00 00 00 00", // started_at .. last_error: None
+            "00",                // errors: empty
+            "00",                // lease
+        ],
+    );
+}
+
+/// Exhaustive on purpose: a new `Cause` variant does not compile here until it gets a fixture.
+fn cause_variant(c: &Cause) -> usize {
+    match c {
+        Cause::Enqueued => 0,
+        Cause::Claimed => 1,
+        Cause::Succeeded => 2,
+        Cause::Failed { .. } => 3,
+        Cause::Cancelled => 4,
+        Cause::ManualRetry => 5,
+    }
+}
+
+#[test]
+fn log_entry_for_every_cause_v1() {
+    // Common tail of every entry: at (T_CREATED), run_id 300.
+    const TAIL: &str = "fd 880369cf8f010000 fb 2c01";
+    let entry = |seq, from, to, attempt, cause| LogEntry {
+        seq,
+        task_id: id(),
+        from,
+        to,
+        attempt,
+        cause,
+        at: T_CREATED,
+        run_id: 300,
+    };
+    use Status::*;
+    let cases: Vec<(LogEntry, Vec<&str>)> = vec![
+        (
+            entry(1, None, Pending, 0, Cause::Enqueued),
+            // seq 1, id, from None, to Pending (0), attempt 0, cause Enqueued (0)
+            vec!["02 0001", "01", "10", ID_HEX, "00", "00", "00", "00", TAIL],
+        ),
+        (
+            entry(2, Some(Pending), Running, 1, Cause::Claimed),
+            vec![
+                "02 0001", "02", "10", ID_HEX, "01 00", "01", "01", "01", TAIL,
+            ],
+        ),
+        (
+            entry(
+                3,
+                Some(Running),
+                Pending,
+                1,
+                Cause::Failed {
+                    error_type: "network".into(),
+                    permanent: false,
+                },
+            ),
+            vec![
+                "02 0001",
+                "03",
+                "10",
+                ID_HEX,
+                "01 01",
+                "00",
+                "01",
+                "03 07 'network",
+                "00",
+                TAIL,
+            ],
+        ),
+        (
+            // seq 70_000 needs the u32 varint form.
+            entry(70_000, Some(Running), Completed, 3, Cause::Succeeded),
+            vec![
+                "02 0001",
+                "fc 70110100",
+                "10",
+                ID_HEX,
+                "01 01",
+                "02",
+                "03",
+                "02",
+                TAIL,
+            ],
+        ),
+        (
+            entry(
+                9,
+                Some(Running),
+                Failed,
+                1,
+                Cause::Failed {
+                    error_type: "invalid".into(),
+                    permanent: true,
+                },
+            ),
+            vec![
+                "02 0001",
+                "09",
+                "10",
+                ID_HEX,
+                "01 01",
+                "03",
+                "01",
+                "03 07 'invalid",
+                "01",
+                TAIL,
+            ],
+        ),
+        (
+            entry(10, Some(Pending), Cancelled, 0, Cause::Cancelled),
+            vec![
+                "02 0001", "0a", "10", ID_HEX, "01 00", "04", "00", "04", TAIL,
+            ],
+        ),
+        (
+            entry(11, Some(Failed), Pending, 0, Cause::ManualRetry),
+            vec![
+                "02 0001", "0b", "10", ID_HEX, "01 03", "00", "00", "05", TAIL,
+            ],
+        ),
+    ];
+    let mut covered = [false; 6];
+    for (e, parts) in &cases {
+        covered[cause_variant(&e.cause)] = true;
+        assert_golden(
+            &format!("log entry {:?}", e.cause),
+            RecordKind::Log,
+            e,
+            parts,
+        );
+    }
+    assert!(
+        covered.iter().all(|c| *c),
+        "every Cause variant has a fixture"
+    );
+}
+
+#[test]
+fn meta_values_v1() {
+    assert_golden(
+        "format version",
+        RecordKind::Meta,
+        &FORMAT_VERSION,
+        &["03 0001", "01"],
+    );
+    assert_golden(
+        "last sequence",
+        RecordKind::Meta,
+        &1_000_000u64,
+        &["03 0001", "fc 40420f00"],
+    );
+    assert_golden("run id", RecordKind::Meta, &7u64, &["03 0001", "07"]);
+}
+
+#[test]
+fn every_key_layout_v1() {
+    let id = id();
+    let ts = Timestamp(1_717_171_752_750); // 0x0000018fcf698f2e
+    let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
+        ("task", keys::task(id), vec!["74", ID_HEX]),
+        (
+            "state pending",
+            keys::state(Status::Pending, id),
+            vec!["73 01", ID_HEX],
+        ),
+        (
+            "state running",
+            keys::state(Status::Running, id),
+            vec!["73 02", ID_HEX],
+        ),
+        (
+            "state completed",
+            keys::state(Status::Completed, id),
+            vec!["73 03", ID_HEX],
+        ),
+        (
+            "state failed",
+            keys::state(Status::Failed, id),
+            vec!["73 04", ID_HEX],
+        ),
+        (
+            "state cancelled",
+            keys::state(Status::Cancelled, id),
+            vec!["73 05", ID_HEX],
+        ),
+        (
+            "state prefix",
+            keys::state_prefix(Status::Running),
+            vec!["73 02"],
+        ),
+        (
+            "pending, priority -7",
+            keys::pending("emails", -7, ts, id),
+            // p, queue length, queue, 127 - priority, next_run_ms BE, id
+            vec!["70 06 'emails", "86", "0000018fcf698f2e", ID_HEX],
+        ),
+        (
+            "pending, priority 127",
+            keys::pending("default", 127, Timestamp(0), id),
+            vec!["70 07 'default", "00", "0000000000000000", ID_HEX],
+        ),
+        (
+            "pending, priority -128",
+            keys::pending("q", -128, Timestamp(u64::MAX), id),
+            vec!["70 01 'q", "ff", "ffffffffffffffff", ID_HEX],
+        ),
+        (
+            "pending queue prefix",
+            keys::pending_queue_prefix("emails"),
+            vec!["70 06 'emails"],
+        ),
+        (
+            "pending bucket prefix",
+            keys::pending_bucket_prefix("emails", keys::priority_byte(0)),
+            vec!["70 06 'emails", "7f"],
+        ),
+        (
+            "finished",
+            keys::finished(ts, id),
+            vec!["66", "0000018fcf698f2e", ID_HEX],
+        ),
+        (
+            "log",
+            keys::log(id, 70_000),
+            vec!["6c", ID_HEX, "0000000000011170"],
+        ),
+        ("log prefix", keys::log_prefix(id), vec!["6c", ID_HEX]),
+        (
+            "count",
+            keys::count(Status::Completed, "emails"),
+            vec!["63 03 'emails"],
+        ),
+        ("meta format", keys::META_FORMAT.to_vec(), vec!["'mformat"]),
+        ("meta seq", keys::META_SEQ.to_vec(), vec!["'mseq"]),
+        ("meta run", keys::META_RUN.to_vec(), vec!["'mrun"]),
+    ];
+    for (what, actual, parts) in &cases {
+        assert_eq!(
+            hex(actual),
+            hex(&golden(parts)),
+            "key layout of {what} changed"
+        );
+    }
+    // And the golden bytes decode back to their parts.
+    assert_eq!(keys::decode_task(&golden(&["74", ID_HEX])).unwrap(), id);
+    for st in Status::ALL {
+        assert_eq!(keys::decode_state(&keys::state(st, id)).unwrap(), (st, id));
+    }
+    let pk = keys::decode_pending(&golden(&[
+        "70 06 'emails",
+        "86",
+        "0000018fcf698f2e",
+        ID_HEX,
+    ]))
+    .unwrap();
+    assert_eq!(
+        (pk.queue.as_str(), pk.priority, pk.next_run, pk.id),
+        ("emails", -7, ts, id)
+    );
+    let pk =
+        keys::decode_pending(&golden(&["70 01 'q", "ff", "ffffffffffffffff", ID_HEX])).unwrap();
+    assert_eq!((pk.priority, pk.next_run), (-128, Timestamp(u64::MAX)));
+    assert_eq!(
+        keys::decode_finished(&golden(&["66", "0000018fcf698f2e", ID_HEX])).unwrap(),
+        (ts, id)
+    );
+    assert_eq!(
+        keys::decode_log(&golden(&["6c", ID_HEX, "0000000000011170"])).unwrap(),
+        (id, 70_000)
+    );
+    assert_eq!(
+        keys::decode_count(&golden(&["63 03 'emails"])).unwrap(),
+        (Status::Completed, "emails".to_string())
+    );
+    // The prefix letters themselves.
+    assert_eq!(
+        [
+            keys::META,
+            keys::TASK,
+            keys::STATE,
+            keys::PENDING,
+            keys::FINISHED,
+            keys::LOG,
+            keys::COUNT
+        ],
+        *b"mtspflc"
+    );
+    assert_eq!(keys::MAX_QUEUE_NAME, 128);
+}
+
+/// A real queue writes exactly these layouts: enqueue one task at a known time, close, and
+/// read the raw sled tree.
+#[test]
+fn a_queue_writes_the_pinned_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T_CREATED);
+    let id = {
+        let q = Queue::builder(dir.path())
+            .clock(clock.clone())
+            .open()
+            .unwrap();
+        q.enqueue_json(
+            "send_email",
+            &serde_json::json!({"to": "ada@example.com"}),
+            EnqueueOptions::new()
+                .queue("emails")
+                .priority(-7)
+                .delay(Duration::from_secs(5)),
+        )
+        .unwrap()
+    };
+    let db = raw_db(dir.path());
+    let due = T_CREATED + Duration::from_secs(5);
+    let mut expected = vec![
+        keys::task(id),
+        keys::state(Status::Pending, id),
+        keys::pending("emails", -7, due, id),
+        keys::count(Status::Pending, "emails"),
+        keys::META_FORMAT.to_vec(),
+        keys::META_SEQ.to_vec(),
+        keys::META_RUN.to_vec(),
+    ];
+    let logs: Vec<Vec<u8>> = db
+        .scan_prefix(keys::log_prefix(id))
+        .keys()
+        .map(|k| k.unwrap().to_vec())
+        .collect();
+    assert_eq!(logs.len(), 1, "one log entry (the enqueue)");
+    expected.extend(logs.iter().cloned());
+    expected.sort();
+    let all: Vec<Vec<u8>> = db.iter().keys().map(|k| k.unwrap().to_vec()).collect();
+    assert_eq!(
+        all.iter().map(|k| keys::describe(k)).collect::<Vec<_>>(),
+        expected
+            .iter()
+            .map(|k| keys::describe(k))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(all, expected);
+
+    assert_eq!(
+        db.get(keys::META_FORMAT).unwrap().unwrap().as_ref(),
+        golden(&["03 0001 01"])
+    );
+    assert_eq!(
+        db.get(keys::META_RUN).unwrap().unwrap().as_ref(),
+        golden(&["03 0001 01"]),
+        "first run"
+    );
+    assert_eq!(
+        db.get(keys::count(Status::Pending, "emails"))
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        1u64.to_be_bytes(),
+        "counters are raw u64 BE"
+    );
+    assert!(
+        db.get(keys::state(Status::Pending, id))
+            .unwrap()
+            .unwrap()
+            .is_empty(),
+        "index values are empty"
+    );
+    let record: TaskInfo = decode(
+        RecordKind::Task,
+        &db.get(keys::task(id)).unwrap().unwrap(),
+        &|| "t".into(),
+    )
+    .unwrap();
+    assert_eq!(
+        (record.id, record.priority, record.next_run_at),
+        (id, -7, due)
+    );
+    let entry: LogEntry = decode(
+        RecordKind::Log,
+        &db.get(&logs[0]).unwrap().unwrap(),
+        &|| "l".into(),
+    )
+    .unwrap();
+    assert_eq!(keys::log(id, entry.seq), logs[0]);
+    assert_eq!(
+        (entry.from, entry.to, entry.cause),
+        (None, Status::Pending, Cause::Enqueued)
+    );
+}
+
+#[test]
+fn a_newer_format_is_refused_without_touching_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let q = Queue::open(dir.path()).unwrap();
+        q.enqueue_json("k", &serde_json::json!(1), EnqueueOptions::new())
+            .unwrap()
+    };
+    let newer = encode(RecordKind::Meta, &2u32).unwrap();
+    {
+        let db = raw_db(dir.path());
+        db.insert(keys::META_FORMAT, newer.clone()).unwrap();
+        db.flush().unwrap();
+    }
+    let err = reopen(|| Queue::open(dir.path()))
+        .err()
+        .expect("a format-2 directory must be refused");
+    match &err {
+        Error::FormatTooNew {
+            path,
+            found,
+            supported,
+        } => {
+            assert_eq!(path, dir.path());
+            assert_eq!((*found, *supported), (2, 1));
+        }
+        other => panic!("expected FormatTooNew, got {other:?}"),
+    }
+    let text = err.to_string();
+    assert!(text.contains(&dir.path().display().to_string()), "{text}");
+    assert!(
+        text.contains("format 2") && text.contains("format 1"),
+        "{text}"
+    );
+
+    // The refused open changed nothing: same format value, same run counter.
+    let db = raw_db(dir.path());
+    assert_eq!(
+        db.get(keys::META_FORMAT).unwrap().unwrap().as_ref(),
+        newer.as_slice()
+    );
+    assert_eq!(
+        db.get(keys::META_RUN).unwrap().unwrap().as_ref(),
+        golden(&["03 0001 01"])
+    );
+    // Back to format 1, the directory opens and the task is there.
+    db.insert(keys::META_FORMAT, encode(RecordKind::Meta, &1u32).unwrap())
+        .unwrap();
+    db.flush().unwrap();
+    drop(db);
+    let q = reopen(|| Queue::open(dir.path())).unwrap();
+    assert_eq!(q.get(id).unwrap().unwrap().status, Status::Pending);
+}
+
+#[test]
+fn a_sled_directory_omniq_did_not_write_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let db = raw_db(dir.path());
+        db.insert(b"someone else's key", b"value".to_vec()).unwrap();
+        db.flush().unwrap();
+    }
+    match reopen(|| Queue::open(dir.path())) {
+        Err(e @ Error::Open { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.contains(&dir.path().display().to_string()) && text.contains("format"),
+                "{text}"
+            );
+        }
+        Err(other) => panic!("expected Error::Open, got {other:?}"),
+        Ok(_) => panic!("a foreign sled database must not be adopted"),
+    }
+    let db = raw_db(dir.path());
+    assert_eq!(db.len(), 1, "nothing was written to it");
+}
+
+#[test]
+fn a_corrupt_format_value_is_an_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Queue::open(dir.path()).unwrap());
+    {
+        let db = raw_db(dir.path());
+        db.insert(keys::META_FORMAT, vec![3, 0]).unwrap();
+        db.flush().unwrap();
+    }
+    let err = reopen(|| Queue::open(dir.path()))
+        .err()
+        .expect("a corrupt format value must be refused");
+    assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("m/format"), "{err}");
+}
