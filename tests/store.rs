@@ -84,7 +84,7 @@ fn stats_count_per_status_and_queue() {
     let dir = tempfile::tempdir().unwrap();
     let (q, clock) = manual_queue(dir.path());
     q.register(|j: Job, _: &TaskContext| -> Result<u64, TaskError> {
-        if j.n % 3 == 0 {
+        if j.n.is_multiple_of(3) {
             Err(TaskError::permanent("bad", "multiple of three"))
         } else {
             Ok(j.n)
