@@ -155,7 +155,7 @@ fn no_task_runs_on_two_threads_and_concurrency_never_exceeds_n() {
                 in_flight.lock().remove(&ctx.task_id());
                 running.fetch_sub(1, Ordering::SeqCst);
                 // Every third task fails its first attempt, so retries interleave with new work.
-                if ctx.attempt() == 1 && w.n % 3 == 0 {
+                if ctx.attempt() == 1 && w.n.is_multiple_of(3) {
                     Err(TaskError::transient("flaky", "first attempt fails"))
                 } else {
                     Ok(w.n)
