@@ -58,17 +58,27 @@ pub fn encode<T: Serialize>(kind: RecordKind, value: &T) -> Result<Vec<u8>> {
 }
 
 /// Decodes an envelope of kind `kind`; `key` names where the bytes came from for the error.
-pub fn decode<T: DeserializeOwned>(kind: RecordKind, bytes: &[u8], key: &dyn Fn() -> String) -> Result<T> {
+pub fn decode<T: DeserializeOwned>(
+    kind: RecordKind,
+    bytes: &[u8],
+    key: &dyn Fn() -> String,
+) -> Result<T> {
     let corrupt = |reason: String| Error::Corrupt {
         what: kind.name(),
         key: key(),
         reason,
     };
     let [found_kind, v0, v1, body @ ..] = bytes else {
-        return Err(corrupt(format!("{} bytes is shorter than the 3-byte envelope header", bytes.len())));
+        return Err(corrupt(format!(
+            "{} bytes is shorter than the 3-byte envelope header",
+            bytes.len()
+        )));
     };
     if *found_kind != kind as u8 {
-        return Err(corrupt(format!("record kind byte is {found_kind}, expected {}", kind as u8)));
+        return Err(corrupt(format!(
+            "record kind byte is {found_kind}, expected {}",
+            kind as u8
+        )));
     }
     let version = u16::from_be_bytes([*v0, *v1]);
     if version != SCHEMA_VERSION {
@@ -80,7 +90,10 @@ pub fn decode<T: DeserializeOwned>(kind: RecordKind, bytes: &[u8], key: &dyn Fn(
     let (value, used) = bincode::serde::decode_from_slice::<T, _>(body, cfg)
         .map_err(|e| corrupt(format!("payload does not decode: {e}")))?;
     if used != body.len() {
-        return Err(corrupt(format!("{} trailing bytes after the payload", body.len() - used)));
+        return Err(corrupt(format!(
+            "{} trailing bytes after the payload",
+            body.len() - used
+        )));
     }
     Ok(value)
 }
@@ -99,7 +112,12 @@ mod tests {
         assert!(decode::<u32>(RecordKind::Meta, &bytes[..2], &key).is_err());
         let mut trailing = bytes.clone();
         trailing.push(0);
-        let err = decode::<u32>(RecordKind::Meta, &trailing, &key).unwrap_err().to_string();
-        assert!(err.contains("m/format") && err.contains("trailing"), "{err}");
+        let err = decode::<u32>(RecordKind::Meta, &trailing, &key)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m/format") && err.contains("trailing"),
+            "{err}"
+        );
     }
 }

@@ -45,14 +45,36 @@ pub(crate) enum Finished {
 type Reply<T> = Sender<Result<T>>;
 
 pub(crate) enum Command {
-    Insert { tasks: Vec<TaskInfo>, reply: Reply<()> },
+    Insert {
+        tasks: Vec<TaskInfo>,
+        reply: Reply<()>,
+    },
     /// Claims those of `ids` still claimable; `now` is the claimer's idea of now (it picked
     /// them as due by it).
-    Claim { ids: Vec<TaskId>, now: Timestamp, reply: Reply<Vec<TaskInfo>> },
-    Finish { id: TaskId, lease: u64, outcome: Outcome, reply: Reply<Finished> },
-    Cancel { id: TaskId, reply: Reply<TaskInfo> },
-    Retry { id: TaskId, reply: Reply<TaskInfo> },
-    Purge { cutoff: Timestamp, limit: usize, reply: Reply<usize> },
+    Claim {
+        ids: Vec<TaskId>,
+        now: Timestamp,
+        reply: Reply<Vec<TaskInfo>>,
+    },
+    Finish {
+        id: TaskId,
+        lease: u64,
+        outcome: Outcome,
+        reply: Reply<Finished>,
+    },
+    Cancel {
+        id: TaskId,
+        reply: Reply<TaskInfo>,
+    },
+    Retry {
+        id: TaskId,
+        reply: Reply<TaskInfo>,
+    },
+    Purge {
+        cutoff: Timestamp,
+        limit: usize,
+        reply: Reply<usize>,
+    },
     /// Several commands applied in order in the same group (so in one atomic, durable commit);
     /// each still gets its own reply. The worker pool sends its workers' outcomes together with
     /// its next claim this way: one fsync per round instead of two.
@@ -146,7 +168,12 @@ impl Group<'_> {
 
 fn refusal_to_error(id: TaskId, op: &'static str, expected: &'static str, r: Refusal) -> Error {
     match r {
-        Refusal::WrongState(status) => Error::InvalidState { id, status, op, expected },
+        Refusal::WrongState(status) => Error::InvalidState {
+            id,
+            status,
+            op,
+            expected,
+        },
         Refusal::NotDue => Error::InvalidState {
             id,
             status: Status::Pending,
@@ -226,7 +253,12 @@ impl Writer {
 }
 
 /// Applies one command to the group; returns the reply to send once the group is committed.
-fn apply(g: &mut Group<'_>, cmd: Command, jitter: &mut dyn JitterSource, backoff: &BackoffTable) -> Pending {
+fn apply(
+    g: &mut Group<'_>,
+    cmd: Command,
+    jitter: &mut dyn JitterSource,
+    backoff: &BackoffTable,
+) -> Pending {
     match cmd {
         Command::Insert { tasks, reply } => {
             for t in tasks {
@@ -239,7 +271,9 @@ fn apply(g: &mut Group<'_>, cmd: Command, jitter: &mut dyn JitterSource, backoff
             let mut claimed = Vec::with_capacity(ids.len());
             for id in ids {
                 // A task that vanished, changed state or is corrupt is simply not claimed.
-                let Ok(Some(rec)) = g.current(id) else { continue };
+                let Ok(Some(rec)) = g.current(id) else {
+                    continue;
+                };
                 if let Ok((next, cause)) = lifecycle::claim(&rec, now, g.seq + 1) {
                     g.record(Some(rec), Some(next.clone()), Some(cause));
                     g.has_claim = true;
@@ -248,7 +282,12 @@ fn apply(g: &mut Group<'_>, cmd: Command, jitter: &mut dyn JitterSource, backoff
             }
             pending(reply, Ok(claimed))
         }
-        Command::Finish { id, lease, outcome, reply } => {
+        Command::Finish {
+            id,
+            lease,
+            outcome,
+            reply,
+        } => {
             let result = g.existing(id).and_then(|rec| {
                 let step = match outcome {
                     Outcome::Success(bytes) => lifecycle::succeed(&rec, lease, bytes, g.now),
@@ -269,34 +308,45 @@ fn apply(g: &mut Group<'_>, cmd: Command, jitter: &mut dyn JitterSource, backoff
             pending(reply, result)
         }
         Command::Cancel { id, reply } => {
-            let result = g.existing(id).and_then(|rec| match lifecycle::cancel(&rec, g.now) {
-                Ok((next, cause)) => {
-                    g.record(Some(rec), Some(next.clone()), Some(cause));
-                    Ok(next)
-                }
-                Err(r) => Err(refusal_to_error(id, "cancel", "PENDING", r)),
-            });
+            let result = g
+                .existing(id)
+                .and_then(|rec| match lifecycle::cancel(&rec, g.now) {
+                    Ok((next, cause)) => {
+                        g.record(Some(rec), Some(next.clone()), Some(cause));
+                        Ok(next)
+                    }
+                    Err(r) => Err(refusal_to_error(id, "cancel", "PENDING", r)),
+                });
             pending(reply, result)
         }
         Command::Retry { id, reply } => {
-            let result = g.existing(id).and_then(|rec| match lifecycle::manual_retry(&rec, g.now) {
-                Ok((next, cause)) => {
-                    g.record(Some(rec), Some(next.clone()), Some(cause));
-                    Ok(next)
-                }
-                Err(r) => Err(refusal_to_error(id, "retry", "FAILED or CANCELLED", r)),
-            });
+            let result =
+                g.existing(id)
+                    .and_then(|rec| match lifecycle::manual_retry(&rec, g.now) {
+                        Ok((next, cause)) => {
+                            g.record(Some(rec), Some(next.clone()), Some(cause));
+                            Ok(next)
+                        }
+                        Err(r) => Err(refusal_to_error(id, "retry", "FAILED or CANCELLED", r)),
+                    });
             pending(reply, result)
         }
         Command::Many(commands) => {
-            let replies: Vec<Pending> = commands.into_iter().map(|c| apply(g, c, jitter, backoff)).collect();
+            let replies: Vec<Pending> = commands
+                .into_iter()
+                .map(|c| apply(g, c, jitter, backoff))
+                .collect();
             Box::new(move |commit_err| {
                 for r in replies {
                     r(commit_err);
                 }
             })
         }
-        Command::Purge { cutoff, limit, reply } => {
+        Command::Purge {
+            cutoff,
+            limit,
+            reply,
+        } => {
             let result = g.store.finished_before(cutoff, limit).map(|ids| {
                 let mut removed = 0;
                 for id in ids {

@@ -46,14 +46,18 @@ impl Notify {
 
     /// Signals every dispatcher (clock jumps, new work).
     pub(crate) fn wake_all(&self) {
-        self.wakers.lock().retain(|w| !matches!(w.try_send(()), Err(TrySendError::Disconnected(_))));
+        self.wakers
+            .lock()
+            .retain(|w| !matches!(w.try_send(()), Err(TrySendError::Disconnected(_))));
     }
 
     /// Registers interest in `id` reaching a terminal state (or disappearing).
     /// Returns a token for [`remove_waiter`](Notify::remove_waiter).
     pub(crate) fn add_waiter(&self, id: TaskId) -> (u64, Receiver<()>) {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let token = self.next_token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = self
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.waiters.lock().entry(id).or_default().push((token, tx));
         (token, rx)
     }

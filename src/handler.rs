@@ -13,7 +13,8 @@ use crate::commit::Outcome;
 use crate::task::{Task, TaskError, TaskId, TaskInfo, Timestamp};
 
 /// A handler over raw JSON payload bytes, returning JSON result bytes.
-pub(crate) type RawHandler = dyn Fn(&TaskContext, &[u8]) -> Result<Vec<u8>, TaskError> + Send + Sync;
+pub(crate) type RawHandler =
+    dyn Fn(&TaskContext, &[u8]) -> Result<Vec<u8>, TaskError> + Send + Sync;
 
 /// Execution states shared between a running handler, its worker and the timeout watchdog.
 pub(crate) const EXEC_RUNNING: u8 = 0;
@@ -37,7 +38,11 @@ pub struct TaskContext {
 }
 
 impl TaskContext {
-    pub(crate) fn new(task: &TaskInfo, deadline: Option<Timestamp>, stop: Arc<AtomicBool>) -> TaskContext {
+    pub(crate) fn new(
+        task: &TaskInfo,
+        deadline: Option<Timestamp>,
+        stop: Arc<AtomicBool>,
+    ) -> TaskContext {
         TaskContext {
             id: task.id,
             kind: task.kind.clone(),
@@ -117,22 +122,39 @@ where
         let args: T = serde_json::from_slice(payload).map_err(|e| {
             TaskError::permanent(
                 "decode",
-                format!("payload of task {} does not decode as {} ({}): {e}", ctx.id, T::NAME, std::any::type_name::<T>()),
+                format!(
+                    "payload of task {} does not decode as {} ({}): {e}",
+                    ctx.id,
+                    T::NAME,
+                    std::any::type_name::<T>()
+                ),
             )
         })?;
         let out = handler(args, ctx)?;
-        serde_json::to_vec(&out).map_err(|e| TaskError::permanent("encode", format!("cannot encode the result of {}: {e}", T::NAME)))
+        serde_json::to_vec(&out).map_err(|e| {
+            TaskError::permanent(
+                "encode",
+                format!("cannot encode the result of {}: {e}", T::NAME),
+            )
+        })
     })
 }
 
 /// Wraps a plain closure over JSON values.
 pub(crate) fn plain<F>(handler: F) -> Arc<RawHandler>
 where
-    F: Fn(serde_json::Value, &TaskContext) -> Result<serde_json::Value, TaskError> + Send + Sync + 'static,
+    F: Fn(serde_json::Value, &TaskContext) -> Result<serde_json::Value, TaskError>
+        + Send
+        + Sync
+        + 'static,
 {
     Arc::new(move |ctx: &TaskContext, payload: &[u8]| {
-        let args: serde_json::Value = serde_json::from_slice(payload)
-            .map_err(|e| TaskError::permanent("decode", format!("payload of task {} is not JSON: {e}", ctx.id)))?;
+        let args: serde_json::Value = serde_json::from_slice(payload).map_err(|e| {
+            TaskError::permanent(
+                "decode",
+                format!("payload of task {} is not JSON: {e}", ctx.id),
+            )
+        })?;
         let out = handler(args, ctx)?;
         serde_json::to_vec(&out).map_err(|e| TaskError::permanent("encode", e.to_string()))
     })

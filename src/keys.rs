@@ -150,7 +150,11 @@ pub fn decode_finished(key: &[u8]) -> Result<(Timestamp, TaskId)> {
             Timestamp(u64::from_be_bytes(fixed(&rest[..8]))),
             TaskId::from_bytes(fixed(&rest[8..])),
         )),
-        _ => Err(corrupt_key("finished-index key", key, "wrong prefix or length")),
+        _ => Err(corrupt_key(
+            "finished-index key",
+            key,
+            "wrong prefix or length",
+        )),
     }
 }
 
@@ -196,7 +200,11 @@ pub fn decode_state(key: &[u8]) -> Result<(Status, TaskId)> {
                 .ok_or_else(|| corrupt_key("state-index key", key, "unknown status byte"))?;
             Ok((status, TaskId::from_bytes(fixed(rest))))
         }
-        _ => Err(corrupt_key("state-index key", key, "wrong prefix or length")),
+        _ => Err(corrupt_key(
+            "state-index key",
+            key,
+            "wrong prefix or length",
+        )),
     }
 }
 
@@ -234,7 +242,9 @@ pub fn describe(key: &[u8]) -> String {
             Some(st) => format!("s/{st}/{}", id_at(2)),
             None => format!("s/?{}/{}", key[1], id_at(2)),
         },
-        (Some(&FINISHED), 25) => format!("f/{}/{}", u64::from_be_bytes(fixed(&key[1..9])), id_at(9)),
+        (Some(&FINISHED), 25) => {
+            format!("f/{}/{}", u64::from_be_bytes(fixed(&key[1..9])), id_at(9))
+        }
         (Some(&META), _) => format!("m/{}", String::from_utf8_lossy(&key[1..])),
         _ => format!("0x{}", hex()),
     }
@@ -270,7 +280,12 @@ mod tests {
         let low_early = pending("q", 0, Timestamp(1_000), a);
         let low_late = pending("q", 0, Timestamp(1_500), a);
         let neg = pending("q", -3, Timestamp(0), a);
-        let mut keys = vec![neg.clone(), low_late.clone(), high.clone(), low_early.clone()];
+        let mut keys = vec![
+            neg.clone(),
+            low_late.clone(),
+            high.clone(),
+            low_early.clone(),
+        ];
         keys.sort();
         assert_eq!(keys, vec![high, low_early, low_late, neg]);
         let same_time_a = pending("q", 0, Timestamp(7), a);
@@ -283,17 +298,36 @@ mod tests {
         let id = TaskId::generate();
         let k = pending("emails", -128, Timestamp(u64::MAX), id);
         let d = decode_pending(&k).unwrap();
-        assert_eq!((d.queue.as_str(), d.priority, d.next_run, d.id), ("emails", -128, Timestamp(u64::MAX), id));
+        assert_eq!(
+            (d.queue.as_str(), d.priority, d.next_run, d.id),
+            ("emails", -128, Timestamp(u64::MAX), id)
+        );
         assert_eq!(decode_log(&log(id, 9)).unwrap(), (id, 9));
-        assert_eq!(decode_finished(&finished(Timestamp(5), id)).unwrap(), (Timestamp(5), id));
-        assert_eq!(decode_state(&state(Status::Failed, id)).unwrap(), (Status::Failed, id));
+        assert_eq!(
+            decode_finished(&finished(Timestamp(5), id)).unwrap(),
+            (Timestamp(5), id)
+        );
+        assert_eq!(
+            decode_state(&state(Status::Failed, id)).unwrap(),
+            (Status::Failed, id)
+        );
         assert_eq!(decode_task(&task(id)).unwrap(), id);
-        assert_eq!(decode_count(&count(Status::Running, "x")).unwrap(), (Status::Running, "x".into()));
+        assert_eq!(
+            decode_count(&count(Status::Running, "x")).unwrap(),
+            (Status::Running, "x".into())
+        );
     }
 
     #[test]
     fn bad_keys_are_errors_not_panics() {
-        for bad in [&b""[..], b"p", b"p\x05ab", b"l123", b"s\x09aaaaaaaaaaaaaaaa", b"f"] {
+        for bad in [
+            &b""[..],
+            b"p",
+            b"p\x05ab",
+            b"l123",
+            b"s\x09aaaaaaaaaaaaaaaa",
+            b"f",
+        ] {
             assert!(decode_pending(bad).is_err());
             assert!(decode_log(bad).is_err());
             assert!(decode_state(bad).is_err());

@@ -73,10 +73,14 @@ pub use clock::{Clock, SystemClock};
 pub use error::{Error, Result};
 pub use events::TransitionEvent;
 pub use handler::TaskContext;
-pub use inspect::{ConsistencyReport, CorruptEntry, ListFilter, Page, PurgeReport, RecoveryReport, Stats};
+pub use inspect::{
+    ConsistencyReport, CorruptEntry, ListFilter, Page, PurgeReport, RecoveryReport, Stats,
+};
 pub use log::{Cause, LogEntry};
 pub use queue::{Durability, Queue, QueueBuilder, DEFAULT_QUEUE};
 pub use retry::{Backoff, RetryPolicy};
 pub use store::sled_store::FORMAT_VERSION;
-pub use task::{EnqueueOptions, Status, Task, TaskError, TaskId, TaskInfo, Timestamp, ERROR_HISTORY_LIMIT};
+pub use task::{
+    EnqueueOptions, Status, Task, TaskError, TaskId, TaskInfo, Timestamp, ERROR_HISTORY_LIMIT,
+};
 pub use worker::{StopReport, WorkerPool, WorkerPoolBuilder};

@@ -17,7 +17,11 @@ pub(crate) enum Refusal {
 }
 
 /// Pending -> Running. `attempts + 1`; `lease` fences this execution.
-pub(crate) fn claim(rec: &TaskInfo, now: Timestamp, lease: u64) -> Result<(TaskInfo, Cause), Refusal> {
+pub(crate) fn claim(
+    rec: &TaskInfo,
+    now: Timestamp,
+    lease: u64,
+) -> Result<(TaskInfo, Cause), Refusal> {
     if rec.status != Status::Pending {
         return Err(Refusal::WrongState(rec.status));
     }
@@ -34,7 +38,11 @@ pub(crate) fn claim(rec: &TaskInfo, now: Timestamp, lease: u64) -> Result<(TaskI
 
 fn check_lease(rec: &TaskInfo, lease: u64) -> Result<(), Refusal> {
     if rec.status != Status::Running {
-        return Err(if rec.lease == lease { Refusal::WrongState(rec.status) } else { Refusal::Stale });
+        return Err(if rec.lease == lease {
+            Refusal::WrongState(rec.status)
+        } else {
+            Refusal::Stale
+        });
     }
     if rec.lease != lease {
         return Err(Refusal::Stale);
@@ -165,7 +173,9 @@ mod tests {
             let now = rec.next_run_at;
             rec = claim(&rec, now, lease).unwrap().0;
             runs += 1;
-            rec = fail(&rec, lease, TaskError::transient("x", "y"), now, &b, 0.5).unwrap().0;
+            rec = fail(&rec, lease, TaskError::transient("x", "y"), now, &b, 0.5)
+                .unwrap()
+                .0;
         }
         assert_eq!(runs, 4);
         assert_eq!(rec.status, Status::Failed);
@@ -179,7 +189,10 @@ mod tests {
         let rec = claim(&pending(1), Timestamp(0), 7).unwrap().0;
         assert_eq!(succeed(&rec, 6, vec![], Timestamp(1)), Err(Refusal::Stale));
         let done = succeed(&rec, 7, vec![], Timestamp(1)).unwrap().0;
-        assert_eq!(succeed(&done, 7, vec![], Timestamp(1)), Err(Refusal::WrongState(Status::Completed)));
+        assert_eq!(
+            succeed(&done, 7, vec![], Timestamp(1)),
+            Err(Refusal::WrongState(Status::Completed))
+        );
     }
 
     #[test]

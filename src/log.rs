@@ -38,7 +38,10 @@ impl fmt::Display for Cause {
             Cause::Enqueued => f.write_str("enqueued"),
             Cause::Claimed => f.write_str("claimed"),
             Cause::Succeeded => f.write_str("succeeded"),
-            Cause::Failed { error_type, permanent: true } => write!(f, "failed ({error_type}, permanent)"),
+            Cause::Failed {
+                error_type,
+                permanent: true,
+            } => write!(f, "failed ({error_type}, permanent)"),
             Cause::Failed { error_type, .. } => write!(f, "failed ({error_type})"),
             Cause::Cancelled => f.write_str("cancelled"),
             Cause::ManualRetry => f.write_str("manual retry"),

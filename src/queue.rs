@@ -125,7 +125,11 @@ impl QueueBuilder {
             &self.path,
             &SledOptions {
                 cache_bytes: self.cache_bytes,
-                flush_every_ms: Some(u64::try_from(self.flush_every.as_millis()).unwrap_or(500).max(1)),
+                flush_every_ms: Some(
+                    u64::try_from(self.flush_every.as_millis())
+                        .unwrap_or(500)
+                        .max(1),
+                ),
             },
         )?;
         let store: Arc<dyn Store> = Arc::new(store);
@@ -133,13 +137,19 @@ impl QueueBuilder {
         let (tx, rx) = crossbeam_channel::unbounded();
         let backoff = BackoffTable {
             default: self.policy.backoff,
-            per_queue: self.queue_policies.iter().map(|(q, p)| (q.clone(), p.backoff)).collect(),
+            per_queue: self
+                .queue_policies
+                .iter()
+                .map(|(q, p)| (q.clone(), p.backoff))
+                .collect(),
         };
         let writer = Writer {
             store: store.clone(),
             clock: self.clock.clone(),
             notify: notify.clone(),
-            jitter: self.jitter.unwrap_or_else(|| Box::new(RandomJitter::from_entropy())),
+            jitter: self
+                .jitter
+                .unwrap_or_else(|| Box::new(RandomJitter::from_entropy())),
             backoff,
             durability: self.durability,
         }
@@ -203,7 +213,12 @@ impl Drop for Inner {
     }
 }
 
-fn spawn_janitor(queue: Weak<Inner>, stop: Receiver<()>, age: Duration, every: Duration) -> Result<()> {
+fn spawn_janitor(
+    queue: Weak<Inner>,
+    stop: Receiver<()>,
+    age: Duration,
+    every: Duration,
+) -> Result<()> {
     std::thread::Builder::new()
         .name("omniq-retention".into())
         .spawn(move || loop {
@@ -214,7 +229,9 @@ fn spawn_janitor(queue: Weak<Inner>, stop: Receiver<()>, age: Duration, every: D
             let Some(inner) = queue.upgrade() else { return };
             let q = Queue { inner };
             match q.purge(age) {
-                Ok(r) if r.tasks_removed > 0 => tracing::info!(removed = r.tasks_removed, "retention purge"),
+                Ok(r) if r.tasks_removed > 0 => {
+                    tracing::info!(removed = r.tasks_removed, "retention purge")
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "retention purge failed"),
             }
@@ -315,7 +332,11 @@ impl Queue {
     }
 
     /// [`enqueue_many`](Queue::enqueue_many) with the same options for every task.
-    pub fn enqueue_many_with<T: Task>(&self, tasks: impl IntoIterator<Item = T>, options: EnqueueOptions) -> Result<Vec<TaskId>> {
+    pub fn enqueue_many_with<T: Task>(
+        &self,
+        tasks: impl IntoIterator<Item = T>,
+        options: EnqueueOptions,
+    ) -> Result<Vec<TaskId>> {
         let records = tasks
             .into_iter()
             .map(|t| self.build(T::NAME, encode_payload(&t)?, &options))
@@ -327,7 +348,12 @@ impl Queue {
 
     /// Enqueues a task by kind name with a JSON payload, for handlers registered with
     /// [`register_fn`](Queue::register_fn) and for tools that do not link the task types.
-    pub fn enqueue_json(&self, kind: &str, payload: &serde_json::Value, options: EnqueueOptions) -> Result<TaskId> {
+    pub fn enqueue_json(
+        &self,
+        kind: &str,
+        payload: &serde_json::Value,
+        options: EnqueueOptions,
+    ) -> Result<TaskId> {
         let bytes = serde_json::to_vec(payload).map_err(|e| Error::Encode {
             what: "payload",
             reason: e.to_string(),
@@ -365,7 +391,11 @@ impl Queue {
             (None, Some(d)) => now.plus(d),
             (None, None) => now,
         };
-        let policy = self.inner.queue_policies.get(queue).unwrap_or(&self.inner.policy);
+        let policy = self
+            .inner
+            .queue_policies
+            .get(queue)
+            .unwrap_or(&self.inner.policy);
         Ok(TaskInfo {
             id: TaskId::generate(),
             kind: kind.to_string(),
@@ -379,7 +409,9 @@ impl Queue {
             next_run_at,
             started_at: None,
             finished_at: None,
-            timeout_ms: o.timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            timeout_ms: o
+                .timeout
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             backoff: o.backoff,
             result: None,
             last_error: None,
@@ -407,7 +439,12 @@ impl Queue {
         let mut stats = Stats::default();
         for ((queue, status), n) in self.inner.store.counts() {
             *stats.by_status.entry(status).or_insert(0) += n;
-            *stats.by_queue.entry(queue).or_default().entry(status).or_insert(0) += n;
+            *stats
+                .by_queue
+                .entry(queue)
+                .or_default()
+                .entry(status)
+                .or_insert(0) += n;
             stats.total += n;
         }
         Ok(stats)
@@ -481,7 +518,11 @@ impl Queue {
         let cutoff = self.inner.clock.now().minus(older_than);
         let mut report = PurgeReport::default();
         loop {
-            let removed = commit::call(self.inner.tx()?, |reply| Command::Purge { cutoff, limit: 1000, reply })?;
+            let removed = commit::call(self.inner.tx()?, |reply| Command::Purge {
+                cutoff,
+                limit: 1000,
+                reply,
+            })?;
             report.tasks_removed += removed;
             if removed == 0 {
                 return Ok(report);
@@ -507,13 +548,18 @@ impl Queue {
         T: Task,
         F: Fn(T, &TaskContext) -> Result<T::Output, TaskError> + Send + Sync + 'static,
     {
-        self.inner.registry.insert(T::NAME, handler::typed::<T, F>(handler));
+        self.inner
+            .registry
+            .insert(T::NAME, handler::typed::<T, F>(handler));
     }
 
     /// Registers a plain closure over JSON for a kind name.
     pub fn register_fn<F>(&self, kind: &str, handler: F)
     where
-        F: Fn(serde_json::Value, &TaskContext) -> Result<serde_json::Value, TaskError> + Send + Sync + 'static,
+        F: Fn(serde_json::Value, &TaskContext) -> Result<serde_json::Value, TaskError>
+            + Send
+            + Sync
+            + 'static,
     {
         self.inner.registry.insert(kind, handler::plain(handler));
     }

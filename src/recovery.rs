@@ -80,8 +80,11 @@ pub(crate) fn recover(store: &dyn Store, tx: &Sender<Command>) -> Result<Recover
     report.duration = started.elapsed();
     if report.recovered > 0 {
         tracing::info!(
-            recovered = report.recovered, requeued = report.requeued, failed = report.failed,
-            ms = report.duration.as_millis() as u64, "crash recovery finished"
+            recovered = report.recovered,
+            requeued = report.requeued,
+            failed = report.failed,
+            ms = report.duration.as_millis() as u64,
+            "crash recovery finished"
         );
     }
     Ok(report)

@@ -69,7 +69,11 @@ impl Default for Backoff {
 impl Backoff {
     /// A backoff with the given base, cap and jitter (jitter is clamped to `[0, 1]`).
     pub fn new(base: Duration, cap: Duration, jitter: f64) -> Backoff {
-        let jitter = if jitter.is_finite() { jitter.clamp(0.0, 1.0) } else { 0.0 };
+        let jitter = if jitter.is_finite() {
+            jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         Backoff {
             base_ms: millis(base),
             cap_ms: millis(cap),
@@ -88,12 +92,19 @@ impl Backoff {
     pub fn bounds_ms(&self, n: u32) -> (u64, u64) {
         let nominal = self.nominal_ms(n) as f64;
         let j = self.jitter.clamp(0.0, 1.0);
-        ((nominal * (1.0 - j)).floor() as u64, (nominal * (1.0 + j)).ceil() as u64)
+        (
+            (nominal * (1.0 - j)).floor() as u64,
+            (nominal * (1.0 + j)).ceil() as u64,
+        )
     }
 
     /// The delay before retry `n`, given `unit`, a uniform sample in `[0, 1]`.
     pub fn delay_ms(&self, n: u32, unit: f64) -> u64 {
-        let unit = if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.5 };
+        let unit = if unit.is_finite() {
+            unit.clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
         let j = self.jitter.clamp(0.0, 1.0);
         let factor = 1.0 - j + 2.0 * j * unit;
         let (low, high) = self.bounds_ms(n);

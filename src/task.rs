@@ -51,10 +51,12 @@ impl fmt::Debug for TaskId {
 impl FromStr for TaskId {
     type Err = Error;
     fn from_str(s: &str) -> Result<TaskId> {
-        Uuid::parse_str(s.trim()).map(TaskId).map_err(|e| Error::Invalid {
-            what: "task id",
-            reason: format!("{s:?} is not a UUID ({e})"),
-        })
+        Uuid::parse_str(s.trim())
+            .map(TaskId)
+            .map_err(|e| Error::Invalid {
+                what: "task id",
+                reason: format!("{s:?} is not a UUID ({e})"),
+            })
     }
 }
 
@@ -141,7 +143,9 @@ impl FromStr for Status {
 }
 
 /// A point in time: milliseconds since the Unix epoch, UTC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
+)]
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
@@ -168,12 +172,18 @@ impl Timestamp {
 
     /// This time plus `d` (saturating).
     pub fn plus(self, d: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+        Timestamp(
+            self.0
+                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
     }
 
     /// This time minus `d` (saturating at the epoch).
     pub fn minus(self, d: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+        Timestamp(
+            self.0
+                .saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
     }
 
     /// How long after `earlier` this is (zero if it is not after).
@@ -198,7 +208,11 @@ impl std::ops::Sub<Duration> for Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_rfc3339_millis(self.to_system_time()))
+        write!(
+            f,
+            "{}",
+            humantime::format_rfc3339_millis(self.to_system_time())
+        )
     }
 }
 
@@ -253,7 +267,11 @@ impl TaskError {
 
 impl fmt::Display for TaskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = if self.permanent { "permanent" } else { "transient" };
+        let kind = if self.permanent {
+            "permanent"
+        } else {
+            "transient"
+        };
         write!(f, "{} ({kind}): {}", self.error_type, self.message)
     }
 }
@@ -364,13 +382,15 @@ impl TaskInfo {
         let Some(bytes) = &self.result else {
             return Ok(None);
         };
-        serde_json::from_slice(bytes).map(Some).map_err(|e| Error::Payload {
-            what: "result",
-            id: self.id,
-            kind: self.kind.clone(),
-            type_name: std::any::type_name::<T>(),
-            reason: e.to_string(),
-        })
+        serde_json::from_slice(bytes)
+            .map(Some)
+            .map_err(|e| Error::Payload {
+                what: "result",
+                id: self.id,
+                kind: self.kind.clone(),
+                type_name: std::any::type_name::<T>(),
+                reason: e.to_string(),
+            })
     }
 
     /// The payload as a JSON value, for display.

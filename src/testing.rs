@@ -178,7 +178,12 @@ pub fn run_due(queue: &Queue) -> Result<RunReport> {
         });
         let id = task.id;
         let lease = task.lease;
-        match commit::call(inner.tx()?, |reply| Command::Finish { id, lease, outcome, reply })? {
+        match commit::call(inner.tx()?, |reply| Command::Finish {
+            id,
+            lease,
+            outcome,
+            reply,
+        })? {
             Finished::Applied(_) | Finished::Stale => {}
         }
     }
@@ -194,7 +199,10 @@ pub fn run_until_idle(queue: &Queue, clock: &ManualClock, max_rounds: usize) -> 
         total.executions += r.executions;
         total.log.extend(r.log);
         let now = clock.now();
-        let scan = queue.inner.store.due(&QueueSet::All, now, 1, &HashSet::new())?;
+        let scan = queue
+            .inner
+            .store
+            .due(&QueueSet::All, now, 1, &HashSet::new())?;
         if !scan.ready.is_empty() {
             continue;
         }
@@ -255,7 +263,12 @@ impl Claimed {
     fn finish(self, outcome: Outcome) -> Result<bool> {
         let id = self.task.id;
         let lease = self.task.lease;
-        let r = commit::call(self.queue.inner.tx()?, |reply| Command::Finish { id, lease, outcome, reply })?;
+        let r = commit::call(self.queue.inner.tx()?, |reply| Command::Finish {
+            id,
+            lease,
+            outcome,
+            reply,
+        })?;
         Ok(matches!(r, Finished::Applied(_)))
     }
 }
@@ -292,5 +305,9 @@ pub fn claim_next(queue: &Queue) -> Result<Option<Claimed>> {
 /// When the next scheduled (not yet due) task becomes due, if any.
 pub fn next_due_at(queue: &Queue) -> Result<Option<Timestamp>> {
     let now = queue.inner.clock.now();
-    Ok(queue.inner.store.due(&QueueSet::All, now, 1, &HashSet::new())?.next_wake)
+    Ok(queue
+        .inner
+        .store
+        .due(&QueueSet::All, now, 1, &HashSet::new())?
+        .next_wake)
 }

@@ -53,7 +53,10 @@ impl WorkerPoolBuilder {
     pub(crate) fn new(queue: Queue) -> WorkerPoolBuilder {
         WorkerPoolBuilder {
             queue,
-            concurrency: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4).max(2),
+            concurrency: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(4)
+                .max(2),
             queues: QueueSet::All,
             grace: Duration::from_secs(30),
         }
@@ -291,7 +294,12 @@ impl Dispatcher {
             return;
         }
         let commands = std::mem::take(&mut self.outbox);
-        if let Err(e) = self.queue.inner.tx().and_then(|tx| tx.send(Command::Many(commands)).map_err(|_| Error::Closed)) {
+        if let Err(e) = self
+            .queue
+            .inner
+            .tx()
+            .and_then(|tx| tx.send(Command::Many(commands)).map_err(|_| Error::Closed))
+        {
             tracing::error!(error = %e, "could not send outcomes to the writer; their workers record them directly");
         }
     }
@@ -300,7 +308,8 @@ impl Dispatcher {
     fn sleep_for(&mut self, stopping: Option<Instant>) -> Duration {
         let now = self.queue.now();
         let mut wake_at: Option<Timestamp> = None;
-        let mut consider = |t: Timestamp| wake_at = Some(wake_at.map_or(t, |w: Timestamp| w.min(t)));
+        let mut consider =
+            |t: Timestamp| wake_at = Some(wake_at.map_or(t, |w: Timestamp| w.min(t)));
         for r in self.running.values() {
             if let Some(d) = r.deadline {
                 consider(d);
@@ -329,7 +338,11 @@ impl Dispatcher {
     fn claim_while_free(&mut self) -> Result<()> {
         while self.free > 0 {
             let now = self.queue.now();
-            let scan = self.queue.inner.store.due(&self.queues, now, self.free, &self.skip)?;
+            let scan = self
+                .queue
+                .inner
+                .store
+                .due(&self.queues, now, self.free, &self.skip)?;
             if scan.ready.is_empty() {
                 return Ok(());
             }
@@ -362,7 +375,9 @@ impl Dispatcher {
     }
 
     fn dispatch(&mut self, task: TaskInfo) {
-        let deadline = task.timeout().map(|t| task.started_at.unwrap_or_else(|| self.queue.now()).plus(t));
+        let deadline = task
+            .timeout()
+            .map(|t| task.started_at.unwrap_or_else(|| self.queue.now()).plus(t));
         let ctx = Arc::new(TaskContext::new(&task, deadline, self.cancel_all.clone()));
         self.running.insert(
             task.id,
@@ -388,14 +403,31 @@ impl Dispatcher {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            let Some(r) = self.running.get(&id) else { continue };
+            let Some(r) = self.running.get(&id) else {
+                continue;
+            };
             // Whoever flips the state first decides: the worker (finished in time) or us.
-            if r.ctx.state.compare_exchange(EXEC_RUNNING, EXEC_TIMED_OUT, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            if r.ctx
+                .state
+                .compare_exchange(
+                    EXEC_RUNNING,
+                    EXEC_TIMED_OUT,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_err()
+            {
                 continue;
             }
             let lease = r.lease;
             let limit = r.timeout.unwrap_or_default();
-            let error = TaskError::transient("timeout", format!("attempt {} exceeded its timeout of {limit:?}", r.ctx.attempt()));
+            let error = TaskError::transient(
+                "timeout",
+                format!(
+                    "attempt {} exceeded its timeout of {limit:?}",
+                    r.ctx.attempt()
+                ),
+            );
             let outcome = self.queue.inner.tx().and_then(|tx| {
                 commit::call(tx, |reply| Command::Finish {
                     id,
@@ -429,10 +461,14 @@ fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<Done>) {
         let id = job.task.id;
         let lease = job.task.lease;
         let direct = |outcome: Outcome| {
-            queue
-                .inner
-                .tx()
-                .and_then(|tx| commit::call(tx, |reply| Command::Finish { id, lease, outcome, reply }))
+            queue.inner.tx().and_then(|tx| {
+                commit::call(tx, |reply| Command::Finish {
+                    id,
+                    lease,
+                    outcome,
+                    reply,
+                })
+            })
         };
         let result = if in_time {
             // Hand the outcome to the dispatcher, which commits it in the same group as its next
@@ -440,8 +476,17 @@ fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<Done>) {
             // (stop() gave up on this execution), the reply channel closes unanswered and the
             // outcome is committed directly; lease fencing makes a repeat harmless.
             let (reply, reply_rx) = crossbeam_channel::bounded(1);
-            let finish = Command::Finish { id, lease, outcome: outcome.clone(), reply };
-            match done.send(Done { id, finish }).ok().and_then(|()| reply_rx.recv().ok()) {
+            let finish = Command::Finish {
+                id,
+                lease,
+                outcome: outcome.clone(),
+                reply,
+            };
+            match done
+                .send(Done { id, finish })
+                .ok()
+                .and_then(|()| reply_rx.recv().ok())
+            {
                 Some(r) => r,
                 None => direct(outcome),
             }
@@ -450,8 +495,12 @@ fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<Done>) {
         };
         match result {
             Ok(Finished::Applied(_)) => {}
-            Ok(Finished::Stale) => tracing::info!(task = %id, attempt = job.task.attempts, "late result of a closed attempt rejected"),
-            Err(e) => tracing::error!(task = %id, error = %e, "could not record the outcome; the task stays RUNNING until the next open recovers it"),
+            Ok(Finished::Stale) => {
+                tracing::info!(task = %id, attempt = job.task.attempts, "late result of a closed attempt rejected")
+            }
+            Err(e) => {
+                tracing::error!(task = %id, error = %e, "could not record the outcome; the task stays RUNNING until the next open recovers it")
+            }
         }
         if !in_time {
             // A replacement thread took our place when this execution timed out.

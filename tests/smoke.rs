@@ -46,7 +46,11 @@ fn enqueue_run_and_reopen() {
 fn manual_clock_runs_the_schedule() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::starting_at_epoch_plus(Duration::from_secs(1000));
-    let q = Queue::builder(dir.path()).clock(clock.clone()).jitter_seed(1).open().unwrap();
+    let q = Queue::builder(dir.path())
+        .clock(clock.clone())
+        .jitter_seed(1)
+        .open()
+        .unwrap();
     q.register(|_: Echo, ctx: &TaskContext| -> Result<u32, TaskError> {
         if ctx.attempt() < 3 {
             Err(TaskError::transient("network", "down"))
@@ -54,7 +58,9 @@ fn manual_clock_runs_the_schedule() {
             Ok(ctx.attempt())
         }
     });
-    let id = q.enqueue_with(Echo { n: 1 }, EnqueueOptions::new().max_retries(3)).unwrap();
+    let id = q
+        .enqueue_with(Echo { n: 1 }, EnqueueOptions::new().max_retries(3))
+        .unwrap();
     let r = testing::run_until_idle(&q, &clock, 100).unwrap();
     assert_eq!(r.executions, 3);
     let t = q.get(id).unwrap().unwrap();

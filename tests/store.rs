@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use omniq::testing::{self, ManualClock};
-use omniq::{EnqueueOptions, Error, ListFilter, Queue, Status, Task, TaskContext, TaskError, TaskId};
+use omniq::{
+    EnqueueOptions, Error, ListFilter, Queue, Status, Task, TaskContext, TaskError, TaskId,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
@@ -26,7 +28,11 @@ impl Task for Other {
 
 fn manual_queue(dir: &std::path::Path) -> (Queue, ManualClock) {
     let clock = ManualClock::starting_at_epoch_plus(Duration::from_secs(1_000_000));
-    let q = Queue::builder(dir).clock(clock.clone()).jitter_seed(3).open().unwrap();
+    let q = Queue::builder(dir)
+        .clock(clock.clone())
+        .jitter_seed(3)
+        .open()
+        .unwrap();
     (q, clock)
 }
 
@@ -40,7 +46,13 @@ fn list_paging_returns_every_task_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let (q, _clock) = manual_queue(dir.path());
     let mut ids: Vec<TaskId> = q.enqueue_many((0..237).map(|n| Job { n })).unwrap();
-    ids.extend(q.enqueue_many_with((0..45).map(|n| Job { n }), EnqueueOptions::new().queue("mail")).unwrap());
+    ids.extend(
+        q.enqueue_many_with(
+            (0..45).map(|n| Job { n }),
+            EnqueueOptions::new().queue("mail"),
+        )
+        .unwrap(),
+    );
     for id in ids.iter().take(20) {
         q.cancel(*id).unwrap();
     }
@@ -49,7 +61,13 @@ fn list_paging_returns_every_task_exactly_once() {
         (ListFilter::new().status(Status::Pending), ids.len() - 20),
         (ListFilter::new().status(Status::Cancelled), 20),
         (ListFilter::new().queue("mail"), 45),
-        (ListFilter::new().kind("job").status(Status::Pending).queue("default"), 237 - 20),
+        (
+            ListFilter::new()
+                .kind("job")
+                .status(Status::Pending)
+                .queue("default"),
+            237 - 20,
+        ),
         (ListFilter::new().kind("nope"), 0),
     ] {
         for page_size in [1, 7, 50, 1000] {
@@ -57,7 +75,9 @@ fn list_paging_returns_every_task_exactly_once() {
             let mut cursor = None;
             let mut pages = 0;
             loop {
-                let page = q.list(&filter.clone().limit(page_size).cursor(cursor)).unwrap();
+                let page = q
+                    .list(&filter.clone().limit(page_size).cursor(cursor))
+                    .unwrap();
                 assert!(page.tasks.len() <= page_size);
                 assert!(page.corrupt.is_empty());
                 seen.extend(page.tasks.iter().map(|t| t.id));
@@ -69,7 +89,11 @@ fn list_paging_returns_every_task_exactly_once() {
                 }
             }
             let unique: HashSet<_> = seen.iter().collect();
-            assert_eq!(unique.len(), seen.len(), "a task appeared twice ({filter:?}, page {page_size})");
+            assert_eq!(
+                unique.len(),
+                seen.len(),
+                "a task appeared twice ({filter:?}, page {page_size})"
+            );
             assert_eq!(seen.len(), expected, "{filter:?}, page {page_size}");
             let mut sorted = seen.clone();
             sorted.sort_by(|a, b| b.cmp(a));
@@ -91,7 +115,13 @@ fn stats_count_per_status_and_queue() {
         }
     });
     q.enqueue_many((0..9).map(|n| Job { n })).unwrap();
-    q.enqueue_with(Job { n: 1 }, EnqueueOptions::new().queue("later").delay(Duration::from_secs(60))).unwrap();
+    q.enqueue_with(
+        Job { n: 1 },
+        EnqueueOptions::new()
+            .queue("later")
+            .delay(Duration::from_secs(60)),
+    )
+    .unwrap();
     let stats = q.stats().unwrap();
     assert_eq!(stats.count(Status::Pending), 10);
     assert_eq!(stats.total, 10);
@@ -117,14 +147,25 @@ fn cancel_is_for_pending_tasks_only() {
     let cancelled = q.cancel(a).unwrap();
     assert_eq!(cancelled.status, Status::Cancelled);
     match q.cancel(a) {
-        Err(Error::InvalidState { id, status: Status::Cancelled, .. }) => assert_eq!(id, a),
+        Err(Error::InvalidState {
+            id,
+            status: Status::Cancelled,
+            ..
+        }) => assert_eq!(id, a),
         other => panic!("expected InvalidState, got {other:?}"),
     }
     let claimed = testing::claim_next(&q).unwrap().unwrap();
     assert_eq!(claimed.task.id, b);
     let err = q.cancel(b).unwrap_err();
-    assert!(err.to_string().contains(&b.to_string()) && err.to_string().contains("RUNNING"), "{err}");
-    assert_eq!(q.get(b).unwrap().unwrap().status, Status::Running, "a refused cancel changes nothing");
+    assert!(
+        err.to_string().contains(&b.to_string()) && err.to_string().contains("RUNNING"),
+        "{err}"
+    );
+    assert_eq!(
+        q.get(b).unwrap().unwrap().status,
+        Status::Running,
+        "a refused cancel changes nothing"
+    );
     let missing: TaskId = "0190f5a2-0000-7000-8000-000000000000".parse().unwrap();
     assert!(matches!(q.cancel(missing), Err(Error::NotFound(id)) if id == missing));
     claimed.succeed(&7u64).unwrap();
@@ -135,25 +176,49 @@ fn cancel_is_for_pending_tasks_only() {
 fn claim_order_is_priority_then_due_time_then_enqueue_order() {
     let dir = tempfile::tempdir().unwrap();
     let (q, clock) = manual_queue(dir.path());
-    let low = q.enqueue_with(Job { n: 0 }, EnqueueOptions::new().priority(-5)).unwrap();
+    let low = q
+        .enqueue_with(Job { n: 0 }, EnqueueOptions::new().priority(-5))
+        .unwrap();
     let first = q.enqueue(Job { n: 1 }).unwrap();
     let second = q.enqueue(Job { n: 2 }).unwrap();
-    let high = q.enqueue_with(Job { n: 3 }, EnqueueOptions::new().priority(9).queue("other")).unwrap();
-    let scheduled_high = q.enqueue_with(Job { n: 4 }, EnqueueOptions::new().priority(100).delay(Duration::from_secs(5))).unwrap();
+    let high = q
+        .enqueue_with(
+            Job { n: 3 },
+            EnqueueOptions::new().priority(9).queue("other"),
+        )
+        .unwrap();
+    let scheduled_high = q
+        .enqueue_with(
+            Job { n: 4 },
+            EnqueueOptions::new()
+                .priority(100)
+                .delay(Duration::from_secs(5)),
+        )
+        .unwrap();
     let mut order = Vec::new();
     while let Some(c) = testing::claim_next(&q).unwrap() {
         order.push(c.task.id);
         c.succeed(&0u64).unwrap();
     }
-    assert_eq!(order, vec![high, first, second, low], "not-yet-due work waits whatever its priority");
+    assert_eq!(
+        order,
+        vec![high, first, second, low],
+        "not-yet-due work waits whatever its priority"
+    );
     clock.advance(Duration::from_secs(5));
-    assert_eq!(testing::claim_next(&q).unwrap().unwrap().task.id, scheduled_high);
+    assert_eq!(
+        testing::claim_next(&q).unwrap().unwrap().task.id,
+        scheduled_high
+    );
 }
 
 #[test]
 fn enqueue_validates_its_input_and_stores_nothing_on_error() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::builder(dir.path()).max_payload_bytes(64).open().unwrap();
+    let q = Queue::builder(dir.path())
+        .max_payload_bytes(64)
+        .open()
+        .unwrap();
     #[derive(Serialize, Deserialize)]
     struct Big(String);
     impl Task for Big {
@@ -161,13 +226,31 @@ fn enqueue_validates_its_input_and_stores_nothing_on_error() {
         type Output = ();
     }
     let err = q.enqueue(Big("x".repeat(100))).unwrap_err();
-    assert!(err.to_string().contains("payload") && err.to_string().contains("big"), "{err}");
-    let err = q.enqueue_with(Job { n: 1 }, EnqueueOptions::new().queue("")).unwrap_err();
-    assert!(matches!(err, Error::Invalid { what: "queue name", .. }), "{err}");
-    let err = q.enqueue_with(Job { n: 1 }, EnqueueOptions::new().queue("x".repeat(200))).unwrap_err();
+    assert!(
+        err.to_string().contains("payload") && err.to_string().contains("big"),
+        "{err}"
+    );
+    let err = q
+        .enqueue_with(Job { n: 1 }, EnqueueOptions::new().queue(""))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Invalid {
+                what: "queue name",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = q
+        .enqueue_with(Job { n: 1 }, EnqueueOptions::new().queue("x".repeat(200)))
+        .unwrap_err();
     assert!(matches!(err, Error::Invalid { .. }));
     // One bad task in a batch: nothing of the batch is stored.
-    let err = q.enqueue_many(vec![Big("ok".into()), Big("y".repeat(100))]).unwrap_err();
+    let err = q
+        .enqueue_many(vec![Big("ok".into()), Big("y".repeat(100))])
+        .unwrap_err();
     assert!(matches!(err, Error::Invalid { .. }));
     assert_eq!(q.stats().unwrap().total, 0);
     assert_consistent(&q);
@@ -179,7 +262,11 @@ fn wait_blocks_until_terminal_and_times_out_otherwise() {
     let q = Queue::open(dir.path()).unwrap();
     let id = q.enqueue(Job { n: 5 }).unwrap();
     match q.wait(id, Duration::from_millis(50)) {
-        Err(Error::WaitTimeout { id: got, status: Status::Pending, .. }) => assert_eq!(got, id),
+        Err(Error::WaitTimeout {
+            id: got,
+            status: Status::Pending,
+            ..
+        }) => assert_eq!(got, id),
         other => panic!("expected WaitTimeout, got {other:?}"),
     }
     let waiter = {
@@ -208,7 +295,10 @@ fn purge_removes_old_finished_tasks_and_their_logs_only() {
     assert_eq!(report.tasks_removed, 30);
     for id in &old {
         assert!(q.get(*id).unwrap().is_none());
-        assert!(q.history(*id).unwrap().is_empty(), "purge removes the log too");
+        assert!(
+            q.history(*id).unwrap().is_empty(),
+            "purge removes the log too"
+        );
     }
     for id in &recent {
         assert_eq!(q.get(*id).unwrap().unwrap().status, Status::Completed);
@@ -233,7 +323,10 @@ fn retention_purges_automatically() {
     // The retention thread removes it; wait for the removal without polling the store.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while q.get(id).unwrap().is_some() {
-        assert!(std::time::Instant::now() < deadline, "retention never purged the task");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention never purged the task"
+        );
         let _ = events.recv_timeout(Duration::from_millis(20));
     }
     assert_consistent(&q);
@@ -256,7 +349,11 @@ fn everything_acknowledged_survives_close_and_reopen() {
         q.cancel(cancelled).unwrap();
     }
     let q = Queue::open(dir.path()).unwrap();
-    assert_eq!(q.recovery_report().run_id, first_seq_run + 1, "each open is a new run");
+    assert_eq!(
+        q.recovery_report().run_id,
+        first_seq_run + 1,
+        "each open is a new run"
+    );
     assert_eq!(q.recovery_report().recovered, 0);
     for (id, n) in &expected {
         let t = q.get(*id).unwrap().unwrap();
@@ -264,7 +361,10 @@ fn everything_acknowledged_survives_close_and_reopen() {
     }
     assert_eq!(q.get(cancelled).unwrap().unwrap().status, Status::Cancelled);
     let history = q.history(cancelled).unwrap();
-    assert_eq!(history.iter().map(|e| e.to).collect::<Vec<_>>(), vec![Status::Pending, Status::Cancelled]);
+    assert_eq!(
+        history.iter().map(|e| e.to).collect::<Vec<_>>(),
+        vec![Status::Pending, Status::Cancelled]
+    );
     assert_consistent(&q);
 }
 
@@ -274,13 +374,23 @@ fn orphans_are_recovered_at_open_and_charged() {
     let clock = ManualClock::starting_at_epoch_plus(Duration::from_secs(1_000_000));
     let (retryable, spent);
     {
-        let q = Queue::builder(dir.path()).clock(clock.clone()).open().unwrap();
-        retryable = q.enqueue_with(Job { n: 1 }, EnqueueOptions::new().max_retries(1)).unwrap();
-        spent = q.enqueue_with(Job { n: 2 }, EnqueueOptions::new().max_retries(0)).unwrap();
+        let q = Queue::builder(dir.path())
+            .clock(clock.clone())
+            .open()
+            .unwrap();
+        retryable = q
+            .enqueue_with(Job { n: 1 }, EnqueueOptions::new().max_retries(1))
+            .unwrap();
+        spent = q
+            .enqueue_with(Job { n: 2 }, EnqueueOptions::new().max_retries(0))
+            .unwrap();
         testing::claim_next(&q).unwrap().unwrap().abandon();
         testing::claim_next(&q).unwrap().unwrap().abandon();
     }
-    let q = Queue::builder(dir.path()).clock(clock.clone()).open().unwrap();
+    let q = Queue::builder(dir.path())
+        .clock(clock.clone())
+        .open()
+        .unwrap();
     let r = q.recovery_report();
     assert_eq!((r.recovered, r.requeued, r.failed), (2, 1, 1));
     let t = q.get(retryable).unwrap().unwrap();

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::error::Result;
-use crate::inspect::{ConsistencyReport, Page, ListFilter};
+use crate::inspect::{ConsistencyReport, ListFilter, Page};
 use crate::log::LogEntry;
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
@@ -52,7 +52,13 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn get(&self, id: TaskId) -> Result<Option<TaskInfo>>;
     /// Up to `limit` due tasks (`next_run <= now`) ordered by priority, due time, enqueue
     /// order, skipping `skip`.
-    fn due(&self, queues: &QueueSet, now: Timestamp, limit: usize, skip: &HashSet<TaskId>) -> Result<DueScan>;
+    fn due(
+        &self,
+        queues: &QueueSet,
+        now: Timestamp,
+        limit: usize,
+        skip: &HashSet<TaskId>,
+    ) -> Result<DueScan>;
     /// Ids in one state, oldest first (recovery uses it for `Running`).
     fn ids_in_state(&self, status: Status) -> Result<Vec<TaskId>>;
     /// A page of tasks, newest first.

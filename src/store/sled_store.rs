@@ -56,7 +56,9 @@ impl Drop for LockRelease {
     fn drop(&mut self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            let Ok(file) = File::open(&self.db_file) else { return };
+            let Ok(file) = File::open(&self.db_file) else {
+                return;
+            };
             match file.try_lock() {
                 Ok(()) => {
                     let _ = file.unlock();
@@ -114,7 +116,8 @@ impl SledStore {
                 open_err(e.to_string())
             }
         })?;
-        let data_file = File::open(dir.join("db")).map_err(|e| open_err(format!("cannot open sled's data file: {e}")))?;
+        let data_file = File::open(dir.join("db"))
+            .map_err(|e| open_err(format!("cannot open sled's data file: {e}")))?;
         let mut store = SledStore {
             dir: dir.to_path_buf(),
             db,
@@ -123,7 +126,9 @@ impl SledStore {
             last_seq: Mutex::new(0),
             run_id: 0,
             synced_blobs: Mutex::new(HashSet::new()),
-            _lock_release: LockRelease { db_file: dir.join("db") },
+            _lock_release: LockRelease {
+                db_file: dir.join("db"),
+            },
         };
         store.check_format(existed)?;
         if !existed {
@@ -134,7 +139,10 @@ impl SledStore {
             }
         }
         store.run_id = store.read_meta_u64(keys::META_RUN)? + 1;
-        store.db.insert(keys::META_RUN, codec::encode(RecordKind::Meta, &store.run_id)?)?;
+        store.db.insert(
+            keys::META_RUN,
+            codec::encode(RecordKind::Meta, &store.run_id)?,
+        )?;
         *store.last_seq.lock() = store.read_meta_u64(keys::META_SEQ)?;
         store.load_counters()?;
         store.sync()?;
@@ -155,12 +163,16 @@ impl SledStore {
                 Ok(())
             }
             None if self.db.is_empty() || !existed => {
-                self.db.insert(keys::META_FORMAT, codec::encode(RecordKind::Meta, &FORMAT_VERSION)?)?;
+                self.db.insert(
+                    keys::META_FORMAT,
+                    codec::encode(RecordKind::Meta, &FORMAT_VERSION)?,
+                )?;
                 Ok(())
             }
             None => Err(Error::Open {
                 path: self.dir.clone(),
-                reason: "it holds a sled database that omniq did not write (no format version)".into(),
+                reason: "it holds a sled database that omniq did not write (no format version)"
+                    .into(),
             }),
         }
     }
@@ -271,7 +283,8 @@ impl SledStore {
                 }
                 bucket = Some(pk.priority);
                 if pk.next_run > now {
-                    scan.next_wake = Some(scan.next_wake.map_or(pk.next_run, |w| w.min(pk.next_run)));
+                    scan.next_wake =
+                        Some(scan.next_wake.map_or(pk.next_run, |w| w.min(pk.next_run)));
                     let pb = keys::priority_byte(pk.priority);
                     if pb == u8::MAX {
                         break 'buckets;
@@ -330,12 +343,19 @@ impl Store for SledStore {
                 }
             }
             if let Some(entry) = &ch.log {
-                batch.insert(keys::log(entry.task_id, entry.seq), codec::encode(RecordKind::Log, entry)?);
+                batch.insert(
+                    keys::log(entry.task_id, entry.seq),
+                    codec::encode(RecordKind::Log, entry)?,
+                );
             }
         }
         for (queue, status) in &touched {
             let key = keys::count(*status, queue);
-            match counters.get(&(queue.clone(), *status)).copied().unwrap_or(0) {
+            match counters
+                .get(&(queue.clone(), *status))
+                .copied()
+                .unwrap_or(0)
+            {
                 0 => {
                     counters.remove(&(queue.clone(), *status));
                     batch.remove(key);
@@ -361,7 +381,13 @@ impl Store for SledStore {
         }
     }
 
-    fn due(&self, queues: &QueueSet, now: Timestamp, limit: usize, skip: &HashSet<TaskId>) -> Result<DueScan> {
+    fn due(
+        &self,
+        queues: &QueueSet,
+        now: Timestamp,
+        limit: usize,
+        skip: &HashSet<TaskId>,
+    ) -> Result<DueScan> {
         let names: Vec<String> = match queues {
             QueueSet::Named(names) => names.clone(),
             // Only queues that have pending work, from the counters.
@@ -543,7 +569,10 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
     for (id, t) in &tasks {
         match states.get(id).map(Vec::as_slice) {
             Some([st]) if *st == t.status => {}
-            other => p(format!("task {id} is {} but the state index has {other:?}", t.status)),
+            other => p(format!(
+                "task {id} is {} but the state index has {other:?}",
+                t.status
+            )),
         }
     }
     for id in states.keys() {
@@ -556,20 +585,32 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
     for item in s.db.scan_prefix([keys::PENDING]).keys() {
         let pk = keys::decode_pending(&item?)?;
         match tasks.get(&pk.id) {
-            Some(t) if t.status == Status::Pending
-                && t.queue == pk.queue
-                && t.priority == pk.priority
-                && t.next_run_at == pk.next_run => {}
-            Some(t) => p(format!("pending index entry {pk:?} disagrees with task {} ({})", t.id, t.status)),
-            None => p(format!("pending index names task {}, which has no record", pk.id)),
+            Some(t)
+                if t.status == Status::Pending
+                    && t.queue == pk.queue
+                    && t.priority == pk.priority
+                    && t.next_run_at == pk.next_run => {}
+            Some(t) => p(format!(
+                "pending index entry {pk:?} disagrees with task {} ({})",
+                t.id, t.status
+            )),
+            None => p(format!(
+                "pending index names task {}, which has no record",
+                pk.id
+            )),
         }
         if !pending_seen.insert(pk.id) {
-            p(format!("task {} has more than one pending index entry", pk.id));
+            p(format!(
+                "task {} has more than one pending index entry",
+                pk.id
+            ));
         }
     }
     for (id, t) in &tasks {
         if t.status == Status::Pending && !pending_seen.contains(id) {
-            p(format!("pending task {id} is missing from the pending index"));
+            p(format!(
+                "pending task {id} is missing from the pending index"
+            ));
         }
     }
     // Finished index: exactly the terminal tasks.
@@ -578,13 +619,17 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
         let (at, id) = keys::decode_finished(&item?)?;
         match tasks.get(&id) {
             Some(t) if t.status.is_terminal() && t.finished_at == Some(at) => {}
-            _ => p(format!("finished index entry for {id} at {at} disagrees with its record")),
+            _ => p(format!(
+                "finished index entry for {id} at {at} disagrees with its record"
+            )),
         }
         finished_seen.insert(id);
     }
     for (id, t) in &tasks {
         if t.status.is_terminal() && !finished_seen.contains(id) {
-            p(format!("terminal task {id} is missing from the finished index"));
+            p(format!(
+                "terminal task {id} is missing from the finished index"
+            ));
         }
     }
     // Counters equal a recount.
@@ -593,7 +638,10 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
         *recount.entry((t.queue.clone(), t.status)).or_insert(0) += 1;
     }
     if recount != s.counts() {
-        p(format!("counters {:?} differ from a recount {recount:?}", s.counts()));
+        p(format!(
+            "counters {:?} differ from a recount {recount:?}",
+            s.counts()
+        ));
     }
     // Log: per task, strictly increasing sequence numbers, ending in the task's state, and one
     // claim per counted attempt since the last manual retry.
@@ -604,10 +652,17 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
         let (id, seq) = keys::decode_log(&k)?;
         let entry: LogEntry = codec::decode(RecordKind::Log, &v, &|| keys::describe(&k))?;
         if entry.seq != seq || entry.task_id != id {
-            p(format!("log entry at {} holds seq {} of task {}", keys::describe(&k), entry.seq, entry.task_id));
+            p(format!(
+                "log entry at {} holds seq {} of task {}",
+                keys::describe(&k),
+                entry.seq,
+                entry.task_id
+            ));
         }
         if seq > last_seq {
-            p(format!("log entry {seq} is beyond the stored last sequence {last_seq}"));
+            p(format!(
+                "log entry {seq} is beyond the stored last sequence {last_seq}"
+            ));
         }
         report.log_entries += 1;
         logs.entry(id).or_default().push(entry);
@@ -618,23 +673,39 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
             continue;
         };
         if entries.windows(2).any(|w| w[0].seq >= w[1].seq) {
-            p(format!("task {id}: log sequence numbers do not strictly increase"));
+            p(format!(
+                "task {id}: log sequence numbers do not strictly increase"
+            ));
         }
         if entries.windows(2).any(|w| w[1].from != Some(w[0].to)) {
-            p(format!("task {id}: log transitions do not chain (a 'from' differs from the previous 'to')"));
+            p(format!(
+                "task {id}: log transitions do not chain (a 'from' differs from the previous 'to')"
+            ));
         }
         if entries.last().map(|e| e.to) != Some(t.status) {
-            p(format!("task {id} is {} but its last log entry says {:?}", t.status, entries.last().map(|e| e.to)));
+            p(format!(
+                "task {id} is {} but its last log entry says {:?}",
+                t.status,
+                entries.last().map(|e| e.to)
+            ));
         }
-        let since_reset = entries.iter().rev().take_while(|e| e.cause != Cause::ManualRetry);
+        let since_reset = entries
+            .iter()
+            .rev()
+            .take_while(|e| e.cause != Cause::ManualRetry);
         let claims = since_reset.filter(|e| e.cause == Cause::Claimed).count();
         if claims as u32 != t.attempts {
-            p(format!("task {id} has attempts = {} but {claims} claims in its log", t.attempts));
+            p(format!(
+                "task {id} has attempts = {} but {claims} claims in its log",
+                t.attempts
+            ));
         }
     }
     for id in logs.keys() {
         if !tasks.contains_key(id) {
-            p(format!("log entries exist for task {id}, which has no record"));
+            p(format!(
+                "log entries exist for task {id}, which has no record"
+            ));
         }
     }
     report.tasks = tasks.len();
