@@ -58,7 +58,7 @@ fn build(path: &Path, total: usize, orphans: usize) {
         q.enqueue_many((next..next + k).map(|n| Noop { n }))
             .unwrap();
         next += k;
-        if next % 100_000 == 0 {
+        if next.is_multiple_of(100_000) {
             eprintln!(
                 "  built {next}/{total} tasks ({:.1} s)",
                 t0.elapsed().as_secs_f64()
