@@ -67,7 +67,7 @@ fn golden(parts: &[&str]) -> Vec<u8> {
     for part in parts {
         let (hex_part, text) = part.split_once('\'').unwrap_or((part, ""));
         let digits: String = hex_part.chars().filter(|c| !c.is_whitespace()).collect();
-        assert!(digits.len() % 2 == 0, "odd hex segment {part:?}");
+        assert!(digits.len().is_multiple_of(2), "odd hex segment {part:?}");
         for i in (0..digits.len()).step_by(2) {
             out.push(
                 u8::from_str_radix(&digits[i..i + 2], 16)
