@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
 
 use crate::clock::Clock;
 use crate::error::{Error, Result};
@@ -103,6 +104,8 @@ pub(crate) struct Writer {
     pub jitter: Box<dyn JitterSource>,
     pub backoff: BackoffTable,
     pub durability: Durability,
+    /// Set when a sync failed: the store may hold writes that never reached disk.
+    pub poisoned: Arc<Mutex<Option<String>>>,
 }
 
 /// A reply waiting for its group's commit: called with the commit error, if any.
@@ -203,6 +206,24 @@ impl Writer {
             Durability::Immediate => 1,
             _ => MAX_GROUP,
         };
+        // Pipelining: this thread applies group N+1 to sled while the syncer thread makes group
+        // N durable, so the CPU work of a group overlaps the previous group's fsync. Replies and
+        // notifications are sent by the syncer, in group order, only once their group is durable.
+        // `Immediate` keeps everything on this thread: each write is its own flush + fsync.
+        let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<Applied>();
+        let syncer = match self.durability {
+            Durability::Immediate => None,
+            _ => {
+                let store = self.store.clone();
+                let notify = self.notify.clone();
+                let poisoned = self.poisoned.clone();
+                std::thread::Builder::new()
+                    .name("omniq-syncer".into())
+                    .spawn(move || run_syncer(&*store, &notify, &poisoned, sync_rx))
+                    .map_err(|e| tracing::error!(error = %e, "cannot start the syncer thread; syncing on the writer"))
+                    .ok()
+            }
+        };
         while let Ok(first) = rx.recv() {
             let mut commands = vec![first];
             while commands.len() < max {
@@ -211,11 +232,26 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_group(commands);
+            let applied = self.apply_group(commands, syncer.is_none());
+            match &syncer {
+                Some(_) => {
+                    if let Err(e) = sync_tx.send(applied) {
+                        // The syncer is gone (it panicked): nothing can be acknowledged any more.
+                        finish(e.into_inner(), Some(&Error::Closed), &self.notify);
+                    }
+                }
+                None => finish(applied, None, &self.notify),
+            }
+        }
+        drop(sync_tx);
+        if let Some(h) = syncer {
+            let _ = h.join();
         }
     }
 
-    fn commit_group(&mut self, commands: Vec<Command>) {
+    /// Applies one group to the store (atomically). With `sync_here` it is also made durable
+    /// on this thread (as the mode requires); otherwise the syncer does that.
+    fn apply_group(&mut self, commands: Vec<Command>, sync_here: bool) -> Applied {
         let mut group = Group {
             store: &*self.store,
             overlay: HashMap::new(),
@@ -225,6 +261,18 @@ impl Writer {
             run_id: self.store.run_id(),
             has_claim: false,
         };
+        if let Some(reason) = self.poisoned.lock().clone() {
+            let err = Error::Storage(format!(
+                "an earlier commit failed to reach disk ({reason}); reopen the queue"
+            ));
+            let replies = commands.into_iter().map(|c| refuse(c, &err)).collect();
+            return Applied {
+                changes: Vec::new(),
+                replies,
+                durable: false,
+                error: Some(err),
+            };
+        }
         let mut replies: Vec<Pending> = Vec::with_capacity(commands.len());
         for cmd in commands {
             replies.push(apply(&mut group, cmd, &mut *self.jitter, &self.backoff));
@@ -233,21 +281,90 @@ impl Writer {
         let result = if group.changes.is_empty() {
             Ok(())
         } else {
-            self.store.commit(&group.changes, group.seq, durable)
+            self.store
+                .commit(&group.changes, group.seq, durable && sync_here)
         };
-        match &result {
-            Ok(()) => {
-                self.notify.after_commit(&group.changes);
-                for r in replies {
-                    r(None);
-                }
+        Applied {
+            changes: group.changes,
+            replies,
+            durable: durable && !sync_here,
+            error: result.err(),
+        }
+    }
+}
+
+/// A group applied to the store, waiting to be made durable and acknowledged.
+struct Applied {
+    changes: Vec<Change>,
+    replies: Vec<Pending>,
+    /// Needs a sync before its replies go out.
+    durable: bool,
+    /// Applying it failed: its replies get this error.
+    error: Option<Error>,
+}
+
+/// Acknowledges a group: notifications and replies on success, the error otherwise.
+fn finish(applied: Applied, sync_error: Option<&Error>, notify: &Notify) {
+    match applied.error.as_ref().or(sync_error) {
+        None => {
+            notify.after_commit(&applied.changes);
+            for r in applied.replies {
+                r(None);
             }
-            Err(e) => {
-                tracing::error!(error = %e, "group commit failed; every command in it is refused");
-                for r in replies {
-                    r(Some(e));
-                }
+        }
+        Some(e) => {
+            tracing::error!(error = %e, "group commit failed; every command in it is refused");
+            for r in applied.replies {
+                r(Some(e));
             }
+        }
+    }
+}
+
+/// The syncer: takes every group applied since its last sync, makes them durable with one
+/// flush + fsync, then acknowledges them in order. A failed sync poisons the queue: what was
+/// applied after it can no longer be promised, so every later command is refused.
+fn run_syncer(
+    store: &dyn Store,
+    notify: &Notify,
+    poisoned: &Mutex<Option<String>>,
+    rx: Receiver<Applied>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        let result = if batch.iter().any(|a| a.durable) {
+            store.sync()
+        } else {
+            Ok(())
+        };
+        if let Err(e) = &result {
+            *poisoned.lock() = Some(e.to_string());
+        }
+        for applied in batch {
+            finish(applied, result.as_ref().err(), notify);
+        }
+    }
+}
+
+/// The reply for a command refused before it was applied.
+fn refuse(cmd: Command, err: &Error) -> Pending {
+    match cmd {
+        Command::Insert { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::Claim { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::Finish { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::Cancel { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::Retry { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::Purge { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::Many(commands) => {
+            let replies: Vec<Pending> = commands.into_iter().map(|c| refuse(c, err)).collect();
+            Box::new(move |commit_err| {
+                for r in replies {
+                    r(commit_err);
+                }
+            })
         }
     }
 }

@@ -152,6 +152,7 @@ impl QueueBuilder {
                 .unwrap_or_else(|| Box::new(RandomJitter::from_entropy())),
             backoff,
             durability: self.durability,
+            poisoned: Arc::default(),
         }
         .spawn(rx)?;
         // Recovery runs before the queue is returned, so no worker can claim first.

@@ -11,7 +11,8 @@
 //! replacement thread so the pool keeps its concurrency. The stuck thread exits once its handler
 //! returns; its late result is rejected by lease fencing.
 
-use std::collections::{HashMap, HashSet};
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -103,6 +104,7 @@ impl WorkerPoolBuilder {
         let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
         let cancel_all = Arc::new(AtomicBool::new(false));
+        let (claim_tx, claim_rx) = crossbeam_channel::unbounded();
         let mut d = Dispatcher {
             queue: self.queue.clone(),
             queues: self.queues,
@@ -119,6 +121,10 @@ impl WorkerPoolBuilder {
             skip: HashSet::new(),
             threads: Vec::new(),
             outbox: Vec::new(),
+            claim_tx,
+            claim_rx,
+            in_flight: VecDeque::new(),
+            claiming: HashSet::new(),
         };
         for _ in 0..self.concurrency {
             d.spawn_worker()?;
@@ -209,6 +215,15 @@ struct Dispatcher {
     /// Workers' outcomes not yet sent to the writer: they ride with the next claim (one group
     /// commit for both) and are flushed on their own before the dispatcher blocks.
     outbox: Vec<Command>,
+    /// Claims are asynchronous: their replies arrive here, in the order they were sent, while
+    /// the dispatcher goes on collecting outcomes and sending further claims. Several claims in
+    /// flight let the commit pipeline put more work behind each fsync.
+    claim_tx: Sender<Result<Vec<TaskInfo>>>,
+    claim_rx: Receiver<Result<Vec<TaskInfo>>>,
+    /// The ids asked for by each claim in flight (slots are reserved for them), oldest first.
+    in_flight: VecDeque<Vec<TaskId>>,
+    /// Every id in `in_flight`, so a due scan does not ask for them twice.
+    claiming: HashSet<TaskId>,
 }
 
 impl Dispatcher {
@@ -234,14 +249,14 @@ impl Dispatcher {
                 stopping = Some(Instant::now());
             }
             if stopping.is_none() {
-                if let Err(e) = self.claim_while_free() {
+                if let Err(e) = self.request_claims() {
                     tracing::error!(error = %e, "claiming failed; retrying when woken");
                 }
             }
             self.flush_outbox();
             self.expire_deadlines();
             if let Some(since) = stopping {
-                if self.running.is_empty() {
+                if self.running.is_empty() && self.in_flight.is_empty() {
                     break;
                 }
                 if since.elapsed() >= self.grace {
@@ -260,6 +275,11 @@ impl Dispatcher {
                         self.finished(done);
                     }
                 }
+                recv(self.claim_rx) -> claimed => {
+                    if let Ok(claimed) = claimed {
+                        self.claimed(claimed);
+                    }
+                }
                 recv(self.wake) -> _ => {}
                 recv(self.stop_rx) -> _ => {
                     stopping.get_or_insert_with(Instant::now);
@@ -267,7 +287,9 @@ impl Dispatcher {
                 default(timeout) => {}
             }
         }
-        let abandoned = self.running.len();
+        // Claims still in flight after the grace period: their tasks are RUNNING with nobody to
+        // run them, exactly like abandoned executions (the next open recovers them).
+        let abandoned = self.running.len() + self.in_flight.iter().map(Vec::len).sum::<usize>();
         // Idle workers exit when the job channel closes; stuck ones are detached.
         self.job_tx.take();
         if abandoned == 0 {
@@ -316,7 +338,12 @@ impl Dispatcher {
             }
         }
         if stopping.is_none() && self.free > 0 {
-            if let Ok(scan) = self.queue.inner.store.due(&self.queues, now, 1, &self.skip) {
+            if let Ok(scan) =
+                self.queue
+                    .inner
+                    .store
+                    .due(&self.queues, now, 1, &self.not_claimable())
+            {
                 if !scan.ready.is_empty() {
                     return Duration::ZERO;
                 }
@@ -335,29 +362,58 @@ impl Dispatcher {
         sleep
     }
 
-    fn claim_while_free(&mut self) -> Result<()> {
-        while self.free > 0 {
-            let now = self.queue.now();
-            let scan = self
-                .queue
+    /// Ids a due scan must pass over: corrupt records and ids already being claimed.
+    fn not_claimable(&self) -> Cow<'_, HashSet<TaskId>> {
+        if self.claiming.is_empty() {
+            Cow::Borrowed(&self.skip)
+        } else {
+            Cow::Owned(self.skip.union(&self.claiming).copied().collect())
+        }
+    }
+
+    /// Asks the writer to claim as many due tasks as there are free workers (reserving their
+    /// slots), together with any outcomes waiting in the outbox. Does not wait for the reply.
+    fn request_claims(&mut self) -> Result<()> {
+        if self.free == 0 {
+            return Ok(());
+        }
+        let now = self.queue.now();
+        let scan =
+            self.queue
                 .inner
                 .store
-                .due(&self.queues, now, self.free, &self.skip)?;
-            if scan.ready.is_empty() {
-                return Ok(());
-            }
-            let ids: Vec<TaskId> = scan.ready.iter().map(|d| d.id).collect();
-            // Workers' outcomes go in the same group as this claim: one commit for both.
-            let mut commands = std::mem::take(&mut self.outbox);
-            let claimed = commit::call(self.queue.inner.tx()?, |reply| {
-                commands.push(Command::Claim {
-                    ids: ids.clone(),
-                    now,
-                    reply,
-                });
-                Command::Many(commands)
-            })?;
-            if claimed.is_empty() {
+                .due(&self.queues, now, self.free, &self.not_claimable())?;
+        if scan.ready.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<TaskId> = scan.ready.iter().map(|d| d.id).collect();
+        // Workers' outcomes go in the same group as this claim: one commit for both.
+        let mut commands = std::mem::take(&mut self.outbox);
+        commands.push(Command::Claim {
+            ids: ids.clone(),
+            now,
+            reply: self.claim_tx.clone(),
+        });
+        self.queue
+            .inner
+            .tx()?
+            .send(Command::Many(commands))
+            .map_err(|_| Error::Closed)?;
+        self.free -= ids.len();
+        self.claiming.extend(ids.iter().copied());
+        self.in_flight.push_back(ids);
+        Ok(())
+    }
+
+    /// A claim's reply: hand the claimed tasks to workers, give back the slots of the rest.
+    fn claimed(&mut self, result: Result<Vec<TaskInfo>>) {
+        let ids = self.in_flight.pop_front().unwrap_or_default();
+        for id in &ids {
+            self.claiming.remove(id);
+        }
+        self.free += ids.len();
+        match result {
+            Ok(tasks) if tasks.is_empty() => {
                 // Nothing claimable: find records that do not decode so we stop picking them.
                 for id in &ids {
                     if let Err(e) = self.queue.get(*id) {
@@ -365,13 +421,14 @@ impl Dispatcher {
                         self.skip.insert(*id);
                     }
                 }
-                return Ok(());
             }
-            for task in claimed {
-                self.dispatch(task);
+            Ok(tasks) => {
+                for task in tasks {
+                    self.dispatch(task);
+                }
             }
+            Err(e) => tracing::error!(error = %e, "a claim failed; retrying when woken"),
         }
-        Ok(())
     }
 
     fn dispatch(&mut self, task: TaskInfo) {
