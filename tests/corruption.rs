@@ -18,37 +18,8 @@ use std::time::Duration;
 use omniq::testing::{self, ManualClock};
 use omniq::{keys, EnqueueOptions, Error, ListFilter, Queue, Status, TaskId, Timestamp};
 
-// sled 0.34 releases its file lock from its background I/O threads shortly *after* a `Db` (or
-// the last `Queue`) is dropped, so an immediate reopen in the same process can briefly find the
-// directory locked. These helpers retry that one error for a bounded time; nothing else.
-fn retry_while_locked<T, E: std::fmt::Debug>(
-    mut open: impl FnMut() -> Result<T, E>,
-    locked: impl Fn(&E) -> bool,
-) -> Result<T, E> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        match open() {
-            Err(e) if locked(&e) && std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(5))
-            }
-            other => return other,
-        }
-    }
-}
-
-/// `sled::open`, once sled's previous holder in this process has let go of the lock.
-fn raw_db(dir: &std::path::Path) -> sled::Db {
-    retry_while_locked(
-        || sled::open(dir),
-        |e| e.to_string().contains("could not acquire lock"),
-    )
-    .unwrap()
-}
-
-/// `QueueBuilder::open`, once a queue just closed in this process has let go of the lock.
-fn reopen(open: impl FnMut() -> omniq::Result<Queue>) -> omniq::Result<Queue> {
-    retry_while_locked(open, |e| matches!(e, Error::Locked { .. }))
-}
+mod common;
+use common::{raw_db, reopen};
 
 const WAIT: Duration = Duration::from_secs(20);
 

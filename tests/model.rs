@@ -20,8 +20,10 @@
 //!   the same clock) charges each orphan a `"crash"` failure under the ordinary rule, and the
 //!   recovery report counts them.
 
+mod common;
+
 use std::collections::HashSet;
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::Duration;
 
 use omniq::retry::{decide, Decision};
@@ -115,27 +117,9 @@ struct Harness {
     opens: u64,
 }
 
-fn quiet_model_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let p = info.payload();
-            let msg = p
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| p.downcast_ref::<&str>().copied())
-                .unwrap_or("");
-            if !msg.starts_with("model panic") {
-                default(info);
-            }
-        }));
-    });
-}
-
 impl Harness {
     fn new() -> Harness {
-        quiet_model_panics();
+        common::quiet_panics("model panic");
         let mut h = Harness {
             dir: tempfile::tempdir().unwrap(),
             clock: ManualClock::starting_at_epoch_plus(Duration::from_secs(1_000_000)),

@@ -10,7 +10,8 @@
 //!
 //! The last test runs the tutorial's backoff table through the real commit path.
 
-use std::sync::Once;
+mod common;
+
 use std::time::Duration;
 
 use omniq::testing::{self, ManualClock};
@@ -77,25 +78,6 @@ fn model(script: &[Outcome], max_retries: u32) -> (u32, Status) {
         }
     }
     panic!("script too short for max_retries {max_retries}");
-}
-
-/// Scripted panics are expected; keep them out of the test output (other panics still print).
-fn quiet_scripted_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let p = info.payload();
-            let msg = p
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| p.downcast_ref::<&str>().copied())
-                .unwrap_or("");
-            if !msg.starts_with("scripted panic") {
-                default(info);
-            }
-        }));
-    });
 }
 
 fn open(dir: &std::path::Path, clock: &ManualClock, seed: u64) -> Queue {
@@ -234,7 +216,7 @@ fn check_case(
     drive: Drive,
     seed: u64,
 ) {
-    quiet_scripted_panics();
+    common::quiet_panics("scripted panic");
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::starting_at_epoch_plus(Duration::from_secs(1_000_000));
     let q = open(dir.path(), &clock, seed);

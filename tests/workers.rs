@@ -6,11 +6,13 @@
 //! an abandoned handler keeps the store open until the process ends, and the idle-CPU test,
 //! because `getrusage(RUSAGE_SELF)` must not count the other tests' threads.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, unbounded, TryRecvError};
@@ -36,25 +38,6 @@ fn open() -> (tempfile::TempDir, Queue) {
     let dir = tempfile::tempdir().unwrap();
     let q = Queue::open(dir.path()).unwrap();
     (dir, q)
-}
-
-/// Deliberate panics are expected; keep them out of the output (other panics still print).
-fn quiet_deliberate_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let p = info.payload();
-            let msg = p
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| p.downcast_ref::<&str>().copied())
-                .unwrap_or("");
-            if !msg.starts_with("deliberate") {
-                default(info);
-            }
-        }));
-    });
 }
 
 /// Runs this test binary again with only `test` selected and `role` in the environment.
@@ -564,7 +547,7 @@ fn a_timeout_closes_the_attempt_rejects_the_late_result_and_keeps_concurrency() 
 
 #[test]
 fn a_panicking_handler_is_a_transient_panic_failure_and_the_worker_survives() {
-    quiet_deliberate_panics();
+    common::quiet_panics("deliberate");
     let (_dir, q) = open();
     let threads = Arc::new(Mutex::new(Vec::new()));
     {
