@@ -22,6 +22,8 @@ pub enum RecordKind {
     Log = 2,
     /// A metadata value (format version, sequence numbers, counters).
     Meta = 3,
+    /// The key writes of a commit group, stored while the group is applied.
+    WriteAhead = 4,
 }
 
 impl RecordKind {
@@ -30,6 +32,7 @@ impl RecordKind {
             RecordKind::Task => "task record",
             RecordKind::Log => "log entry",
             RecordKind::Meta => "metadata value",
+            RecordKind::WriteAhead => "write-ahead entry",
         }
     }
 }

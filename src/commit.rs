@@ -284,6 +284,11 @@ impl Writer {
             self.store
                 .commit(&group.changes, group.seq, durable && sync_here)
         };
+        if let Err(e) = &result {
+            // The group may be partly applied in memory: nothing after it can be trusted until
+            // a reopen replays or discards it.
+            *self.poisoned.lock() = Some(e.to_string());
+        }
         Applied {
             changes: group.changes,
             replies,

@@ -165,7 +165,12 @@ pub struct DecodedEnvelope {
     pub log: Result<LogEntry>,
     /// As a metadata value.
     pub meta: Result<u64>,
+    /// As a write-ahead entry (the key writes of a commit group).
+    pub write_ahead: Result<WriteAheadOps>,
 }
+
+/// The payload of a write-ahead entry: `(key, Some(value) | None for a removal)`, in order.
+pub type WriteAheadOps = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 /// Decodes `data` as every record kind (only the kind named by its first byte can succeed).
 pub fn envelope(data: &[u8]) -> DecodedEnvelope {
@@ -173,6 +178,9 @@ pub fn envelope(data: &[u8]) -> DecodedEnvelope {
         task: decode_task_record(data),
         log: decode_log_entry(data),
         meta: decode_meta(data).seq,
+        write_ahead: codec::decode(RecordKind::WriteAhead, data, &|| {
+            keys::describe(&keys::write_ahead(1))
+        }),
     }
 }
 
@@ -195,13 +203,23 @@ pub fn check(target: Target, data: &[u8]) -> std::result::Result<(), Violation> 
         Target::Keys => check_keys(data),
         Target::Envelope => {
             let e = envelope(data);
-            let accepted = [e.task.is_ok(), e.log.is_ok(), e.meta.is_ok()];
-            let accepted_kind = [RecordKind::Task, RecordKind::Log, RecordKind::Meta]
-                .into_iter()
-                .zip(accepted)
-                .filter(|(_, ok)| *ok)
-                .map(|(k, _)| k as u8)
-                .collect::<Vec<_>>();
+            let accepted = [
+                e.task.is_ok(),
+                e.log.is_ok(),
+                e.meta.is_ok(),
+                e.write_ahead.is_ok(),
+            ];
+            let accepted_kind = [
+                RecordKind::Task,
+                RecordKind::Log,
+                RecordKind::Meta,
+                RecordKind::WriteAhead,
+            ]
+            .into_iter()
+            .zip(accepted)
+            .filter(|(_, ok)| *ok)
+            .map(|(k, _)| k as u8)
+            .collect::<Vec<_>>();
             match accepted_kind.as_slice() {
                 [] => {}
                 [kind] if data.first() == Some(kind) => {}
@@ -214,7 +232,12 @@ pub fn check(target: Target, data: &[u8]) -> std::result::Result<(), Violation> 
             }
             check_record(RecordKind::Task, e.task, &task_key_name())?;
             check_record(RecordKind::Log, e.log, &log_key_name())?;
-            check_record(RecordKind::Meta, e.meta, &keys::describe(keys::META_SEQ))
+            check_record(RecordKind::Meta, e.meta, &keys::describe(keys::META_SEQ))?;
+            check_record(
+                RecordKind::WriteAhead,
+                e.write_ahead,
+                &keys::describe(&keys::write_ahead(1)),
+            )
         }
     }
 }
@@ -224,6 +247,7 @@ fn kind_name(kind: RecordKind) -> &'static str {
         RecordKind::Task => "task record",
         RecordKind::Log => "log entry",
         RecordKind::Meta => "metadata value",
+        RecordKind::WriteAhead => "write-ahead entry",
     }
 }
 

@@ -11,6 +11,7 @@
 //! | `f`    | `f` finished_ms(8) id(16)                                     | empty            |
 //! | `l`    | `l` id(16) seq(8)                                             | log envelope     |
 //! | `c`    | `c` status(1) queue                                           | u64 BE count     |
+//! | `w`    | `w` n(8)                                                      | write-ahead env. |
 //!
 //! `prio` is `127 - priority` (as a byte), so higher priority sorts first; within a priority,
 //! earlier `next_run_ms` first, then the id (UUIDv7, so enqueue order).
@@ -32,6 +33,8 @@ pub const FINISHED: u8 = b'f';
 pub const LOG: u8 = b'l';
 /// Per-status, per-queue counters.
 pub const COUNT: u8 = b'c';
+/// Write-ahead entries of commit groups being applied (empty after a clean close).
+pub const WRITE_AHEAD: u8 = b'w';
 
 /// Meta key holding the on-disk format version.
 pub const META_FORMAT: &[u8] = b"mformat";
@@ -42,6 +45,14 @@ pub const META_RUN: &[u8] = b"mrun";
 
 /// Longest queue name (it is length-prefixed by one byte in keys).
 pub const MAX_QUEUE_NAME: usize = 128;
+
+/// `w` n: the write-ahead entry of one commit group.
+pub fn write_ahead(n: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(WRITE_AHEAD);
+    k.extend_from_slice(&n.to_be_bytes());
+    k
+}
 
 /// `t` id
 pub fn task(id: TaskId) -> Vec<u8> {
@@ -246,6 +257,7 @@ pub fn describe(key: &[u8]) -> String {
             format!("f/{}/{}", u64::from_be_bytes(fixed(&key[1..9])), id_at(9))
         }
         (Some(&META), _) => format!("m/{}", String::from_utf8_lossy(&key[1..])),
+        (Some(&WRITE_AHEAD), 9) => format!("w/{}", u64::from_be_bytes(fixed(&key[1..]))),
         _ => format!("0x{}", hex()),
     }
 }

@@ -685,3 +685,25 @@ fn a_corrupt_format_value_is_an_error_naming_it() {
     assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
     assert!(err.to_string().contains("m/format"), "{err}");
 }
+
+/// The write-ahead key and record kind (present on disk only while a commit group is being
+/// applied, or after a crash interrupted one).
+#[test]
+fn write_ahead_key_and_kind_are_pinned() {
+    assert_eq!(
+        omniq::keys::write_ahead(1),
+        vec![b'w', 0, 0, 0, 0, 0, 0, 0, 1]
+    );
+    assert_eq!(
+        omniq::keys::describe(&omniq::keys::write_ahead(258)),
+        "w/258"
+    );
+    let ops: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+        vec![(b"t1".to_vec(), Some(vec![7])), (b"s1".to_vec(), None)];
+    let bytes = omniq::codec::encode(omniq::codec::RecordKind::WriteAhead, &ops).unwrap();
+    // kind 4, schema 1, then bincode: 2 entries; "t1" (len 2) Some([7]); "s1" None.
+    assert_eq!(
+        bytes,
+        vec![4, 0, 1, 2, 2, b't', b'1', 1, 1, 7, 2, b's', b'1', 0]
+    );
+}
