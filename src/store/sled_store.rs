@@ -20,6 +20,9 @@ use crate::log::{Cause, LogEntry};
 use crate::store::{Change, DueScan, DueTask, QueueSet, Store};
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
+/// Task counts per (queue, status).
+type Counters = BTreeMap<(String, Status), u64>;
+
 /// The newest on-disk format this build reads and the one it writes.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -36,7 +39,7 @@ pub(crate) struct SledStore {
     db: sled::Db,
     /// sled's data file, opened separately so we can `fsync` it.
     data_file: File,
-    counters: Mutex<BTreeMap<(String, Status), u64>>,
+    counters: Mutex<Counters>,
     last_seq: Mutex<u64>,
     run_id: u64,
     synced_blobs: Mutex<HashSet<OsString>>,
@@ -273,7 +276,7 @@ impl SledStore {
         &self,
         changes: &[Change],
         last_seq: u64,
-    ) -> Result<(WriteSet, BTreeMap<(String, Status), u64>)> {
+    ) -> Result<(WriteSet, Counters)> {
         let mut batch = WriteSet::default();
         let mut counters = self.counters.lock().clone();
         let mut touched: HashSet<(String, Status)> = HashSet::new();
