@@ -272,11 +272,7 @@ impl SledStore {
 
     /// Every key write a group of changes makes: records, index entries, log entries, the
     /// counters it touches and the sequence number; with the counters as they will be after.
-    fn write_set(
-        &self,
-        changes: &[Change],
-        last_seq: u64,
-    ) -> Result<(WriteSet, Counters)> {
+    fn write_set(&self, changes: &[Change], last_seq: u64) -> Result<(WriteSet, Counters)> {
         let mut batch = WriteSet::default();
         let mut counters = self.counters.lock().clone();
         let mut touched: HashSet<(String, Status)> = HashSet::new();
