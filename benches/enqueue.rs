@@ -4,6 +4,11 @@
 //!
 //! Run: `cargo bench --bench enqueue`
 
+// The allocator the `omniq` binary uses and the README recommends (see BENCHMARKS.md for
+// the same benchmarks on the system allocator).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 

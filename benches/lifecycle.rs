@@ -5,6 +5,11 @@
 //!
 //! Run: `cargo bench --bench lifecycle`
 
+// The allocator the `omniq` binary uses and the README recommends (see BENCHMARKS.md for
+// the same benchmarks on the system allocator).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput};

@@ -11,6 +11,11 @@
 //!
 //! Run: `cargo bench --bench recovery`
 
+// The allocator the `omniq` binary uses and the README recommends (see BENCHMARKS.md for
+// the same benchmarks on the system allocator).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
