@@ -4,27 +4,15 @@
 //!
 //! Run: `cargo bench --bench enqueue`
 
-// The allocator the `omniq` binary uses and the README recommends (see BENCHMARKS.md for
-// the same benchmarks on the system allocator).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+mod common;
 
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, SamplingMode, Throughput};
-use omniq::{Durability, Queue, Task};
-use serde::{Deserialize, Serialize};
+use omniq::{Durability, Queue};
 
-#[derive(Serialize, Deserialize)]
-struct Noop {
-    n: u64,
-}
-
-impl Task for Noop {
-    const NAME: &'static str = "noop";
-    type Output = ();
-}
+use common::Noop;
 
 const PRODUCERS: usize = 8;
 /// Enqueues per producer per measured iteration.

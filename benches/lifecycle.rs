@@ -5,10 +5,7 @@
 //!
 //! Run: `cargo bench --bench lifecycle`
 
-// The allocator the `omniq` binary uses and the README recommends (see BENCHMARKS.md for
-// the same benchmarks on the system allocator).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+mod common;
 
 use std::time::{Duration, Instant};
 
@@ -17,15 +14,7 @@ use crossbeam_channel::Receiver;
 use omniq::{Queue, Status, Task, TaskContext, TaskError, TransitionEvent};
 use serde::{Deserialize, Serialize};
 
-#[derive(Serialize, Deserialize)]
-struct Noop {
-    n: u64,
-}
-
-impl Task for Noop {
-    const NAME: &'static str = "noop";
-    type Output = ();
-}
+use common::Noop;
 
 #[derive(Serialize, Deserialize)]
 struct Probe {

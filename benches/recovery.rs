@@ -11,27 +11,15 @@
 //!
 //! Run: `cargo bench --bench recovery`
 
-// The allocator the `omniq` binary uses and the README recommends (see BENCHMARKS.md for
-// the same benchmarks on the system allocator).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+mod common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode};
-use omniq::{testing, Queue, Task};
-use serde::{Deserialize, Serialize};
+use omniq::{testing, Queue};
 
-#[derive(Serialize, Deserialize)]
-struct Noop {
-    n: u64,
-}
-
-impl Task for Noop {
-    const NAME: &'static str = "noop";
-    type Output = ();
-}
+use common::Noop;
 
 /// True under `cargo bench`; false under `cargo test --benches`, where everything runs once,
 /// small.
