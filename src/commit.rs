@@ -340,10 +340,15 @@ fn run_syncer(
         while let Ok(more) = rx.try_recv() {
             batch.push(more);
         }
-        let result = if batch.iter().any(|a| a.durable) {
-            store.sync()
-        } else {
-            Ok(())
+        // Once a sync has failed, later groups (applied on top of what may never have reached
+        // disk) are refused too, even if a later fsync would report success.
+        let poison = poisoned.lock().clone();
+        let result = match poison {
+            Some(reason) => Err(Error::Storage(format!(
+                "an earlier commit failed to reach disk ({reason}); reopen the queue"
+            ))),
+            None if batch.iter().any(|a| a.durable) => store.sync(),
+            None => Ok(()),
         };
         if let Err(e) = &result {
             *poisoned.lock() = Some(e.to_string());
