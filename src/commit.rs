@@ -497,3 +497,156 @@ pub(crate) fn call<T>(tx: &Sender<Command>, make: impl FnOnce(Reply<T>) -> Comma
     tx.send(make(reply)).map_err(|_| Error::Closed)?;
     rx.recv().map_err(|_| Error::Closed)?
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::inspect::{ConsistencyReport, ListFilter, Page};
+    use crate::retry::FixedJitter;
+    use crate::store::sled_store::{SledOptions, SledStore};
+    use crate::store::{DueScan, QueueSet};
+    use crate::task::Status;
+
+    /// A real store whose `sync` can be made to fail, as a disk error would.
+    struct FailingSync {
+        inner: SledStore,
+        fail: AtomicBool,
+    }
+
+    impl Store for FailingSync {
+        fn commit(&self, changes: &[Change], last_seq: u64, durable: bool) -> Result<()> {
+            self.inner.commit(changes, last_seq, false)?;
+            if durable {
+                self.sync()?;
+            }
+            Ok(())
+        }
+        fn get(&self, id: TaskId) -> Result<Option<TaskInfo>> {
+            self.inner.get(id)
+        }
+        fn due(
+            &self,
+            q: &QueueSet,
+            now: Timestamp,
+            limit: usize,
+            skip: &HashSet<TaskId>,
+        ) -> Result<DueScan> {
+            self.inner.due(q, now, limit, skip)
+        }
+        fn ids_in_state(&self, status: Status) -> Result<Vec<TaskId>> {
+            self.inner.ids_in_state(status)
+        }
+        fn list(&self, filter: &ListFilter) -> Result<Page> {
+            self.inner.list(filter)
+        }
+        fn history(&self, id: TaskId) -> Result<Vec<LogEntry>> {
+            self.inner.history(id)
+        }
+        fn finished_before(&self, cutoff: Timestamp, limit: usize) -> Result<Vec<TaskId>> {
+            self.inner.finished_before(cutoff, limit)
+        }
+        fn counts(&self) -> BTreeMap<(String, Status), u64> {
+            self.inner.counts()
+        }
+        fn last_seq(&self) -> u64 {
+            self.inner.last_seq()
+        }
+        fn run_id(&self) -> u64 {
+            self.inner.run_id()
+        }
+        fn check(&self) -> Result<ConsistencyReport> {
+            self.inner.check()
+        }
+        fn size_on_disk(&self) -> Result<u64> {
+            self.inner.size_on_disk()
+        }
+        fn sync(&self) -> Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(Error::Storage("injected fsync failure".into()));
+            }
+            self.inner.sync()
+        }
+    }
+
+    fn task() -> TaskInfo {
+        TaskInfo {
+            id: TaskId::generate(),
+            kind: "k".into(),
+            queue: "default".into(),
+            payload: b"{}".to_vec(),
+            status: Status::Pending,
+            attempts: 0,
+            max_retries: 3,
+            priority: 0,
+            created_at: Timestamp(1),
+            next_run_at: Timestamp(1),
+            started_at: None,
+            finished_at: None,
+            timeout_ms: None,
+            backoff: None,
+            result: None,
+            last_error: None,
+            errors: vec![],
+            lease: 0,
+        }
+    }
+
+    /// A failed sync is reported to the waiters of its group, and poisons the queue: every later
+    /// command is refused, even once syncs would succeed again (after an fsync error the kernel
+    /// may have dropped the dirty pages, so nothing built on them can be promised).
+    #[test]
+    fn a_failed_sync_is_reported_and_poisons_every_later_commit() {
+        for durability in [Durability::Group, Durability::Immediate] {
+            let dir = tempfile::tempdir().unwrap();
+            let inner = SledStore::open(
+                dir.path(),
+                &SledOptions {
+                    cache_bytes: 8 << 20,
+                    flush_every_ms: None,
+                },
+            )
+            .unwrap();
+            let store = Arc::new(FailingSync {
+                inner,
+                fail: AtomicBool::new(false),
+            });
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let writer = Writer {
+                store: store.clone(),
+                clock: Arc::new(crate::testing::ManualClock::new(Timestamp(10))),
+                notify: Arc::new(Notify::default()),
+                jitter: Box::new(FixedJitter(0.5)),
+                backoff: BackoffTable::default(),
+                durability,
+                poisoned: Arc::default(),
+            }
+            .spawn(rx)
+            .unwrap();
+            let insert = |t: TaskInfo| {
+                call(&tx, |reply| Command::Insert {
+                    tasks: vec![t],
+                    reply,
+                })
+            };
+
+            insert(task()).unwrap();
+            store.fail.store(true, Ordering::SeqCst);
+            let err = insert(task()).unwrap_err();
+            assert!(
+                err.to_string().contains("injected fsync failure"),
+                "{durability:?}: {err}"
+            );
+            store.fail.store(false, Ordering::SeqCst);
+            let err = insert(task()).unwrap_err();
+            assert!(
+                err.to_string().contains("reopen the queue"),
+                "{durability:?}: {err}"
+            );
+            drop(tx);
+            writer.join().unwrap();
+        }
+    }
+}
