@@ -571,29 +571,6 @@ mod tests {
         }
     }
 
-    fn task() -> TaskInfo {
-        TaskInfo {
-            id: TaskId::generate(),
-            kind: "k".into(),
-            queue: "default".into(),
-            payload: b"{}".to_vec(),
-            status: Status::Pending,
-            attempts: 0,
-            max_retries: 3,
-            priority: 0,
-            created_at: Timestamp(1),
-            next_run_at: Timestamp(1),
-            started_at: None,
-            finished_at: None,
-            timeout_ms: None,
-            backoff: None,
-            result: None,
-            last_error: None,
-            errors: vec![],
-            lease: 0,
-        }
-    }
-
     /// A failed sync is reported to the waiters of its group, and poisons the queue: every later
     /// command is refused, even once syncs would succeed again (after an fsync error the kernel
     /// may have dropped the dirty pages, so nothing built on them can be promised).
@@ -632,15 +609,15 @@ mod tests {
                 })
             };
 
-            insert(task()).unwrap();
+            insert(crate::task::test_task(3)).unwrap();
             store.fail.store(true, Ordering::SeqCst);
-            let err = insert(task()).unwrap_err();
+            let err = insert(crate::task::test_task(3)).unwrap_err();
             assert!(
                 err.to_string().contains("injected fsync failure"),
                 "{durability:?}: {err}"
             );
             store.fail.store(false, Ordering::SeqCst);
-            let err = insert(task()).unwrap_err();
+            let err = insert(crate::task::test_task(3)).unwrap_err();
             assert!(
                 err.to_string().contains("reopen the queue"),
                 "{durability:?}: {err}"

@@ -136,30 +136,7 @@ pub(crate) fn manual_retry(rec: &TaskInfo, now: Timestamp) -> Result<(TaskInfo, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::task::TaskId;
-
-    fn pending(max_retries: u32) -> TaskInfo {
-        TaskInfo {
-            id: TaskId::generate(),
-            kind: "k".into(),
-            queue: "default".into(),
-            payload: b"null".to_vec(),
-            status: Status::Pending,
-            attempts: 0,
-            max_retries,
-            priority: 0,
-            created_at: Timestamp(0),
-            next_run_at: Timestamp(0),
-            started_at: None,
-            finished_at: None,
-            timeout_ms: None,
-            backoff: None,
-            result: None,
-            last_error: None,
-            errors: vec![],
-            lease: 0,
-        }
-    }
+    use crate::task::test_task as pending;
 
     #[test]
     fn failing_every_time_runs_exactly_budget_plus_one() {

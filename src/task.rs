@@ -483,6 +483,31 @@ impl EnqueueOptions {
     }
 }
 
+/// A never-run task due at the epoch on the default queue, for unit tests across the crate.
+#[cfg(test)]
+pub(crate) fn test_task(max_retries: u32) -> TaskInfo {
+    TaskInfo {
+        id: TaskId::generate(),
+        kind: "k".into(),
+        queue: "default".into(),
+        payload: b"{}".to_vec(),
+        status: Status::Pending,
+        attempts: 0,
+        max_retries,
+        priority: 0,
+        created_at: Timestamp(0),
+        next_run_at: Timestamp(0),
+        started_at: None,
+        finished_at: None,
+        timeout_ms: None,
+        backoff: None,
+        result: None,
+        last_error: None,
+        errors: vec![],
+        lease: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

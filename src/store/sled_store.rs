@@ -835,29 +835,6 @@ mod tests {
         }
     }
 
-    fn pending_task() -> TaskInfo {
-        TaskInfo {
-            id: TaskId::generate(),
-            kind: "k".into(),
-            queue: "default".into(),
-            payload: b"{}".to_vec(),
-            status: Status::Pending,
-            attempts: 0,
-            max_retries: 3,
-            priority: 0,
-            created_at: Timestamp(1),
-            next_run_at: Timestamp(1),
-            started_at: None,
-            finished_at: None,
-            timeout_ms: None,
-            backoff: None,
-            result: None,
-            last_error: None,
-            errors: vec![],
-            lease: 0,
-        }
-    }
-
     fn enqueued(t: &TaskInfo, seq: u64) -> Change {
         Change {
             before: None,
@@ -882,8 +859,8 @@ mod tests {
     fn a_group_interrupted_mid_apply_is_replayed_whole_at_open() {
         for prefix in [0usize, 1, 4, usize::MAX] {
             let dir = tempfile::tempdir().unwrap();
-            let first = pending_task();
-            let second = pending_task();
+            let first = crate::task::test_task(3);
+            let second = crate::task::test_task(3);
             {
                 let store = SledStore::open(dir.path(), &options()).unwrap();
                 store.commit(&[enqueued(&first, 1)], 1, true).unwrap();
@@ -927,9 +904,13 @@ mod tests {
     fn small_and_large_groups_commit_the_same_way() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), &options()).unwrap();
-        let small: Vec<Change> = (1..=2).map(|s| enqueued(&pending_task(), s)).collect();
+        let small: Vec<Change> = (1..=2)
+            .map(|s| enqueued(&crate::task::test_task(3), s))
+            .collect();
         store.commit(&small, 2, true).unwrap();
-        let large: Vec<Change> = (3..=400).map(|s| enqueued(&pending_task(), s)).collect();
+        let large: Vec<Change> = (3..=400)
+            .map(|s| enqueued(&crate::task::test_task(3), s))
+            .collect();
         let (writes, _) = store.write_set(&large, 400).unwrap();
         let bytes: usize = writes
             .ops
