@@ -211,15 +211,17 @@ impl Writer {
         // notifications are sent by the syncer, in group order, only once their group is durable.
         // `Immediate` keeps everything on this thread: each write is its own flush + fsync.
         let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<Applied>();
+        let mut order = SyncOrder::default();
         let syncer = match self.durability {
             Durability::Immediate => None,
             _ => {
                 let store = self.store.clone();
                 let notify = self.notify.clone();
                 let poisoned = self.poisoned.clone();
+                let synced = order.synced.clone();
                 std::thread::Builder::new()
                     .name("omniq-syncer".into())
-                    .spawn(move || run_syncer(&*store, &notify, &poisoned, sync_rx))
+                    .spawn(move || run_syncer(&*store, &notify, &poisoned, &synced, sync_rx))
                     .map_err(|e| tracing::error!(error = %e, "cannot start the syncer thread; syncing on the writer"))
                     .ok()
             }
@@ -232,9 +234,15 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let applied = self.apply_group(commands, syncer.is_none());
+            let mut applied = self.apply_group(commands, syncer.is_none());
             match &syncer {
+                Some(_) if !applied.durable && order.may_skip_syncer(&applied) => {
+                    // `Relaxed`, no claim, and no task in it still waiting in the syncer: it
+                    // needs no fsync, so it must not wait behind an earlier claim's.
+                    finish(applied, None, &self.notify);
+                }
                 Some(_) => {
+                    order.sent_to_syncer(&mut applied);
                     if let Err(e) = sync_tx.send(applied) {
                         // The syncer is gone (it panicked): nothing can be acknowledged any more.
                         finish(e.into_inner(), Some(&Error::Closed), &self.notify);
@@ -269,8 +277,10 @@ impl Writer {
             return Applied {
                 changes: Vec::new(),
                 replies,
+                seq: group.seq,
                 durable: false,
                 error: Some(err),
+                ticket: 0,
             };
         }
         let mut replies: Vec<Pending> = Vec::with_capacity(commands.len());
@@ -281,6 +291,9 @@ impl Writer {
         let result = if group.changes.is_empty() {
             Ok(())
         } else {
+            // Reads may see the group from here on: `wait` uses this to know which group it
+            // must see acknowledged before it reports what it read.
+            self.notify.applying(group.seq);
             self.store
                 .commit(&group.changes, group.seq, durable && sync_here)
         };
@@ -292,8 +305,46 @@ impl Writer {
         Applied {
             changes: group.changes,
             replies,
+            seq: group.seq,
             durable: durable && !sync_here,
             error: result.err(),
+            ticket: 0,
+        }
+    }
+}
+
+/// Keeps `Relaxed` acknowledgements in order per task while letting groups that need no fsync
+/// skip the syncer. Groups go to the syncer numbered (`ticket`); the syncer publishes the last
+/// ticket it finished. A group that needs no fsync is acknowledged by the writer at once unless
+/// one of its tasks is in a group the syncer has not finished (then it queues behind it, so a
+/// task's events never arrive out of order).
+#[derive(Default)]
+struct SyncOrder {
+    next_ticket: u64,
+    /// Tasks in groups handed to the syncer, with the ticket of the latest such group.
+    waiting: HashMap<TaskId, u64>,
+    /// The last ticket the syncer finished (acknowledged or refused).
+    synced: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SyncOrder {
+    fn may_skip_syncer(&mut self, applied: &Applied) -> bool {
+        let done = self.synced.load(std::sync::atomic::Ordering::Acquire);
+        if self.waiting.len() > 4096 {
+            self.waiting.retain(|_, t| *t > done);
+        }
+        applied.error.is_none()
+            && applied
+                .task_ids()
+                .all(|id| self.waiting.get(&id).is_none_or(|t| *t <= done))
+    }
+
+    fn sent_to_syncer(&mut self, applied: &mut Applied) {
+        self.next_ticket += 1;
+        applied.ticket = self.next_ticket;
+        let ids: Vec<TaskId> = applied.task_ids().collect();
+        for id in ids {
+            self.waiting.insert(id, self.next_ticket);
         }
     }
 }
@@ -304,14 +355,27 @@ struct Applied {
     replies: Vec<Pending>,
     /// Needs a sync before its replies go out.
     durable: bool,
+    /// The sequence number of its last transition.
+    seq: u64,
     /// Applying it failed: its replies get this error.
     error: Option<Error>,
+    /// Its place in the syncer's queue (0 when it never went there).
+    ticket: u64,
+}
+
+impl Applied {
+    fn task_ids(&self) -> impl Iterator<Item = TaskId> + '_ {
+        self.changes
+            .iter()
+            .filter_map(|c| c.after.as_ref().or(c.before.as_ref()).map(|t| t.id))
+    }
 }
 
 /// Acknowledges a group: notifications and replies on success, the error otherwise.
 fn finish(applied: Applied, sync_error: Option<&Error>, notify: &Notify) {
     match applied.error.as_ref().or(sync_error) {
         None => {
+            notify.acknowledged(applied.seq);
             notify.after_commit(&applied.changes);
             for r in applied.replies {
                 r(None);
@@ -319,6 +383,7 @@ fn finish(applied: Applied, sync_error: Option<&Error>, notify: &Notify) {
         }
         Some(e) => {
             tracing::error!(error = %e, "group commit failed; every command in it is refused");
+            notify.commit_failed(&e.to_string());
             for r in applied.replies {
                 r(Some(e));
             }
@@ -333,6 +398,7 @@ fn run_syncer(
     store: &dyn Store,
     notify: &Notify,
     poisoned: &Mutex<Option<String>>,
+    synced: &std::sync::atomic::AtomicU64,
     rx: Receiver<Applied>,
 ) {
     while let Ok(first) = rx.recv() {
@@ -354,7 +420,9 @@ fn run_syncer(
             *poisoned.lock() = Some(e.to_string());
         }
         for applied in batch {
+            let ticket = applied.ticket;
             finish(applied, result.as_ref().err(), notify);
+            synced.fetch_max(ticket, std::sync::atomic::Ordering::Release);
         }
     }
 }
@@ -510,10 +578,125 @@ mod tests {
     use crate::store::{DueScan, QueueSet};
     use crate::task::Status;
 
-    /// A real store whose `sync` can be made to fail, as a disk error would.
+    /// A real store whose `sync` can be made to fail, as a disk error would, or held up (while
+    /// a test holds `gate`), as a slow disk would.
     struct FailingSync {
         inner: SledStore,
         fail: AtomicBool,
+        gate: Mutex<()>,
+    }
+
+    impl FailingSync {
+        fn open(dir: &std::path::Path) -> Arc<FailingSync> {
+            let inner = SledStore::open(
+                dir,
+                &SledOptions {
+                    cache_bytes: 8 << 20,
+                    flush_every_ms: None,
+                },
+            )
+            .unwrap();
+            Arc::new(FailingSync {
+                inner,
+                fail: AtomicBool::new(false),
+                gate: Mutex::new(()),
+            })
+        }
+    }
+
+    fn spawn_writer(
+        store: Arc<FailingSync>,
+        durability: Durability,
+    ) -> (Sender<Command>, JoinHandle<()>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let writer = Writer {
+            store,
+            clock: Arc::new(crate::testing::ManualClock::new(Timestamp(10))),
+            notify: Arc::new(Notify::default()),
+            jitter: Box::new(FixedJitter(0.5)),
+            backoff: BackoffTable::default(),
+            durability,
+            poisoned: Arc::default(),
+        }
+        .spawn(rx)
+        .unwrap();
+        (tx, writer)
+    }
+
+    fn insert(tx: &Sender<Command>, t: TaskInfo) -> Receiver<Result<()>> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        tx.send(Command::Insert {
+            tasks: vec![t],
+            reply,
+        })
+        .unwrap();
+        rx
+    }
+
+    /// Sends enqueues until one is acknowledged (true) or 200 went unanswered (false). Each
+    /// gets 50 ms: one that shares a group with a stalled claim never answers.
+    fn acked_soon(tx: &Sender<Command>) -> bool {
+        (0..200).any(|_| {
+            insert(tx, crate::task::test_task(3))
+                .recv_timeout(std::time::Duration::from_millis(50))
+                .is_ok()
+        })
+    }
+
+    /// `Relaxed`: a group without a claim is acknowledged without waiting for an earlier
+    /// claim's fsync (issue 8, defect 4) — unless it touches a task of a group still waiting for
+    /// its fsync, whose acknowledgement must come first.
+    #[test]
+    fn relaxed_acks_do_not_wait_for_a_claims_fsync_but_keep_task_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FailingSync::open(dir.path());
+        let (tx, writer) = spawn_writer(store.clone(), Durability::Relaxed);
+        let task = crate::task::test_task(3);
+        let id = task.id;
+        insert(&tx, task).recv().unwrap().unwrap();
+
+        // The disk stalls: the claim waits in the syncer.
+        let stalled = store.gate.lock();
+        let (claim_reply, claimed) = crossbeam_channel::bounded(1);
+        tx.send(Command::Claim {
+            ids: vec![id],
+            now: Timestamp(10),
+            reply: claim_reply,
+        })
+        .unwrap();
+        // Enqueues behind it are acknowledged all the same (one sent with the claim may share
+        // its group; a later one has a group of its own).
+        assert!(
+            acked_soon(&tx),
+            "a Relaxed enqueue waited for another group's fsync"
+        );
+        assert!(
+            claimed.try_recv().is_err(),
+            "a claim was acknowledged before its fsync"
+        );
+
+        // A command on the claimed task queues behind the claim's group.
+        let (finish_reply, finished) = crossbeam_channel::bounded(1);
+        tx.send(Command::Finish {
+            id,
+            // The claim is the store's second transition (after the insert): its lease is 2.
+            lease: 2,
+            outcome: Outcome::Success(b"1".to_vec()),
+            reply: finish_reply,
+        })
+        .unwrap();
+        // Once an enqueue sent after it is acknowledged, that command has been applied.
+        assert!(acked_soon(&tx));
+        assert!(
+            finished.try_recv().is_err(),
+            "a command on a task was acknowledged before that task's earlier claim"
+        );
+        drop(stalled);
+        let claimed = claimed.recv().unwrap().unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert!(matches!(finished.recv().unwrap(), Ok(Finished::Applied(_))));
+        drop(tx);
+        writer.join().unwrap();
     }
 
     impl Store for FailingSync {
@@ -564,6 +747,7 @@ mod tests {
             self.inner.size_on_disk()
         }
         fn sync(&self) -> Result<()> {
+            let _gate = self.gate.lock();
             if self.fail.load(Ordering::SeqCst) {
                 return Err(Error::Storage("injected fsync failure".into()));
             }
@@ -578,36 +762,9 @@ mod tests {
     fn a_failed_sync_is_reported_and_poisons_every_later_commit() {
         for durability in [Durability::Group, Durability::Immediate] {
             let dir = tempfile::tempdir().unwrap();
-            let inner = SledStore::open(
-                dir.path(),
-                &SledOptions {
-                    cache_bytes: 8 << 20,
-                    flush_every_ms: None,
-                },
-            )
-            .unwrap();
-            let store = Arc::new(FailingSync {
-                inner,
-                fail: AtomicBool::new(false),
-            });
-            let (tx, rx) = crossbeam_channel::unbounded();
-            let writer = Writer {
-                store: store.clone(),
-                clock: Arc::new(crate::testing::ManualClock::new(Timestamp(10))),
-                notify: Arc::new(Notify::default()),
-                jitter: Box::new(FixedJitter(0.5)),
-                backoff: BackoffTable::default(),
-                durability,
-                poisoned: Arc::default(),
-            }
-            .spawn(rx)
-            .unwrap();
-            let insert = |t: TaskInfo| {
-                call(&tx, |reply| Command::Insert {
-                    tasks: vec![t],
-                    reply,
-                })
-            };
+            let store = FailingSync::open(dir.path());
+            let (tx, writer) = spawn_writer(store.clone(), durability);
+            let insert = |t: TaskInfo| insert(&tx, t).recv().unwrap();
 
             insert(crate::task::test_task(3)).unwrap();
             store.fail.store(true, Ordering::SeqCst);

@@ -2,9 +2,11 @@
 //! subscribers (every transition), and `tracing`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::log::LogEntry;
 use crate::store::Change;
@@ -34,6 +36,27 @@ pub(crate) struct Notify {
     waiters: Mutex<HashMap<TaskId, Vec<Waiter>>>,
     next_token: std::sync::atomic::AtomicU64,
     subscribers: Mutex<Vec<Sender<TransitionEvent>>>,
+    /// The highest transition sequence number whose group may be visible to reads: the writer
+    /// raises it *before* it starts writing a group to the store.
+    applied: AtomicU64,
+    /// The highest sequence number whose group has been acknowledged (in `Immediate` and
+    /// `Group` mode: made durable), or why acknowledgements stopped.
+    acked: Mutex<Acked>,
+    acked_changed: Condvar,
+}
+
+#[derive(Default)]
+struct Acked {
+    seq: u64,
+    failed: Option<String>,
+}
+
+/// Why [`Notify::wait_acknowledged`] returned without reaching its target.
+pub(crate) enum BarrierMiss {
+    /// The deadline passed first.
+    Timeout,
+    /// A commit failed: nothing later will be acknowledged.
+    Failed(String),
 }
 
 impl Notify {
@@ -77,6 +100,65 @@ impl Notify {
         let (tx, rx) = crossbeam_channel::unbounded();
         self.subscribers.lock().push(tx);
         rx
+    }
+
+    /// Starts both watermarks at `seq`: what a store holds when it is opened is on disk.
+    pub(crate) fn start_at(&self, seq: u64) {
+        self.applied.fetch_max(seq, Ordering::SeqCst);
+        let mut a = self.acked.lock();
+        a.seq = a.seq.max(seq);
+    }
+
+    /// Called by the writer before it writes a group whose last transition is `seq` to the
+    /// store: from then on a read may see it.
+    pub(crate) fn applying(&self, seq: u64) {
+        self.applied.fetch_max(seq, Ordering::SeqCst);
+    }
+
+    /// The highest sequence number a read may already reflect.
+    pub(crate) fn applied_seq(&self) -> u64 {
+        self.applied.load(Ordering::SeqCst)
+    }
+
+    /// Called when a group up to `seq` has been acknowledged to its callers.
+    pub(crate) fn acknowledged(&self, seq: u64) {
+        let mut a = self.acked.lock();
+        if seq > a.seq {
+            a.seq = seq;
+            self.acked_changed.notify_all();
+        }
+    }
+
+    /// Called when a commit failed: barrier waiters stop waiting.
+    pub(crate) fn commit_failed(&self, reason: &str) {
+        let mut a = self.acked.lock();
+        a.failed.get_or_insert_with(|| reason.to_string());
+        self.acked_changed.notify_all();
+    }
+
+    /// Blocks until every group up to `seq` has been acknowledged (so, outside `Relaxed`
+    /// mode, is durable), or `deadline` passes, or a commit fails.
+    pub(crate) fn wait_acknowledged(
+        &self,
+        seq: u64,
+        deadline: Instant,
+    ) -> std::result::Result<(), BarrierMiss> {
+        let mut a = self.acked.lock();
+        loop {
+            if a.seq >= seq {
+                return Ok(());
+            }
+            if let Some(reason) = &a.failed {
+                return Err(BarrierMiss::Failed(reason.clone()));
+            }
+            if self.acked_changed.wait_until(&mut a, deadline).timed_out() {
+                return if a.seq >= seq {
+                    Ok(())
+                } else {
+                    Err(BarrierMiss::Timeout)
+                };
+            }
+        }
     }
 
     /// Called by the writer after a group is durable.

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use crate::clock::{Clock, SystemClock};
 use crate::commit::{self, BackoffTable, Command, Writer};
 use crate::error::{Error, Result};
-use crate::events::{Notify, TransitionEvent};
+use crate::events::{BarrierMiss, Notify, TransitionEvent};
 use crate::handler::{self, Registry, TaskContext};
 use crate::inspect::{ConsistencyReport, ListFilter, Page, PurgeReport, RecoveryReport, Stats};
 use crate::keys::MAX_QUEUE_NAME;
@@ -134,6 +134,8 @@ impl QueueBuilder {
         )?;
         let store: Arc<dyn Store> = Arc::new(store);
         let notify = Arc::new(Notify::default());
+        // Whatever the store holds at open was read from disk.
+        notify.start_at(store.last_seq());
         let (tx, rx) = crossbeam_channel::unbounded();
         let backoff = BackoffTable {
             default: self.policy.backoff,
@@ -456,29 +458,96 @@ impl Queue {
         self.inner.store.history(id)
     }
 
-    /// Blocks until the task is terminal (woken by the engine, not by polling), or `timeout`.
+    /// Blocks until the task is terminal (woken by the engine, not by polling), or `timeout`,
+    /// and returns it.
+    ///
+    /// What `wait` reports has been acknowledged: in [`Durability::Immediate`] and
+    /// [`Durability::Group`] it is on disk, so a crash right after `wait` returns cannot undo
+    /// it. (A plain [`get`](Queue::get) can see a group up to one fsync before that.) In
+    /// [`Durability::Relaxed`] it is as durable as that mode's acknowledgements: a crash within
+    /// the flush interval can lose it.
+    ///
+    /// Fails with [`Error::WaitTimeout`] if the task is not terminal (and acknowledged) in time,
+    /// and [`Error::NotFound`] if there is no such task.
     pub fn wait(&self, id: TaskId, timeout: Duration) -> Result<TaskInfo> {
+        self.wait_until(id, Instant::now() + timeout, timeout)
+    }
+
+    /// Waits for every task in `ids` as [`wait`](Queue::wait) does, all within one `timeout`,
+    /// and returns them in the order given. Fails with the first task that is not terminal by
+    /// then ([`Error::WaitTimeout`]) or does not exist ([`Error::NotFound`]).
+    ///
+    /// ```
+    /// # use omniq::{Queue, Status, TaskContext, TaskError};
+    /// # fn main() -> omniq::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let queue = Queue::open(dir.path())?;
+    /// queue.register_fn("double", |v: serde_json::Value, _ctx: &TaskContext| -> Result<_, TaskError> {
+    ///     Ok(serde_json::json!(v.as_i64().unwrap_or(0) * 2))
+    /// });
+    /// let ids = (0..10)
+    ///     .map(|n| queue.enqueue_json("double", &serde_json::json!(n), Default::default()))
+    ///     .collect::<omniq::Result<Vec<_>>>()?;
+    /// let pool = queue.workers().concurrency(2).start()?;
+    /// let done = queue.wait_all(&ids, std::time::Duration::from_secs(10))?;
+    /// pool.stop();
+    /// assert!(done.iter().all(|t| t.status == Status::Completed));
+    /// # Ok(()) }
+    /// ```
+    pub fn wait_all(&self, ids: &[TaskId], timeout: Duration) -> Result<Vec<TaskInfo>> {
         let deadline = Instant::now() + timeout;
+        ids.iter()
+            .map(|id| self.wait_until(*id, deadline, timeout))
+            .collect()
+    }
+
+    fn wait_until(&self, id: TaskId, deadline: Instant, timeout: Duration) -> Result<TaskInfo> {
+        let notify = &self.inner.notify;
         loop {
-            let (token, rx) = self.inner.notify.add_waiter(id);
-            let task = self.get(id)?.ok_or(Error::NotFound(id))?;
-            if task.status.is_terminal() {
-                self.inner.notify.remove_waiter(id, token);
-                return Ok(task);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if rx.recv_timeout(left).is_err() {
-                self.inner.notify.remove_waiter(id, token);
-                let task = self.get(id)?.ok_or(Error::NotFound(id))?;
-                if task.status.is_terminal() {
-                    return Ok(task);
+            let (token, rx) = notify.add_waiter(id);
+            let task = self.get(id);
+            let terminal = matches!(&task, Ok(Some(t)) if t.status.is_terminal());
+            if terminal || !matches!(task, Ok(Some(_))) || rx.recv_deadline(deadline).is_err() {
+                notify.remove_waiter(id, token);
+                let task = match task {
+                    Ok(Some(t)) if t.status.is_terminal() => t,
+                    Ok(Some(_)) => self.get(id)?.ok_or(Error::NotFound(id))?,
+                    Ok(None) => return Err(Error::NotFound(id)),
+                    Err(e) => return Err(e),
+                };
+                if !task.status.is_terminal() {
+                    return Err(Error::WaitTimeout {
+                        id,
+                        timeout,
+                        status: task.status,
+                    });
                 }
-                return Err(Error::WaitTimeout {
-                    id,
-                    timeout,
-                    status: task.status,
-                });
+                return self.acknowledged(task, deadline, timeout);
             }
+        }
+    }
+
+    /// Returns `task` (just read) once the group that wrote what was read is acknowledged.
+    /// The read may reflect any group applied so far, so wait for all of them: at most the
+    /// fsync in progress.
+    fn acknowledged(
+        &self,
+        task: TaskInfo,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<TaskInfo> {
+        let notify = &self.inner.notify;
+        match notify.wait_acknowledged(notify.applied_seq(), deadline) {
+            Ok(()) => Ok(task),
+            Err(BarrierMiss::Failed(reason)) => Err(Error::Storage(format!(
+                "task {} reached {} but the commit that recorded it failed ({reason}); reopen the queue",
+                task.id, task.status
+            ))),
+            Err(BarrierMiss::Timeout) => Err(Error::WaitTimeout {
+                id: task.id,
+                timeout,
+                status: Status::Running,
+            }),
         }
     }
 
