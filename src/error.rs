@@ -13,7 +13,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Another process (or another `Queue` in this process) holds the directory.
+    /// Another process holds the directory.
     #[error(
         "queue directory {path} is locked by another process; stop that process (only one \
          program may open a queue directory at a time) or use a different directory"
@@ -21,6 +21,31 @@ pub enum Error {
     Locked {
         /// The directory that is in use.
         path: PathBuf,
+    },
+
+    /// This process already has the directory open (another `Queue` handle, a worker pool, or
+    /// a handler holding a `Queue` clone keeps it open).
+    #[error(
+        "queue directory {path} is already open in this process; share that Queue (clones are \
+         cheap) instead of opening it twice, or close every handle to it first (worker pools \
+         and handlers that captured a Queue clone are handles too)"
+    )]
+    AlreadyOpen {
+        /// The directory.
+        path: PathBuf,
+    },
+
+    /// [`Queue::close`](crate::Queue::close) closed its handle, but others keep the queue open.
+    #[error(
+        "queue directory {path} stays open: {others} other handle(s) still use it (Queue clones, \
+         running worker pools, or handlers that captured a Queue clone; handlers should use \
+         TaskContext::queue_handle or TaskContext::enqueue instead)"
+    )]
+    StillOpen {
+        /// The directory.
+        path: PathBuf,
+        /// How many other handles there were when `close` was called.
+        others: usize,
     },
 
     /// The directory could not be opened or created.

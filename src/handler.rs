@@ -10,7 +10,9 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use crate::commit::Outcome;
-use crate::task::{Task, TaskError, TaskId, TaskInfo, Timestamp};
+use crate::error::{Error, Result};
+use crate::queue::{Queue, WeakQueue};
+use crate::task::{EnqueueOptions, Task, TaskError, TaskId, TaskInfo, Timestamp};
 
 /// A handler over raw JSON payload bytes, returning JSON result bytes.
 pub(crate) type RawHandler =
@@ -35,6 +37,9 @@ pub struct TaskContext {
     pub(crate) deadline: Option<Timestamp>,
     pub(crate) state: Arc<AtomicU8>,
     pub(crate) stop: Arc<AtomicBool>,
+    /// The queue, without keeping it open: a handler that held a strong `Queue` would keep the
+    /// directory locked for as long as its handler is registered (that is, forever).
+    pub(crate) handle: WeakQueue,
 }
 
 impl TaskContext {
@@ -42,6 +47,7 @@ impl TaskContext {
         task: &TaskInfo,
         deadline: Option<Timestamp>,
         stop: Arc<AtomicBool>,
+        handle: WeakQueue,
     ) -> TaskContext {
         TaskContext {
             id: task.id,
@@ -52,6 +58,7 @@ impl TaskContext {
             deadline,
             state: Arc::new(AtomicU8::new(EXEC_RUNNING)),
             stop,
+            handle,
         }
     }
 
@@ -87,6 +94,73 @@ impl TaskContext {
     /// grace period has run out. Check it between steps of long work.
     pub fn is_cancelled(&self) -> bool {
         self.state.load(Ordering::Acquire) == EXEC_TIMED_OUT || self.stop.load(Ordering::Acquire)
+    }
+
+    /// The queue this task runs on, as a handle that does not keep it open. Use it (or the
+    /// shortcuts below) instead of capturing a [`Queue`] clone in the handler: a registered
+    /// handler lives as long as the queue, so a captured clone would keep the directory open
+    /// after every other handle is closed.
+    pub fn queue_handle(&self) -> &WeakQueue {
+        &self.handle
+    }
+
+    fn live_queue(&self) -> Result<Queue> {
+        self.handle.upgrade().ok_or(Error::Closed)
+    }
+
+    /// Enqueues a follow-up task on this queue.
+    ///
+    /// The follow-up is committed on its own, not together with this execution's outcome:
+    /// should the process die after it and before the outcome is recorded, this task runs again
+    /// and enqueues it again (delivery is at-least-once; make the follow-up idempotent).
+    ///
+    /// ```
+    /// use serde::{Deserialize, Serialize};
+    /// use omniq::{Queue, Task, TaskContext, TaskError};
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Resize { image: String }
+    /// impl Task for Resize { const NAME: &'static str = "resize"; type Output = (); }
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Notify { image: String }
+    /// impl Task for Notify { const NAME: &'static str = "notify"; type Output = (); }
+    ///
+    /// # fn main() -> omniq::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let queue = Queue::open(dir.path())?;
+    /// queue.register(|job: Resize, ctx: &TaskContext| -> Result<(), TaskError> {
+    ///     // ... resize ...
+    ///     ctx.enqueue(Notify { image: job.image })?;
+    ///     Ok(())
+    /// });
+    /// # Ok(()) }
+    /// ```
+    pub fn enqueue<T: Task>(&self, task: T) -> Result<TaskId> {
+        self.live_queue()?.enqueue(task)
+    }
+
+    /// [`enqueue`](TaskContext::enqueue) with options.
+    pub fn enqueue_with<T: Task>(&self, task: T, options: EnqueueOptions) -> Result<TaskId> {
+        self.live_queue()?.enqueue_with(task, options)
+    }
+
+    /// Enqueues a follow-up task by kind name with a JSON payload (see
+    /// [`Queue::enqueue_json`]).
+    pub fn enqueue_json(
+        &self,
+        kind: &str,
+        payload: &serde_json::Value,
+        options: EnqueueOptions,
+    ) -> Result<TaskId> {
+        self.live_queue()?.enqueue_json(kind, payload, options)
+    }
+
+    /// This task's record as stored now (`Running`, with its attempts and the errors of
+    /// earlier attempts).
+    pub fn current(&self) -> Result<TaskInfo> {
+        self.live_queue()?
+            .get(self.id)?
+            .ok_or(Error::NotFound(self.id))
     }
 }
 

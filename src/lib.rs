@@ -77,7 +77,7 @@ pub use inspect::{
     ConsistencyReport, CorruptEntry, ListFilter, Page, PurgeReport, RecoveryReport, Stats,
 };
 pub use log::{Cause, LogEntry};
-pub use queue::{Durability, Queue, QueueBuilder, DEFAULT_QUEUE};
+pub use queue::{Durability, Queue, QueueBuilder, WeakQueue, DEFAULT_QUEUE};
 pub use retry::{Backoff, RetryPolicy};
 pub use store::sled_store::FORMAT_VERSION;
 pub use task::{

@@ -121,6 +121,8 @@ impl QueueBuilder {
     /// Opens (creating if needed) the directory, recovers tasks orphaned by a previous process,
     /// and returns the queue. Fails with [`Error::Locked`] if another process holds it.
     pub fn open(self) -> Result<Queue> {
+        // sled's lock cannot tell this process from another; this registry can.
+        let registration = OpenHere::register(&self.path)?;
         let store = SledStore::open(
             &self.path,
             &SledOptions {
@@ -173,6 +175,7 @@ impl QueueBuilder {
             recovery: report,
             writer: Mutex::new(Some(writer)),
             janitor_stop: Some(janitor_stop),
+            _registration: registration,
         });
         if let Some(age) = self.retention {
             spawn_janitor(Arc::downgrade(&inner), janitor_rx, age, self.purge_interval)?;
@@ -194,25 +197,85 @@ pub(crate) struct Inner {
     recovery: RecoveryReport,
     writer: Mutex<Option<JoinHandle<()>>>,
     janitor_stop: Option<Sender<()>>,
+    /// Must stay the last field: fields drop in declaration order, so the directory is marked
+    /// closed in this process only after `store` (and with it sled's lock) is gone.
+    _registration: OpenHere,
 }
 
 impl Inner {
     pub(crate) fn tx(&self) -> Result<&Sender<Command>> {
         self.tx.as_ref().ok_or(Error::Closed)
     }
-}
 
-impl Drop for Inner {
-    fn drop(&mut self) {
+    /// Stops the writer (after it drains what is queued) and makes everything durable.
+    fn shut_down(&mut self) -> Result<()> {
         self.janitor_stop.take();
         // Dropping the last command sender ends the writer after it drains what is queued.
         self.tx.take();
         if let Some(w) = self.writer.lock().take() {
             let _ = w.join();
         }
-        if let Err(e) = self.store.sync() {
+        self.store.sync()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = self.shut_down() {
             tracing::error!(error = %e, "final sync at close failed");
         }
+    }
+}
+
+/// The directories this process has open, so a second open of the same directory is told
+/// apart from another process's lock ([`Error::AlreadyOpen`] rather than [`Error::Locked`]).
+struct OpenHere {
+    key: Option<PathBuf>,
+}
+
+static OPEN_HERE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+impl OpenHere {
+    fn register(path: &Path) -> Result<OpenHere> {
+        // A directory that does not exist yet cannot be open; it is registered under the name
+        // it will have once created (its parent canonicalised).
+        let key = std::fs::canonicalize(path).ok().or_else(|| {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty())?;
+            Some(std::fs::canonicalize(parent).ok()?.join(path.file_name()?))
+        });
+        if let Some(key) = &key {
+            let mut open = OPEN_HERE.lock();
+            if open.contains(key) {
+                return Err(Error::AlreadyOpen {
+                    path: path.to_path_buf(),
+                });
+            }
+            open.push(key.clone());
+        }
+        Ok(OpenHere { key })
+    }
+}
+
+impl Drop for OpenHere {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            OPEN_HERE.lock().retain(|k| *k != key);
+        }
+    }
+}
+
+/// A handle to a [`Queue`] that does not keep it open: what a handler should hold (see
+/// [`TaskContext::queue_handle`]), and what background helpers that must not outlive the
+/// application's own handles can keep.
+#[derive(Clone, Debug)]
+pub struct WeakQueue {
+    inner: Weak<Inner>,
+}
+
+impl WeakQueue {
+    /// The queue, if some [`Queue`] handle still keeps it open.
+    pub fn upgrade(&self) -> Option<Queue> {
+        self.inner.upgrade().map(|inner| Queue { inner })
     }
 }
 
@@ -273,6 +336,14 @@ fn spawn_janitor(
 #[derive(Clone)]
 pub struct Queue {
     pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Queue {
@@ -600,10 +671,35 @@ impl Queue {
         }
     }
 
-    /// Makes everything committed so far durable and closes this handle. The engine stops when
-    /// the last clone of the queue (and every worker pool) is gone.
+    /// Closes this handle and, if it is the last one, the queue: the writer drains, everything
+    /// is made durable, and the directory's lock is released before `close` returns `Ok`.
+    ///
+    /// Every clone of the queue, every running [`WorkerPool`](crate::WorkerPool) and any
+    /// [`Queue`] captured by a registered handler is a handle. If others remain, what was
+    /// committed so far is still made durable, this handle is dropped, and
+    /// [`Error::StillOpen`] says how many keep the directory open (a handler should use
+    /// [`TaskContext::queue_handle`] or [`TaskContext::enqueue`] rather than capture a clone).
     pub fn close(self) -> Result<()> {
-        self.inner.store.sync()
+        self.inner.store.sync()?;
+        match Arc::try_unwrap(self.inner) {
+            Ok(mut inner) => {
+                let result = inner.shut_down();
+                // Dropping it releases sled's lock (and waits until sled has let go of it).
+                drop(inner);
+                result
+            }
+            Err(inner) => Err(Error::StillOpen {
+                path: inner.path.clone(),
+                others: Arc::strong_count(&inner) - 1,
+            }),
+        }
+    }
+
+    /// A handle that does not keep the queue open.
+    pub fn downgrade(&self) -> WeakQueue {
+        WeakQueue {
+            inner: Arc::downgrade(&self.inner),
+        }
     }
 
     // ----- handlers and workers ------------------------------------------------------------

@@ -159,7 +159,7 @@ pub fn run_due(queue: &Queue) -> Result<RunReport> {
             continue;
         };
         let deadline = task.timeout().map(|t| now.plus(t));
-        let ctx = TaskContext::new(&task, deadline, never.clone());
+        let ctx = TaskContext::new(&task, deadline, never.clone(), queue.downgrade());
         let mut outcome = handler::execute(&inner.registry, &task, &ctx);
         if deadline.is_some_and(|d| inner.clock.now() > d) {
             outcome = Outcome::Failure(TaskError::transient(
@@ -242,7 +242,7 @@ impl Claimed {
     /// Runs the registered handler for this task on the calling thread and records its outcome.
     pub fn run(self) -> Result<Execution> {
         let never = Arc::new(AtomicBool::new(false));
-        let ctx = TaskContext::new(&self.task, None, never);
+        let ctx = TaskContext::new(&self.task, None, never, self.queue.downgrade());
         let outcome = handler::execute(&self.queue.inner.registry, &self.task, &ctx);
         let execution = Execution {
             id: self.task.id,

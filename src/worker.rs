@@ -435,7 +435,12 @@ impl Dispatcher {
         let deadline = task
             .timeout()
             .map(|t| task.started_at.unwrap_or_else(|| self.queue.now()).plus(t));
-        let ctx = Arc::new(TaskContext::new(&task, deadline, self.cancel_all.clone()));
+        let ctx = Arc::new(TaskContext::new(
+            &task,
+            deadline,
+            self.cancel_all.clone(),
+            self.queue.downgrade(),
+        ));
         self.running.insert(
             task.id,
             Running {

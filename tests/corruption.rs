@@ -7,7 +7,8 @@
 //! exactly as they were; and nothing panics or spins.
 //!
 //! Locking: a directory already open (in this process, or in another one) is refused with
-//! `Error::Locked` naming it, and the holder keeps working.
+//! `Error::Locked` naming it (`Error::AlreadyOpen` when the holder is this process), and the
+//! holder keeps working.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -474,15 +475,26 @@ fn assert_locked(result: omniq::Result<Queue>, dir: &Path) {
     }
 }
 
+/// A second open in the same process is told apart from another process's lock.
+fn assert_already_open(result: omniq::Result<Queue>, dir: &Path) {
+    match result {
+        Err(Error::AlreadyOpen { path }) => assert_eq!(path, dir),
+        Err(other) => panic!("expected Error::AlreadyOpen, got {other:?}"),
+        Ok(_) => panic!("a second open of a held directory must fail"),
+    }
+}
+
 #[test]
-fn a_directory_open_in_this_process_is_locked() {
+fn a_directory_open_in_this_process_is_already_open() {
     let dir = tempfile::tempdir().unwrap();
     let q = Queue::open(dir.path()).unwrap();
     let before = q
         .enqueue_json("job", &serde_json::json!(1), EnqueueOptions::new())
         .unwrap();
-    assert_locked(Queue::open(dir.path()), dir.path());
-    assert_locked(Queue::builder(dir.path()).open(), dir.path());
+    assert_already_open(Queue::open(dir.path()), dir.path());
+    assert_already_open(Queue::builder(dir.path()).open(), dir.path());
+    // The same directory by another spelling of its path.
+    assert_already_open(Queue::open(dir.path().join(".")), &dir.path().join("."));
     // The holder is unaffected.
     let after = q
         .enqueue_json("job", &serde_json::json!(2), EnqueueOptions::new())
