@@ -607,9 +607,7 @@ fn a_newer_format_is_refused_without_touching_the_directory() {
         db.insert(keys::META_FORMAT, newer.clone()).unwrap();
         db.flush().unwrap();
     }
-    let err = reopen(|| Queue::open(dir.path()))
-        .err()
-        .expect("a format-2 directory must be refused");
+    let err = reopen(|| Queue::open(dir.path())).expect_err("a format-2 directory must be refused");
     match &err {
         Error::FormatTooNew {
             path,
@@ -679,9 +677,8 @@ fn a_corrupt_format_value_is_an_error_naming_it() {
         db.insert(keys::META_FORMAT, vec![3, 0]).unwrap();
         db.flush().unwrap();
     }
-    let err = reopen(|| Queue::open(dir.path()))
-        .err()
-        .expect("a corrupt format value must be refused");
+    let err =
+        reopen(|| Queue::open(dir.path())).expect_err("a corrupt format value must be refused");
     assert!(matches!(err, Error::Corrupt { .. }), "{err:?}");
     assert!(err.to_string().contains("m/format"), "{err}");
 }
