@@ -35,13 +35,16 @@ pub enum Durability {
     /// throughput under concurrency, simplest to reason about.
     Immediate,
     /// Default. Concurrent writes are grouped: one flush + fsync acknowledges the whole group.
-    /// Every acknowledged write is on disk, exactly as with `Immediate`.
+    /// Every acknowledged write, everything `wait` returns and every event is on disk, exactly
+    /// as with `Immediate`.
     #[default]
     Group,
-    /// Writes are acknowledged once applied in memory; sled's background flusher writes and
-    /// fsyncs them every `flush_every` (default 500 ms). A process kill or power loss can lose
-    /// the transitions of the last `flush_every`. Claims stay durable before the handler runs,
-    /// so even here no execution goes uncounted.
+    /// Writes are acknowledged once applied in memory, without waiting for any fsync (not even
+    /// one in progress for an earlier claim); sled's background flusher writes and fsyncs them
+    /// every `flush_every` (default 500 ms). A process kill or power loss can lose the
+    /// transitions of the last `flush_every`, and `wait` and events report acknowledged, not
+    /// durable, state. Claims stay durable before the handler runs, so even here no execution
+    /// goes uncounted.
     Relaxed,
 }
 
