@@ -7,7 +7,7 @@
 //! fsync thus acknowledges many producers (group commit). Because the writer is the only
 //! mutator, validation (is it still Pending? is this lease current?) cannot race.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -21,7 +21,7 @@ use crate::lifecycle::{self, Refusal};
 use crate::log::{Cause, LogEntry};
 use crate::queue::Durability;
 use crate::retry::{Backoff, JitterSource};
-use crate::store::{Change, Store};
+use crate::store::{Change, QueueSet, Store};
 use crate::task::{Status, TaskError, TaskId, TaskInfo, Timestamp};
 
 /// Most commands applied in one group.
@@ -43,17 +43,18 @@ pub(crate) enum Finished {
     Stale,
 }
 
-type Reply<T> = Sender<Result<T>>;
+pub(crate) type Reply<T> = Sender<Result<T>>;
 
 pub(crate) enum Command {
     Insert {
         tasks: Vec<TaskInfo>,
         reply: Reply<()>,
     },
-    /// Claims those of `ids` still claimable; `now` is the claimer's idea of now (it picked
-    /// them as due by it).
+    /// Claims up to `n` tasks of `queues` due at `now` (the claimer's idea of now, or the
+    /// writer's if later), best first.
     Claim {
-        ids: Vec<TaskId>,
+        queues: QueueSet,
+        n: usize,
         now: Timestamp,
         reply: Reply<Vec<TaskInfo>>,
     },
@@ -106,6 +107,9 @@ pub(crate) struct Writer {
     pub durability: Durability,
     /// Set when a sync failed: the store may hold writes that never reached disk.
     pub poisoned: Arc<Mutex<Option<String>>>,
+    /// Pending tasks whose records do not decode: never claimed, and left out of due counts so
+    /// a worker pool does not ask for them again and again. Reported once each.
+    pub corrupt: Arc<Mutex<HashSet<TaskId>>>,
 }
 
 /// A reply waiting for its group's commit: called with the commit error, if any.
@@ -285,7 +289,13 @@ impl Writer {
         }
         let mut replies: Vec<Pending> = Vec::with_capacity(commands.len());
         for cmd in commands {
-            replies.push(apply(&mut group, cmd, &mut *self.jitter, &self.backoff));
+            replies.push(apply(
+                &mut group,
+                cmd,
+                &mut *self.jitter,
+                &self.backoff,
+                &self.corrupt,
+            ));
         }
         let durable = self.durability != Durability::Relaxed || group.has_claim;
         let result = if group.changes.is_empty() {
@@ -453,6 +463,7 @@ fn apply(
     cmd: Command,
     jitter: &mut dyn JitterSource,
     backoff: &BackoffTable,
+    corrupt: &Mutex<HashSet<TaskId>>,
 ) -> Pending {
     match cmd {
         Command::Insert { tasks, reply } => {
@@ -461,21 +472,14 @@ fn apply(
             }
             pending(reply, Ok(()))
         }
-        Command::Claim { ids, now, reply } => {
+        Command::Claim {
+            queues,
+            n,
+            now,
+            reply,
+        } => {
             let now = now.max(g.now);
-            let mut claimed = Vec::with_capacity(ids.len());
-            for id in ids {
-                // A task that vanished, changed state or is corrupt is simply not claimed.
-                let Ok(Some(rec)) = g.current(id) else {
-                    continue;
-                };
-                if let Ok((next, cause)) = lifecycle::claim(&rec, now, g.seq + 1) {
-                    g.record(Some(rec), Some(next.clone()), Some(cause));
-                    g.has_claim = true;
-                    claimed.push(next);
-                }
-            }
-            pending(reply, Ok(claimed))
+            pending(reply, claim_due(g, &queues, n, now, corrupt))
         }
         Command::Finish {
             id,
@@ -529,7 +533,7 @@ fn apply(
         Command::Many(commands) => {
             let replies: Vec<Pending> = commands
                 .into_iter()
-                .map(|c| apply(g, c, jitter, backoff))
+                .map(|c| apply(g, c, jitter, backoff, corrupt))
                 .collect();
             Box::new(move |commit_err| {
                 for r in replies {
@@ -559,11 +563,42 @@ fn apply(
     }
 }
 
-/// Sends a command and waits for its reply.
-pub(crate) fn call<T>(tx: &Sender<Command>, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
-    let (reply, rx) = crossbeam_channel::bounded(1);
-    tx.send(make(reply)).map_err(|_| Error::Closed)?;
-    rx.recv().map_err(|_| Error::Closed)?
+/// Claims up to `n` due tasks of `queues`, best first. The store's pending index reflects every
+/// group applied before this one; tasks this group already changed are read through the overlay
+/// instead (and left out of the scan, as their index entries are stale).
+fn claim_due(
+    g: &mut Group<'_>,
+    queues: &QueueSet,
+    n: usize,
+    now: Timestamp,
+    corrupt: &Mutex<HashSet<TaskId>>,
+) -> Result<Vec<TaskInfo>> {
+    let mut claimed = Vec::with_capacity(n);
+    if n == 0 {
+        return Ok(claimed);
+    }
+    let skip: HashSet<TaskId> = {
+        let corrupt = corrupt.lock();
+        g.overlay.keys().chain(corrupt.iter()).copied().collect()
+    };
+    let scan = g.store.due(queues, now, n, &skip)?;
+    for due in scan.ready {
+        let rec = match g.current(due.id) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::error!(task = %due.id, error = %e, "pending task's record does not decode; it is never claimed");
+                corrupt.lock().insert(due.id);
+                continue;
+            }
+        };
+        if let Ok((next, cause)) = lifecycle::claim(&rec, now, g.seq + 1) {
+            g.record(Some(rec), Some(next.clone()), Some(cause));
+            g.has_claim = true;
+            claimed.push(next);
+        }
+    }
+    Ok(claimed)
 }
 
 #[cfg(test)]
@@ -575,7 +610,7 @@ mod tests {
     use crate::inspect::{ConsistencyReport, ListFilter, Page};
     use crate::retry::FixedJitter;
     use crate::store::sled_store::{SledOptions, SledStore};
-    use crate::store::{DueScan, QueueSet};
+    use crate::store::DueScan;
     use crate::task::Status;
 
     /// A real store whose `sync` can be made to fail, as a disk error would, or held up (while
@@ -617,6 +652,7 @@ mod tests {
             backoff: BackoffTable::default(),
             durability,
             poisoned: Arc::default(),
+            corrupt: Arc::default(),
         }
         .spawn(rx)
         .unwrap();
@@ -659,7 +695,8 @@ mod tests {
         let stalled = store.gate.lock();
         let (claim_reply, claimed) = crossbeam_channel::bounded(1);
         tx.send(Command::Claim {
-            ids: vec![id],
+            queues: QueueSet::All,
+            n: 1,
             now: Timestamp(10),
             reply: claim_reply,
         })

@@ -94,6 +94,7 @@
 
 #![deny(unsafe_code, missing_docs)]
 
+mod backend;
 mod clock;
 #[doc(hidden)]
 pub mod codec;

@@ -4,24 +4,23 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
+use crate::backend::sled::{SledBackend, WriterConfig};
+use crate::backend::Backend;
 use crate::clock::{Clock, SystemClock};
-use crate::commit::{self, BackoffTable, Command, Writer};
+use crate::commit::BackoffTable;
 use crate::error::{Error, Result};
 use crate::events::{BarrierMiss, Notify, TransitionEvent};
 use crate::handler::{self, Registry, TaskContext};
 use crate::inspect::{ConsistencyReport, ListFilter, Page, PurgeReport, RecoveryReport, Stats};
 use crate::keys::MAX_QUEUE_NAME;
 use crate::log::LogEntry;
-use crate::recovery;
 use crate::retry::{JitterSource, RandomJitter, RetryPolicy};
-use crate::store::sled_store::{SledOptions, SledStore};
-use crate::store::Store;
+use crate::store::sled_store::SledOptions;
 use crate::task::{EnqueueOptions, Status, Task, TaskError, TaskId, TaskInfo, Timestamp};
 use crate::worker::WorkerPoolBuilder;
 
@@ -126,7 +125,16 @@ impl QueueBuilder {
     pub fn open(self) -> Result<Queue> {
         // sled's lock cannot tell this process from another; this registry can.
         let registration = OpenHere::register(&self.path)?;
-        let store = SledStore::open(
+        let notify = Arc::new(Notify::default());
+        let backoff = BackoffTable {
+            default: self.policy.backoff,
+            per_queue: self
+                .queue_policies
+                .iter()
+                .map(|(q, p)| (q.clone(), p.backoff))
+                .collect(),
+        };
+        let backend = SledBackend::open(
             &self.path,
             &SledOptions {
                 cache_bytes: self.cache_bytes,
@@ -136,47 +144,29 @@ impl QueueBuilder {
                         .max(1),
                 ),
             },
+            WriterConfig {
+                clock: self.clock.clone(),
+                jitter: self
+                    .jitter
+                    .unwrap_or_else(|| Box::new(RandomJitter::from_entropy())),
+                backoff,
+                durability: self.durability,
+            },
+            notify.clone(),
         )?;
-        let store: Arc<dyn Store> = Arc::new(store);
-        let notify = Arc::new(Notify::default());
-        // Whatever the store holds at open was read from disk.
-        notify.start_at(store.last_seq());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let backoff = BackoffTable {
-            default: self.policy.backoff,
-            per_queue: self
-                .queue_policies
-                .iter()
-                .map(|(q, p)| (q.clone(), p.backoff))
-                .collect(),
-        };
-        let writer = Writer {
-            store: store.clone(),
-            clock: self.clock.clone(),
-            notify: notify.clone(),
-            jitter: self
-                .jitter
-                .unwrap_or_else(|| Box::new(RandomJitter::from_entropy())),
-            backoff,
-            durability: self.durability,
-            poisoned: Arc::default(),
-        }
-        .spawn(rx)?;
-        // Recovery runs before the queue is returned, so no worker can claim first.
-        let report = recovery::recover(&*store, &tx)?;
+        // Rescue runs before the queue is returned, so no worker can claim first.
+        let report = backend.rescue()?;
         let (janitor_stop, janitor_rx) = crossbeam_channel::bounded::<()>(0);
         let inner = Arc::new(Inner {
             path: self.path,
-            store,
+            backend: Box::new(backend),
             clock: self.clock,
-            tx: Some(tx),
             notify,
             registry: Registry::default(),
             policy: self.policy,
             queue_policies: self.queue_policies,
             max_payload_bytes: self.max_payload_bytes,
             recovery: report,
-            writer: Mutex::new(Some(writer)),
             janitor_stop: Some(janitor_stop),
             _registration: registration,
         });
@@ -189,16 +179,15 @@ impl QueueBuilder {
 
 pub(crate) struct Inner {
     pub(crate) path: PathBuf,
-    pub(crate) store: Arc<dyn Store>,
+    /// Every transition and read goes through the backend (the storage seam).
+    pub(crate) backend: Box<dyn Backend>,
     pub(crate) clock: Arc<dyn Clock>,
-    tx: Option<Sender<Command>>,
     pub(crate) notify: Arc<Notify>,
     pub(crate) registry: Registry,
     policy: RetryPolicy,
     queue_policies: HashMap<String, RetryPolicy>,
     max_payload_bytes: usize,
     recovery: RecoveryReport,
-    writer: Mutex<Option<JoinHandle<()>>>,
     janitor_stop: Option<Sender<()>>,
     /// Must stay the last field: fields drop in declaration order, so the directory is marked
     /// closed in this process only after `store` (and with it sled's lock) is gone.
@@ -206,19 +195,10 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
-    pub(crate) fn tx(&self) -> Result<&Sender<Command>> {
-        self.tx.as_ref().ok_or(Error::Closed)
-    }
-
-    /// Stops the writer (after it drains what is queued) and makes everything durable.
+    /// Stops the backend (after it drains what is queued) and makes everything durable.
     fn shut_down(&mut self) -> Result<()> {
         self.janitor_stop.take();
-        // Dropping the last command sender ends the writer after it drains what is queued.
-        self.tx.take();
-        if let Some(w) = self.writer.lock().take() {
-            let _ = w.join();
-        }
-        self.store.sync()
+        self.backend.shut_down()
     }
 }
 
@@ -445,7 +425,7 @@ impl Queue {
         if tasks.is_empty() {
             return Ok(());
         }
-        commit::call(self.inner.tx()?, |reply| Command::Insert { tasks, reply })
+        self.inner.backend.insert(tasks)
     }
 
     fn build(&self, kind: &str, payload: Vec<u8>, o: &EnqueueOptions) -> Result<TaskInfo> {
@@ -502,19 +482,19 @@ impl Queue {
     /// One task, or `None` if there is no such task. A record that no longer decodes gives
     /// [`Error::Corrupt`] naming its key; other tasks still load.
     pub fn get(&self, id: TaskId) -> Result<Option<TaskInfo>> {
-        self.inner.store.get(id)
+        self.inner.backend.get(id)
     }
 
     /// A page of tasks, newest first. Pass `page.next_cursor` back as the filter's cursor to
     /// get the next page; every task appears exactly once across pages.
     pub fn list(&self, filter: &ListFilter) -> Result<Page> {
-        self.inner.store.list(filter)
+        self.inner.backend.list(filter)
     }
 
     /// Counts per status and per queue (O(queues): counters are maintained with every commit).
     pub fn stats(&self) -> Result<Stats> {
         let mut stats = Stats::default();
-        for ((queue, status), n) in self.inner.store.counts() {
+        for ((queue, status), n) in self.inner.backend.counts()? {
             *stats.by_status.entry(status).or_insert(0) += n;
             *stats
                 .by_queue
@@ -529,7 +509,7 @@ impl Queue {
 
     /// A task's transitions, oldest first (empty if the task does not exist or was purged).
     pub fn history(&self, id: TaskId) -> Result<Vec<LogEntry>> {
-        self.inner.store.history(id)
+        self.inner.backend.history(id)
     }
 
     /// Blocks until the task is terminal (woken by the engine, not by polling), or `timeout`,
@@ -634,26 +614,26 @@ impl Queue {
     /// Reads everything and checks that records, indexes, counters and the log agree.
     /// Meant for tests and operators (`omniq check`); it is a full scan.
     pub fn check_consistency(&self) -> Result<ConsistencyReport> {
-        self.inner.store.check()
+        self.inner.backend.check()
     }
 
     /// Bytes the directory uses on disk.
     pub fn size_on_disk(&self) -> Result<u64> {
-        self.inner.store.size_on_disk()
+        self.inner.backend.size_on_disk()
     }
 
     // ----- operate -------------------------------------------------------------------------
 
     /// Cancels a `Pending` task. Any other state gives [`Error::InvalidState`].
     pub fn cancel(&self, id: TaskId) -> Result<TaskInfo> {
-        commit::call(self.inner.tx()?, |reply| Command::Cancel { id, reply })
+        self.inner.backend.cancel(id)
     }
 
     /// Re-queues a `Failed` or `Cancelled` task, due now, with a fresh budget: `attempts`
     /// restarts at 0, so it gets `max_retries + 1` more executions. Its error history and log
     /// are kept (the log records the manual retry).
     pub fn retry(&self, id: TaskId) -> Result<TaskInfo> {
-        commit::call(self.inner.tx()?, |reply| Command::Retry { id, reply })
+        self.inner.backend.retry(id)
     }
 
     /// Deletes finished (terminal) tasks that finished more than `older_than` ago, with their
@@ -662,11 +642,7 @@ impl Queue {
         let cutoff = self.inner.clock.now().minus(older_than);
         let mut report = PurgeReport::default();
         loop {
-            let removed = commit::call(self.inner.tx()?, |reply| Command::Purge {
-                cutoff,
-                limit: 1000,
-                reply,
-            })?;
+            let removed = self.inner.backend.purge(cutoff, 1000)?;
             report.tasks_removed += removed;
             if removed == 0 {
                 return Ok(report);
@@ -683,7 +659,7 @@ impl Queue {
     /// [`Error::StillOpen`] says how many keep the directory open (a handler should use
     /// [`TaskContext::queue_handle`] or [`TaskContext::enqueue`] rather than capture a clone).
     pub fn close(self) -> Result<()> {
-        self.inner.store.sync()?;
+        self.inner.backend.sync()?;
         match Arc::try_unwrap(self.inner) {
             Ok(mut inner) => {
                 let result = inner.shut_down();

@@ -7,9 +7,9 @@
 
 use std::time::Instant;
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::Receiver;
 
-use crate::commit::{Command, Finished, Outcome};
+use crate::commit::{Finished, Outcome};
 use crate::error::{Error, Result};
 use crate::inspect::{CorruptEntry, RecoveryReport};
 use crate::keys;
@@ -18,7 +18,12 @@ use crate::task::{Status, TaskError};
 
 const CHUNK: usize = 1024;
 
-pub(crate) fn recover(store: &dyn Store, tx: &Sender<Command>) -> Result<RecoveryReport> {
+/// Charges every `Running` task a `"crash"` failure. `finish` submits one fenced finish to the
+/// writer and returns where its reply will arrive (so a chunk of them shares group commits).
+pub(crate) fn recover(
+    store: &dyn Store,
+    finish: impl Fn(crate::task::TaskId, u64, Outcome) -> Result<Receiver<Result<Finished>>>,
+) -> Result<RecoveryReport> {
     let started = Instant::now();
     let mut report = RecoveryReport {
         run_id: store.run_id(),
@@ -48,14 +53,7 @@ pub(crate) fn recover(store: &dyn Store, tx: &Sender<Command>) -> Result<Recover
                     store.run_id()
                 ),
             );
-            let (reply, rx) = crossbeam_channel::bounded(1);
-            tx.send(Command::Finish {
-                id,
-                lease: rec.lease,
-                outcome: Outcome::Failure(error),
-                reply,
-            })
-            .map_err(|_| Error::Closed)?;
+            let rx = finish(id, rec.lease, Outcome::Failure(error))?;
             replies.push((rec, rx));
         }
         for (rec, rx) in replies {

@@ -28,7 +28,6 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +35,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::clock::Clock;
-use crate::commit::{self, Command, Finished, Outcome};
+use crate::commit::{Finished, Outcome};
 use crate::error::Result;
 use crate::handler::{self, TaskContext};
 use crate::queue::Queue;
@@ -142,21 +141,11 @@ pub fn run_due(queue: &Queue) -> Result<RunReport> {
     let mut report = RunReport::default();
     let inner = &queue.inner;
     let never = Arc::new(AtomicBool::new(false));
-    let mut skip = HashSet::new();
     loop {
         let now = inner.clock.now();
-        let scan = inner.store.due(&QueueSet::All, now, 1, &skip)?;
-        let Some(due) = scan.ready.first() else {
-            return Ok(report);
-        };
-        let claimed = commit::call(inner.tx()?, |reply| Command::Claim {
-            ids: vec![due.id],
-            now,
-            reply,
-        })?;
+        let claimed = inner.backend.claim(QueueSet::All, 1, now)?;
         let Some(task) = claimed.into_iter().next() else {
-            skip.insert(due.id);
-            continue;
+            return Ok(report);
         };
         let deadline = task.timeout().map(|t| now.plus(t));
         let ctx = TaskContext::new(&task, deadline, never.clone(), queue.downgrade());
@@ -178,12 +167,7 @@ pub fn run_due(queue: &Queue) -> Result<RunReport> {
         });
         let id = task.id;
         let lease = task.lease;
-        match commit::call(inner.tx()?, |reply| Command::Finish {
-            id,
-            lease,
-            outcome,
-            reply,
-        })? {
+        match inner.backend.finish(id, lease, outcome)? {
             Finished::Applied(_) | Finished::Stale => {}
         }
     }
@@ -199,11 +183,8 @@ pub fn run_until_idle(queue: &Queue, clock: &ManualClock, max_rounds: usize) -> 
         total.executions += r.executions;
         total.log.extend(r.log);
         let now = clock.now();
-        let scan = queue
-            .inner
-            .store
-            .due(&QueueSet::All, now, 1, &HashSet::new())?;
-        if !scan.ready.is_empty() {
+        let scan = queue.inner.backend.due_summary(&QueueSet::All, now, 1)?;
+        if scan.ready > 0 {
             continue;
         }
         match scan.next_wake {
@@ -263,12 +244,7 @@ impl Claimed {
     fn finish(self, outcome: Outcome) -> Result<bool> {
         let id = self.task.id;
         let lease = self.task.lease;
-        let r = commit::call(self.queue.inner.tx()?, |reply| Command::Finish {
-            id,
-            lease,
-            outcome,
-            reply,
-        })?;
+        let r = self.queue.inner.backend.finish(id, lease, outcome)?;
         Ok(matches!(r, Finished::Applied(_)))
     }
 }
@@ -276,30 +252,16 @@ impl Claimed {
 /// Claims the best due task (priority, due time, enqueue order) without running it.
 pub fn claim_next(queue: &Queue) -> Result<Option<Claimed>> {
     let inner = &queue.inner;
-    let mut skip = HashSet::new();
-    loop {
-        let now = inner.clock.now();
-        let scan = inner.store.due(&QueueSet::All, now, 1, &skip)?;
-        let Some(due) = scan.ready.first() else {
-            return Ok(None);
-        };
-        let claimed = commit::call(inner.tx()?, |reply| Command::Claim {
-            ids: vec![due.id],
-            now,
-            reply,
-        })?;
-        match claimed.into_iter().next() {
-            Some(task) => {
-                return Ok(Some(Claimed {
-                    queue: queue.clone(),
-                    task,
-                }))
-            }
-            None => {
-                skip.insert(due.id);
-            }
-        }
-    }
+    let now = inner.clock.now();
+    Ok(inner
+        .backend
+        .claim(QueueSet::All, 1, now)?
+        .into_iter()
+        .next()
+        .map(|task| Claimed {
+            queue: queue.clone(),
+            task,
+        }))
 }
 
 /// When the next scheduled (not yet due) task becomes due, if any.
@@ -307,7 +269,7 @@ pub fn next_due_at(queue: &Queue) -> Result<Option<Timestamp>> {
     let now = queue.inner.clock.now();
     Ok(queue
         .inner
-        .store
-        .due(&QueueSet::All, now, 1, &HashSet::new())?
+        .backend
+        .due_summary(&QueueSet::All, now, 1)?
         .next_wake)
 }

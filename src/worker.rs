@@ -11,8 +11,7 @@
 //! replacement thread so the pool keeps its concurrency. The stuck thread exits once its handler
 //! returns; its late result is rejected by lease fencing.
 
-use std::borrow::Cow;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -20,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
 
-use crate::commit::{self, Command, Finished, Outcome};
+use crate::backend::{ClaimRequest, FinishRequest};
+use crate::commit::{Finished, Outcome};
 use crate::error::{Error, Result};
 use crate::handler::{self, TaskContext, EXEC_DONE, EXEC_RUNNING, EXEC_TIMED_OUT};
 use crate::queue::Queue;
@@ -118,13 +118,11 @@ impl WorkerPoolBuilder {
             cancel_all,
             free: self.concurrency,
             running: HashMap::new(),
-            skip: HashSet::new(),
             threads: Vec::new(),
             outbox: Vec::new(),
             claim_tx,
             claim_rx,
             in_flight: VecDeque::new(),
-            claiming: HashSet::new(),
         };
         for _ in 0..self.concurrency {
             d.spawn_worker()?;
@@ -181,12 +179,11 @@ struct Job {
     ctx: Arc<TaskContext>,
 }
 
-/// A worker's handler returned in time: its slot is free, and `finish` (a `Command::Finish`
-/// whose reply goes straight to the worker) is for the dispatcher to commit together with its
-/// next claim.
+/// A worker's handler returned in time: its slot is free, and `finish` (whose reply goes
+/// straight to the worker) is for the dispatcher to commit together with its next claim.
 struct Done {
     id: TaskId,
-    finish: Command,
+    finish: FinishRequest,
 }
 
 struct Running {
@@ -209,21 +206,18 @@ struct Dispatcher {
     cancel_all: Arc<AtomicBool>,
     free: usize,
     running: HashMap<TaskId, Running>,
-    /// Tasks whose records do not decode: never claimable, reported once.
-    skip: HashSet<TaskId>,
     threads: Vec<JoinHandle<()>>,
-    /// Workers' outcomes not yet sent to the writer: they ride with the next claim (one group
+    /// Workers' outcomes not yet sent to the backend: they ride with the next claim (one
     /// commit for both) and are flushed on their own before the dispatcher blocks.
-    outbox: Vec<Command>,
+    outbox: Vec<FinishRequest>,
     /// Claims are asynchronous: their replies arrive here, in the order they were sent, while
     /// the dispatcher goes on collecting outcomes and sending further claims. Several claims in
     /// flight let the commit pipeline put more work behind each fsync.
     claim_tx: Sender<Result<Vec<TaskInfo>>>,
     claim_rx: Receiver<Result<Vec<TaskInfo>>>,
-    /// The ids asked for by each claim in flight (slots are reserved for them), oldest first.
-    in_flight: VecDeque<Vec<TaskId>>,
-    /// Every id in `in_flight`, so a due scan does not ask for them twice.
-    claiming: HashSet<TaskId>,
+    /// How many tasks each claim in flight asked for (slots are reserved for them), oldest
+    /// first.
+    in_flight: VecDeque<usize>,
 }
 
 impl Dispatcher {
@@ -289,7 +283,7 @@ impl Dispatcher {
         }
         // Claims still in flight after the grace period: their tasks are RUNNING with nobody to
         // run them, exactly like abandoned executions (the next open recovers them).
-        let abandoned = self.running.len() + self.in_flight.iter().map(Vec::len).sum::<usize>();
+        let abandoned = self.running.len() + self.asked();
         // Idle workers exit when the job channel closes; stuck ones are detached.
         self.job_tx.take();
         if abandoned == 0 {
@@ -315,13 +309,8 @@ impl Dispatcher {
         if self.outbox.is_empty() {
             return;
         }
-        let commands = std::mem::take(&mut self.outbox);
-        if let Err(e) = self
-            .queue
-            .inner
-            .tx()
-            .and_then(|tx| tx.send(Command::Many(commands)).map_err(|_| Error::Closed))
-        {
+        let finishes = std::mem::take(&mut self.outbox);
+        if let Err(e) = self.queue.inner.backend.submit(finishes, None) {
             tracing::error!(error = %e, "could not send outcomes to the writer; their workers record them directly");
         }
     }
@@ -338,16 +327,17 @@ impl Dispatcher {
             }
         }
         if stopping.is_none() && self.free > 0 {
-            if let Ok(scan) =
-                self.queue
-                    .inner
-                    .store
-                    .due(&self.queues, now, 1, &self.not_claimable())
+            let asked = self.asked();
+            if let Ok(due) = self
+                .queue
+                .inner
+                .backend
+                .due_summary(&self.queues, now, asked + 1)
             {
-                if !scan.ready.is_empty() {
+                if due.ready > asked {
                     return Duration::ZERO;
                 }
-                if let Some(w) = scan.next_wake {
+                if let Some(w) = due.next_wake {
                     consider(w);
                 }
             }
@@ -362,66 +352,50 @@ impl Dispatcher {
         sleep
     }
 
-    /// Ids a due scan must pass over: corrupt records and ids already being claimed.
-    fn not_claimable(&self) -> Cow<'_, HashSet<TaskId>> {
-        if self.claiming.is_empty() {
-            Cow::Borrowed(&self.skip)
-        } else {
-            Cow::Owned(self.skip.union(&self.claiming).copied().collect())
-        }
+    /// Slots reserved by claims in flight.
+    fn asked(&self) -> usize {
+        self.in_flight.iter().sum()
     }
 
-    /// Asks the writer to claim as many due tasks as there are free workers (reserving their
+    /// Asks the backend to claim as many due tasks as there are free workers (reserving their
     /// slots), together with any outcomes waiting in the outbox. Does not wait for the reply.
     fn request_claims(&mut self) -> Result<()> {
         if self.free == 0 {
             return Ok(());
         }
         let now = self.queue.now();
-        let scan =
-            self.queue
-                .inner
-                .store
-                .due(&self.queues, now, self.free, &self.not_claimable())?;
-        if scan.ready.is_empty() {
+        // Claims in flight will take the first of the due tasks (or already have): ask only for
+        // what is due beyond them, so an idle queue costs no commits.
+        let asked = self.asked();
+        let due = self
+            .queue
+            .inner
+            .backend
+            .due_summary(&self.queues, now, asked + self.free)?;
+        let n = due.ready.saturating_sub(asked).min(self.free);
+        if n == 0 {
             return Ok(());
         }
-        let ids: Vec<TaskId> = scan.ready.iter().map(|d| d.id).collect();
-        // Workers' outcomes go in the same group as this claim: one commit for both.
-        let mut commands = std::mem::take(&mut self.outbox);
-        commands.push(Command::Claim {
-            ids: ids.clone(),
-            now,
-            reply: self.claim_tx.clone(),
-        });
-        self.queue
-            .inner
-            .tx()?
-            .send(Command::Many(commands))
-            .map_err(|_| Error::Closed)?;
-        self.free -= ids.len();
-        self.claiming.extend(ids.iter().copied());
-        self.in_flight.push_back(ids);
+        // Workers' outcomes go in the same commit as this claim.
+        let finishes = std::mem::take(&mut self.outbox);
+        self.queue.inner.backend.submit(
+            finishes,
+            Some(ClaimRequest {
+                queues: self.queues.clone(),
+                n,
+                now,
+                reply: self.claim_tx.clone(),
+            }),
+        )?;
+        self.free -= n;
+        self.in_flight.push_back(n);
         Ok(())
     }
 
     /// A claim's reply: hand the claimed tasks to workers, give back the slots of the rest.
     fn claimed(&mut self, result: Result<Vec<TaskInfo>>) {
-        let ids = self.in_flight.pop_front().unwrap_or_default();
-        for id in &ids {
-            self.claiming.remove(id);
-        }
-        self.free += ids.len();
+        self.free += self.in_flight.pop_front().unwrap_or_default();
         match result {
-            Ok(tasks) if tasks.is_empty() => {
-                // Nothing claimable: find records that do not decode so we stop picking them.
-                for id in &ids {
-                    if let Err(e) = self.queue.get(*id) {
-                        tracing::error!(task = %id, error = %e, "pending task's record does not decode; skipping it");
-                        self.skip.insert(*id);
-                    }
-                }
-            }
             Ok(tasks) => {
                 for task in tasks {
                     self.dispatch(task);
@@ -490,14 +464,11 @@ impl Dispatcher {
                     r.ctx.attempt()
                 ),
             );
-            let outcome = self.queue.inner.tx().and_then(|tx| {
-                commit::call(tx, |reply| Command::Finish {
-                    id,
-                    lease,
-                    outcome: Outcome::Failure(error),
-                    reply,
-                })
-            });
+            let outcome = self
+                .queue
+                .inner
+                .backend
+                .finish(id, lease, Outcome::Failure(error));
             if let Err(e) = outcome {
                 tracing::error!(task = %id, error = %e, "could not record a timeout");
             }
@@ -522,23 +493,14 @@ fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<Done>) {
             .is_ok();
         let id = job.task.id;
         let lease = job.task.lease;
-        let direct = |outcome: Outcome| {
-            queue.inner.tx().and_then(|tx| {
-                commit::call(tx, |reply| Command::Finish {
-                    id,
-                    lease,
-                    outcome,
-                    reply,
-                })
-            })
-        };
+        let direct = |outcome: Outcome| queue.inner.backend.finish(id, lease, outcome);
         let result = if in_time {
             // Hand the outcome to the dispatcher, which commits it in the same group as its next
             // claim, and wait until it is durable. Should the dispatcher exit without sending it
             // (stop() gave up on this execution), the reply channel closes unanswered and the
             // outcome is committed directly; lease fencing makes a repeat harmless.
             let (reply, reply_rx) = crossbeam_channel::bounded(1);
-            let finish = Command::Finish {
+            let finish = FinishRequest {
                 id,
                 lease,
                 outcome: outcome.clone(),

@@ -1,0 +1,148 @@
+//! The engine's storage seam (design.md section 6): the operations themselves, each atomic and
+//! durable (per [`Durability`](crate::Durability)) when its reply arrives.
+//!
+//! With one process, a store could be handed records computed in advance, because one writer
+//! validated every transition. With several processes on one database, validation has to happen
+//! where the data is, so the engine asks a backend for *transitions* — insert, claim due work,
+//! finish fenced by lease, cancel, retry, rescue orphans, purge — and reads. Each backend
+//! implements them its own way (sled: the group-commit writer in `commit.rs`; PostgreSQL:
+//! conditional SQL), but the rules themselves stay the pure functions of `lifecycle.rs` and
+//! `retry.rs`: a backend reads the row, calls the rule, and writes the result only if the row is
+//! still what the rule saw (the sled writer by being the only mutator, SQL by `WHERE lease = $2`).
+//!
+//! Every backend reports committed transitions to the shared [`Notify`](crate::events::Notify)
+//! (wake-ups, `wait`, subscriptions) only once they are durable.
+
+use std::collections::BTreeMap;
+
+use crossbeam_channel::Sender;
+
+use crate::commit::{Finished, Outcome};
+use crate::error::{Error, Result};
+use crate::inspect::{ConsistencyReport, ListFilter, Page, RecoveryReport};
+use crate::log::LogEntry;
+use crate::store::QueueSet;
+use crate::task::{Status, TaskId, TaskInfo, Timestamp};
+
+pub(crate) mod sled;
+
+/// A reply channel: the backend sends exactly one message on it once the operation is durable
+/// (or has failed).
+pub(crate) type Reply<T> = Sender<Result<T>>;
+
+/// Record the outcome of one execution, fenced by the lease it was claimed with: an outcome
+/// whose lease is no longer the task's current one changes nothing and is answered
+/// [`Finished::Stale`].
+pub(crate) struct FinishRequest {
+    pub id: TaskId,
+    pub lease: u64,
+    pub outcome: Outcome,
+    pub reply: Reply<Finished>,
+}
+
+/// Claim up to `n` tasks of `queues` that are due at `now`, best first (priority, then due
+/// time, then enqueue order): each moves `Pending -> Running` with `attempts + 1` and a new
+/// lease, durably, before the reply is sent — so no execution can go uncounted.
+pub(crate) struct ClaimRequest {
+    pub queues: QueueSet,
+    pub n: usize,
+    pub now: Timestamp,
+    pub reply: Reply<Vec<TaskInfo>>,
+}
+
+/// What a worker pool needs to know to decide whether to claim and how long to sleep.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct DueSummary {
+    /// Tasks due now (counted up to the limit asked for).
+    pub ready: usize,
+    /// The earliest due time after now among the tasks looked at, if any.
+    pub next_wake: Option<Timestamp>,
+}
+
+/// The operations a queue is made of. Writes reply once durable; reads may fail (a record that
+/// no longer decodes, a lost connection) and say so.
+pub(crate) trait Backend: Send + Sync + 'static {
+    // ----- transitions ----------------------------------------------------------------------
+
+    /// Inserts new `Pending` tasks, all or none.
+    fn insert(&self, tasks: Vec<TaskInfo>) -> Result<()>;
+
+    /// Applies `finishes` and then `claim` in one atomic commit, without waiting: each reply
+    /// arrives on its own channel. (A worker pool sends its workers' outcomes together with its
+    /// next claim: one durable commit for both.)
+    fn submit(&self, finishes: Vec<FinishRequest>, claim: Option<ClaimRequest>) -> Result<()>;
+
+    /// `Pending -> Cancelled`.
+    fn cancel(&self, id: TaskId) -> Result<TaskInfo>;
+
+    /// `Failed | Cancelled -> Pending` with a fresh budget.
+    fn retry(&self, id: TaskId) -> Result<TaskInfo>;
+
+    /// Deletes up to `limit` terminal tasks finished before `cutoff`, with their logs. Returns
+    /// how many were deleted.
+    fn purge(&self, cutoff: Timestamp, limit: usize) -> Result<usize>;
+
+    /// Finds executions whose process is gone and charges each its attempt as a `"crash"`
+    /// failure under the ordinary retry rule. Never touches an execution whose process is alive.
+    fn rescue(&self) -> Result<RecoveryReport>;
+
+    // ----- reads ----------------------------------------------------------------------------
+
+    /// One task.
+    fn get(&self, id: TaskId) -> Result<Option<TaskInfo>>;
+    /// A page of tasks, newest first.
+    fn list(&self, filter: &ListFilter) -> Result<Page>;
+    /// One task's transitions, oldest first.
+    fn history(&self, id: TaskId) -> Result<Vec<LogEntry>>;
+    /// Tasks per (queue, status), kept as counters: O(queues), never a full count.
+    fn counts(&self) -> Result<BTreeMap<(String, Status), u64>>;
+    /// How many of `queues`' tasks are due at `now` (up to `limit`), and the next due time.
+    fn due_summary(&self, queues: &QueueSet, now: Timestamp, limit: usize) -> Result<DueSummary>;
+    /// Up to `limit` terminal tasks finished before `cutoff`, oldest first.
+    #[allow(dead_code)] // for `purge --dry-run`, which lands with the CLI's purge preview
+    fn finished_before(&self, cutoff: Timestamp, limit: usize) -> Result<Vec<TaskId>>;
+    /// Full scan verifying every invariant between records, indexes, counters and the log.
+    fn check(&self) -> Result<ConsistencyReport>;
+    /// Bytes the backend uses on disk.
+    fn size_on_disk(&self) -> Result<u64>;
+
+    // ----- lifecycle ------------------------------------------------------------------------
+
+    /// Makes everything acknowledged so far durable (a no-op where acknowledgement already is).
+    fn sync(&self) -> Result<()>;
+    /// Stops accepting operations, drains what was submitted, and makes it durable. Called once,
+    /// when the last handle to the queue closes.
+    fn shut_down(&self) -> Result<()>;
+
+    // ----- synchronous forms of `submit` ----------------------------------------------------
+
+    /// Records one outcome and waits for it.
+    fn finish(&self, id: TaskId, lease: u64, outcome: Outcome) -> Result<Finished> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.submit(
+            vec![FinishRequest {
+                id,
+                lease,
+                outcome,
+                reply,
+            }],
+            None,
+        )?;
+        rx.recv().map_err(|_| Error::Closed)?
+    }
+
+    /// Claims up to `n` due tasks and waits for them.
+    fn claim(&self, queues: QueueSet, n: usize, now: Timestamp) -> Result<Vec<TaskInfo>> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.submit(
+            Vec::new(),
+            Some(ClaimRequest {
+                queues,
+                n,
+                now,
+                reply,
+            }),
+        )?;
+        rx.recv().map_err(|_| Error::Closed)?
+    }
+}
