@@ -547,6 +547,24 @@ fn a_missing_directory_is_reported_and_not_created() {
 }
 
 #[test]
+fn demo_with_data_naming_a_file_says_it_is_not_a_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("notes.txt");
+    std::fs::write(&file, "not a queue").unwrap();
+    // The same message as `stats` gives, for the path itself and for a path under the file.
+    for args in [&["demo", "--tasks", "5"][..], &["stats"][..]] {
+        let err = fails_one_line(&file, args, 1, "is not a directory");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        assert!(err.contains("pass --data DIR"), "{err}");
+        assert!(!err.contains("IO error"), "{err}");
+    }
+    let under = file.join("queue");
+    let err = fails_one_line(&under, &["demo", "--tasks", "5"], 1, "is not a directory");
+    assert!(err.contains("cannot be a queue directory"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a queue");
+}
+
+#[test]
 fn a_locked_directory_is_reported_plainly() {
     let f = fixture();
     let d = f.dir.as_path();
