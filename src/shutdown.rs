@@ -9,7 +9,7 @@
 //!   running handlers finish, up to its grace period
 //!   ([`grace_period`](crate::WorkerPoolBuilder::grace_period), default 30 s). Their outcomes are
 //!   recorded as usual, so nothing is charged for the stop. [`WorkerPool::wait`] (or `stop`)
-//!   then returns a [`StopReport`] whose [`signal`](StopReport::signal) names the signal; the
+//!   then returns a [`StopReport`] whose [`signal`](crate::StopReport::signal) names the signal; the
 //!   program decides how to exit. The convention, which the `omniq` binary follows, is status
 //!   128 + signal number: **130** after `SIGINT`, **143** after `SIGTERM`
 //!   ([`Signal::exit_code`]). Handlers still running when the grace period runs out see
@@ -68,7 +68,6 @@
 //! [`WorkerPool::wait`]: crate::WorkerPool::wait
 //! [`WorkerPool::stopper`]: crate::WorkerPool::stopper
 //! [`StopReport`]: crate::StopReport
-//! [`StopReport::signal`]: crate::StopReport::signal
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
