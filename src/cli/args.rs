@@ -32,7 +32,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Enqueue a mixed workload (or resume an unfinished one) and run it on a worker pool.
+    /// Enqueue a mixed workload (or resume an unfinished one) and run it on a worker pool: ~20 s;
+    /// Ctrl-C stops it gracefully (exit 130) and the next run resumes.
     Demo(DemoArgs),
     /// Task counts per status and per queue.
     Stats,

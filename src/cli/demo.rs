@@ -628,7 +628,8 @@ pub fn run(dir: &Path, json: bool, a: &DemoArgs) -> Result<ExitCode, CliError> {
     );
     if stop.abandoned > 0 {
         text.push_str(&format!(
-            "warning: {} execution(s) were still running when the {} s grace period ran out; the next open charges them a crash attempt\n",
+            "warning: {} execution(s) were still running when the {} s grace period ran out; each is charged its attempt \
+             (\"interrupted\" if its handler returns before this process exits, \"crash\" at the next open otherwise)\n",
             stop.abandoned,
             GRACE.as_secs()
         ));
