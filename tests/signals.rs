@@ -14,6 +14,8 @@
 //! Every wait is on something observable (a line the child prints, the child's exit), bounded
 //! by `LONG`; nothing sleeps to let a race settle.
 
+#![cfg(unix)]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
