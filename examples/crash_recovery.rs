@@ -74,6 +74,8 @@ fn main() -> omniq::Result<()> {
         },
     );
     let pool = queue.workers().concurrency(1).start()?;
+    // Unlike abort() above, Ctrl-C here would let the handler finish: no crash charged.
+    pool.stop_on_signals()?;
     let done = queue.wait(id, Duration::from_secs(30))?;
     pool.stop();
     assert_eq!(done.status, Status::Completed);

@@ -67,6 +67,7 @@ fn main() -> omniq::Result<()> {
     )?;
 
     let pool = queue.workers().concurrency(2).start()?;
+    pool.stop_on_signals()?; // Ctrl-C: let running handlers finish, charge nothing
     for id in ids.iter().chain([&zero, &flaky]) {
         queue.wait(*id, Duration::from_secs(10))?;
     }

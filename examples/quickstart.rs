@@ -62,6 +62,9 @@ fn main() -> omniq::Result<()> {
 
     // 5. Run workers: OS threads that claim due tasks and run their handlers.
     let pool = queue.workers().concurrency(2).start()?;
+    //    Ctrl-C or SIGTERM: running handlers finish, then the pool stops; nothing is charged
+    //    an attempt (a second signal exits at once). See examples/worker_service.rs.
+    pool.stop_on_signals()?;
 
     // 6. Wait for the results (woken when the task finishes, no polling).
     let done = queue.wait(id, Duration::from_secs(10))?;

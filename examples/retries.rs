@@ -75,6 +75,7 @@ fn main() -> omniq::Result<()> {
     // Run workers until the task is finished (woken by the engine, no fixed sleep).
     println!("Starting workers...");
     let workers = queue.workers().concurrency(1).start()?;
+    workers.stop_on_signals()?; // Ctrl-C: let the running attempt finish, charge nothing
     let result = queue.wait(task_id, Duration::from_secs(30))?;
     workers.stop();
 

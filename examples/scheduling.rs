@@ -71,6 +71,7 @@ fn main() -> omniq::Result<()> {
         .concurrency(1)
         .queues(["default", "emails"])
         .start()?;
+    pool.stop_on_signals()?; // Ctrl-C: let the running handler finish, charge nothing
     for id in ids.iter().chain([&email]) {
         queue.wait(*id, Duration::from_secs(10))?;
     }
@@ -95,6 +96,7 @@ fn main() -> omniq::Result<()> {
 
     // Another pool can serve "reports" later; nothing is lost meanwhile.
     let pool = queue.workers().concurrency(1).queues(["reports"]).start()?;
+    pool.stop_on_signals()?; // again for this pool: handlers are installed once per process
     let r = queue.wait(report, Duration::from_secs(10))?;
     pool.stop();
     println!("After starting a \"reports\" worker: {}.", r.status);

@@ -147,6 +147,11 @@ pub enum Error {
     #[error("storage error: {0}")]
     Storage(String),
 
+    /// `SIGINT` / `SIGTERM` handling could not be set up
+    /// ([`WorkerPool::stop_on_signals`](crate::WorkerPool::stop_on_signals)).
+    #[error("cannot stop on signals: {0}")]
+    Signals(String),
+
     /// The queue has been closed (its writer thread has stopped).
     #[error("the queue is closed")]
     Closed,

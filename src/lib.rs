@@ -63,7 +63,11 @@
 //! handle to enqueue follow-up work ([`TaskContext::enqueue`]) that does not keep the queue
 //! open. Never capture a [`Queue`] clone in a handler. [`WorkerPool::stop`] stops claiming and
 //! lets running handlers finish within the grace period; whatever is still running after it is
-//! recovered at the next open. [`Queue::close`] returns `Ok` once the directory is released.
+//! recovered at the next open. [`WorkerPool::stop_on_signals`] makes the first `SIGINT` /
+//! `SIGTERM` that same graceful stop (a second one exits at once), so a deploy or a Ctrl-C costs
+//! no task an attempt; [`WorkerPool::stopper`] gives programs with their own signal handling a
+//! [`ShutdownHandle`]. See [`shutdown`]. [`Queue::close`] returns `Ok` once the directory is
+//! released.
 //!
 //! ## Allocator
 //!
@@ -110,6 +114,7 @@ mod log;
 mod queue;
 mod recovery;
 pub mod retry;
+pub mod shutdown;
 mod store;
 mod task;
 pub mod testing;
@@ -130,6 +135,7 @@ pub use inspect::{
 pub use log::{Cause, LogEntry};
 pub use queue::{Durability, Queue, QueueBuilder, WeakQueue, DEFAULT_QUEUE};
 pub use retry::{Backoff, RetryPolicy};
+pub use shutdown::{ShutdownHandle, Signal};
 pub use store::sled_store::FORMAT_VERSION;
 pub use task::{
     EnqueueOptions, Status, Task, TaskError, TaskId, TaskInfo, Timestamp, ERROR_HISTORY_LIMIT,

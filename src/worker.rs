@@ -18,12 +18,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver, Sender};
+use parking_lot::Mutex;
 
 use crate::backend::{ClaimRequest, FinishRequest};
 use crate::commit::{Finished, Outcome};
 use crate::error::{Error, Result};
 use crate::handler::{self, TaskContext, EXEC_DONE, EXEC_RUNNING, EXEC_TIMED_OUT};
 use crate::queue::Queue;
+use crate::shutdown::{self, Listener, ShutdownHandle, Signal};
 use crate::store::QueueSet;
 use crate::task::{TaskError, TaskId, TaskInfo, Timestamp};
 
@@ -132,45 +134,114 @@ impl WorkerPoolBuilder {
             .spawn(move || d.run())
             .map_err(|e| Error::Storage(format!("cannot start the dispatcher: {e}")))?;
         Ok(WorkerPool {
-            stop_tx,
+            handle: ShutdownHandle::new(stop_tx),
             dispatcher: Some(handle),
+            signals: Mutex::new(None),
         })
     }
 }
 
-/// What [`WorkerPool::stop`] saw.
+/// What [`WorkerPool::stop`] (or [`WorkerPool::wait`]) saw.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StopReport {
     /// Executions still running when the grace period ran out. They stay `Running` in the store
     /// until they finish (if the queue is still open) or until the next open recovers them.
     pub abandoned: usize,
+    /// The first `SIGINT` / `SIGTERM` the pool received while it listened to signals
+    /// ([`WorkerPool::stop_on_signals`]), if any. A program usually exits with
+    /// [`Signal::exit_code`] (130 or 143) when this is set.
+    pub signal: Option<Signal>,
 }
 
 /// A running worker pool. Dropping it stops it gracefully, like [`stop`](WorkerPool::stop).
+///
+/// Three ways to end it: [`stop`](WorkerPool::stop) from the thread that owns it; a
+/// [`ShutdownHandle`] from [`stopper`](WorkerPool::stopper) on any other thread; or `SIGINT` /
+/// `SIGTERM` after [`stop_on_signals`](WorkerPool::stop_on_signals). Each is the same graceful
+/// stop; [`wait`](WorkerPool::wait) blocks until one of them has happened and the pool drained.
 pub struct WorkerPool {
-    stop_tx: Sender<()>,
+    handle: ShutdownHandle,
     dispatcher: Option<JoinHandle<StopReport>>,
+    /// Registered with the process's signal watcher while this pool listens to signals.
+    signals: Mutex<Option<Listener>>,
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("stopping", &self.handle.is_stopping())
+            .field("stop_on_signals", &self.signals.lock().is_some())
+            .finish()
+    }
 }
 
 impl WorkerPool {
     /// Stops claiming, waits for running handlers to finish (up to the grace period), then
     /// returns.
     pub fn stop(mut self) -> StopReport {
-        self.shutdown()
+        self.shutdown(true)
     }
 
-    fn shutdown(&mut self) -> StopReport {
-        let _ = self.stop_tx.try_send(());
-        match self.dispatcher.take() {
+    /// Makes the first `SIGINT` or `SIGTERM` stop this pool gracefully (what
+    /// [`stop`](WorkerPool::stop) does), and a second one end the process at once. See
+    /// [`shutdown`](crate::shutdown) for exactly what happens, the exit codes, and what a
+    /// program with its own signal handling should do instead.
+    ///
+    /// The process's handlers are installed on the first call (from any pool) and stay; calling
+    /// this again on the same pool does nothing. Once the pool has stopped, the signals end
+    /// the process again as they do by default (unless another pool still listens). Errors
+    /// ([`Error::Signals`]) only if the handlers cannot be installed, or on a platform without
+    /// Unix signals.
+    ///
+    /// ```no_run
+    /// # fn demo(queue: omniq::Queue) -> omniq::Result<()> {
+    /// let pool = queue.workers().start()?;
+    /// pool.stop_on_signals()?;
+    /// let report = pool.wait(); // until Ctrl-C / SIGTERM, then the graceful drain
+    /// let code = report.signal.map_or(0, |s| i32::from(s.exit_code())); // 130 or 143
+    /// # Ok(()) }
+    /// ```
+    pub fn stop_on_signals(&self) -> Result<()> {
+        let mut slot = self.signals.lock();
+        if slot.is_none() && self.dispatcher.is_some() {
+            *slot = Some(shutdown::listen(&self.handle)?);
+        }
+        Ok(())
+    }
+
+    /// A handle that stops this pool gracefully from any thread (a program's own signal
+    /// handling, an admin command, a test). Cloneable; see [`ShutdownHandle`].
+    pub fn stopper(&self) -> ShutdownHandle {
+        self.handle.clone()
+    }
+
+    /// Blocks until the pool is stopped (by a [`ShutdownHandle`] or a signal after
+    /// [`stop_on_signals`](WorkerPool::stop_on_signals)) and has drained, then returns what
+    /// [`stop`](WorkerPool::stop) would. Nothing else ends the wait: without signals or a
+    /// handle, it never returns.
+    pub fn wait(mut self) -> StopReport {
+        self.shutdown(false)
+    }
+
+    fn shutdown(&mut self, request: bool) -> StopReport {
+        if request {
+            self.handle.stop();
+        }
+        let mut report = match self.dispatcher.take() {
             Some(h) => h.join().unwrap_or_default(),
             None => StopReport::default(),
-        }
+        };
+        // Drained: from now on the signals do what they do by default (unless another pool
+        // listens).
+        self.signals.lock().take();
+        report.signal = self.handle.signal();
+        report
     }
 }
 
 impl Drop for WorkerPool {
     fn drop(&mut self) {
-        self.shutdown();
+        self.shutdown(true);
     }
 }
 
@@ -294,7 +365,10 @@ impl Dispatcher {
         if abandoned > 0 {
             tracing::warn!(abandoned, "grace period over: executions left running; the next open recovers any that do not finish");
         }
-        StopReport { abandoned }
+        StopReport {
+            abandoned,
+            signal: None,
+        }
     }
 
     fn finished(&mut self, done: Done) {

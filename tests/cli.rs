@@ -547,6 +547,35 @@ fn a_missing_directory_is_reported_and_not_created() {
 }
 
 #[test]
+fn demo_help_says_it_runs_long_enough_to_interrupt_and_how_to_shorten_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let help = ok(tmp.path(), &["demo", "--help"]);
+    assert!(help.contains("~20 s"), "{help}");
+    assert!(help.contains("Ctrl-C stops it gracefully"), "{help}");
+    assert!(help.contains("--tasks <TASKS>"), "{help}");
+    assert!(help.contains("--work-ms <MS>"), "{help}");
+    assert!(help.contains("The default, 500"), "{help}");
+}
+
+#[test]
+fn demo_with_data_naming_a_file_says_it_is_not_a_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("notes.txt");
+    std::fs::write(&file, "not a queue").unwrap();
+    // The same message as `stats` gives, for the path itself and for a path under the file.
+    for args in [&["demo", "--tasks", "5"][..], &["stats"][..]] {
+        let err = fails_one_line(&file, args, 1, "is not a directory");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        assert!(err.contains("pass --data DIR"), "{err}");
+        assert!(!err.contains("IO error"), "{err}");
+    }
+    let under = file.join("queue");
+    let err = fails_one_line(&under, &["demo", "--tasks", "5"], 1, "is not a directory");
+    assert!(err.contains("cannot be a queue directory"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a queue");
+}
+
+#[test]
 fn a_locked_directory_is_reported_plainly() {
     let f = fixture();
     let d = f.dir.as_path();
@@ -638,7 +667,8 @@ fn demo_runs_a_mixed_workload_then_a_fresh_one() {
     assert_eq!(ok_json(&d, &["check"])["consistent"], true);
 }
 
-/// Starts a slow demo, waits for "workers started", lets the first claims commit, kills it.
+/// Starts a slow demo, waits for "workers started" (the first claims have committed), kills it
+/// (`SIGKILL`: a crash, unlike Ctrl-C).
 fn start_and_kill(dir: &Path, tasks: &str) {
     let mut child = Command::new(BIN)
         .arg("--data")
@@ -666,8 +696,8 @@ fn start_and_kill(dir: &Path, tasks: &str) {
             break;
         }
     }
-    // Handlers take 1.5-4.5 s: whatever was claimed in this window is still running.
-    std::thread::sleep(Duration::from_millis(500));
+    // The demo announces its workers once the first claim has committed, and handlers take
+    // 1.5-4.5 s: the claimed tasks are running now.
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -6,9 +6,14 @@
 use std::process::Command;
 
 fn run_example(name: &str) -> String {
+    run_example_with(name, &[])
+}
+
+fn run_example_with(name: &str, env: &[(&str, &std::path::Path)]) -> String {
     let out = Command::new(env!("CARGO"))
         .args(["run", "--quiet", "--example", name])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -103,6 +108,19 @@ fn crash_recovery_example_runs() {
     assert!(out.contains("error_type=\"crash\", retry_count=0"), "{out}");
     assert!(
         out.contains("COMPLETED -> imported orders.csv on attempt 2"),
+        "{out}"
+    );
+}
+
+#[test]
+fn worker_service_example_runs_until_idle_then_stops_itself() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("service");
+    let out = run_example_with("worker_service", &[("OMNIQ_EXAMPLE_DIR", &dir)]);
+    assert!(out.contains("0 task(s) left running"), "{out}");
+    assert!(out.contains("enqueued 20 jobs"), "{out}");
+    assert!(
+        out.contains("stopped: 20 completed, 0 failed, 0 pending for the next start, 0 abandoned"),
         "{out}"
     );
 }

@@ -32,7 +32,8 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Enqueue a mixed workload (or resume an unfinished one) and run it on a worker pool.
+    /// Enqueue a mixed workload (or resume an unfinished one) and run it on a worker pool: ~20 s;
+    /// Ctrl-C stops it gracefully (exit 130) and the next run resumes.
     Demo(DemoArgs),
     /// Task counts per status and per queue.
     Stats,
@@ -65,14 +66,16 @@ pub enum Command {
 /// `omniq demo`.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Tasks in a fresh workload (ignored when an unfinished workload is resumed).
+    /// Tasks in a fresh workload (ignored when an unfinished workload is resumed). Fewer tasks
+    /// finish sooner.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub tasks: u32,
     /// Worker threads.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub workers: u32,
-    /// How long each handler works, in milliseconds (also OMNIQ_DEMO_WORK_MS; default 40).
-    #[arg(long, hide = true, value_name = "MS")]
+    /// How long each handler works, in milliseconds (also OMNIQ_DEMO_WORK_MS). The default, 500,
+    /// makes the default workload run ~20 s, long enough to interrupt; 5 runs it in a blink.
+    #[arg(long, value_name = "MS")]
     pub work_ms: Option<u64>,
 }
 

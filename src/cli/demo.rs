@@ -3,6 +3,12 @@
 //! several priorities) on the `demo` queue, runs it on a worker pool with a progress bar, and
 //! prints a summary. If the directory holds an unfinished demo workload (after a kill, say),
 //! it is resumed instead, and the summary shows what crash recovery did.
+//!
+//! The default workload runs for about 20 s, long enough to interrupt. The first Ctrl-C
+//! (`SIGINT`) or `SIGTERM` stops it gracefully: nothing new is claimed, running handlers finish,
+//! the summary is printed and the exit status is 130 (`SIGINT`) or 143 (`SIGTERM`); the next run
+//! resumes with no attempt charged. A second signal ends the process at once (see
+//! `omniq::shutdown`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::IsTerminal;
@@ -10,11 +16,11 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::RecvTimeoutError;
+use crossbeam_channel::select;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use omniq::{
     Backoff, Cause, EnqueueOptions, ListFilter, Queue, RetryPolicy, Status, Task, TaskContext,
-    TaskError, TaskId, TaskInfo,
+    TaskError, TaskId, TaskInfo, TransitionEvent,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -27,8 +33,11 @@ use super::CliError;
 pub const DEMO_QUEUE: &str = "demo";
 /// How far in the future the scheduled task is due.
 const SCHEDULE_DELAY: Duration = Duration::from_secs(2);
-/// Default handler work time.
-const DEFAULT_WORK_MS: u64 = 40;
+/// Default handler work time: the default 100-task workload on 4 workers runs ~20 s, long enough
+/// to interrupt.
+const DEFAULT_WORK_MS: u64 = 500;
+/// How long a graceful stop waits for running handlers.
+const GRACE: Duration = Duration::from_secs(10);
 /// Environment variable overriding the handler work time.
 const WORK_MS_ENV: &str = "OMNIQ_DEMO_WORK_MS";
 
@@ -71,14 +80,22 @@ fn demo_policy() -> RetryPolicy {
     }
 }
 
-/// Simulated work: `ms` scaled by 50-150 % depending on the task, cut short on cancellation.
-fn work(ctx: &TaskContext, ms: u64, n: u32) {
+/// Simulated work: `ms` scaled by 50-150 % depending on the task. Cut short when the execution
+/// is cancelled (its pool's grace period ran out), which is then reported as a failure: a
+/// handler must not claim a success for work it did not finish.
+fn work(ctx: &TaskContext, ms: u64, n: u32) -> Result<(), TaskError> {
     let ms = ms * (50 + u64::from(n.wrapping_mul(37) % 101)) / 100;
     let until = Instant::now() + Duration::from_millis(ms);
-    while !ctx.is_cancelled() {
+    loop {
+        if ctx.is_cancelled() {
+            return Err(TaskError::transient(
+                "interrupted",
+                "the worker pool stopped before this execution finished",
+            ));
+        }
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            break;
+            return Ok(());
         }
         std::thread::sleep(left.min(Duration::from_millis(20)));
     }
@@ -86,11 +103,11 @@ fn work(ctx: &TaskContext, ms: u64, n: u32) {
 
 fn register(queue: &Queue, ms: u64) {
     queue.register(move |t: ResizeImage, ctx: &TaskContext| -> Result<Value, TaskError> {
-        work(ctx, ms, t.0.n);
+        work(ctx, ms, t.0.n)?;
         Ok(json!({ "thumbnail": format!("img-{:04}.webp", t.0.n), "bytes": 18_000 + t.0.n * 7 }))
     });
     queue.register(move |t: SendEmail, ctx: &TaskContext| -> Result<Value, TaskError> {
-        work(ctx, ms, t.0.n);
+        work(ctx, ms, t.0.n)?;
         if ctx.attempt() <= t.0.fail_times {
             return Err(TaskError::transient(
                 "smtp_unavailable",
@@ -101,7 +118,7 @@ fn register(queue: &Queue, ms: u64) {
     });
     queue.register(
         move |t: ChargeCard, ctx: &TaskContext| -> Result<Value, TaskError> {
-            work(ctx, ms, t.0.n);
+            work(ctx, ms, t.0.n)?;
             Err(TaskError::permanent(
                 "card_declined",
                 format!(
@@ -113,7 +130,7 @@ fn register(queue: &Queue, ms: u64) {
     );
     queue.register(
         move |t: SyncInventory, ctx: &TaskContext| -> Result<Value, TaskError> {
-            work(ctx, ms, t.0.n);
+            work(ctx, ms, t.0.n)?;
             Err(TaskError::transient(
                 "upstream_timeout",
                 "the inventory service did not answer within 5 s",
@@ -122,7 +139,7 @@ fn register(queue: &Queue, ms: u64) {
     );
     queue.register(
         move |t: NightlyReport, ctx: &TaskContext| -> Result<Value, TaskError> {
-            work(ctx, ms, t.0.n);
+            work(ctx, ms, t.0.n)?;
             Ok(json!({ "rows": t.0.of * 10 }))
         },
     );
@@ -299,9 +316,66 @@ impl Row {
     }
 }
 
+/// What the demo has seen of its workload's transitions so far.
+struct Progress {
+    /// Workload tasks not finished yet.
+    remaining: HashSet<TaskId>,
+    /// Workload tasks being executed now.
+    running: HashSet<TaskId>,
+    done_ok: u64,
+    done_failed: u64,
+    retries: u64,
+}
+
+impl Progress {
+    /// Takes one committed transition; true if it finished a workload task.
+    fn apply(&mut self, ev: &TransitionEvent) -> bool {
+        let id = ev.entry.task_id;
+        if !self.remaining.contains(&id) {
+            return false;
+        }
+        if ev.entry.to == Status::Running {
+            self.running.insert(id);
+        } else {
+            self.running.remove(&id);
+        }
+        if ev.entry.to == Status::Pending && matches!(ev.entry.cause, Cause::Failed { .. }) {
+            self.retries += 1;
+        }
+        if !ev.entry.to.is_terminal() {
+            return false;
+        }
+        self.remaining.remove(&id);
+        if ev.entry.to == Status::Completed {
+            self.done_ok += 1;
+        } else {
+            self.done_failed += 1;
+        }
+        true
+    }
+
+    fn message(&self) -> String {
+        format!(
+            "{} completed, {} failed, {} retries scheduled",
+            self.done_ok, self.done_failed, self.retries
+        )
+    }
+}
+
+/// Prints a line on stdout, or on stderr when stdout is reserved for the JSON document.
+fn say(json: bool, line: &str) -> Result<(), CliError> {
+    if json {
+        eprint!("{line}");
+        Ok(())
+    } else {
+        emit(line)
+    }
+}
+
 /// Runs the demo.
 pub fn run(dir: &Path, json: bool, a: &DemoArgs) -> Result<ExitCode, CliError> {
     let work_ms = work_ms(a)?;
+    super::ensure_not_a_file(dir)?;
     let started = Instant::now();
     let queue = Queue::builder(dir)
         .queue_retry_policy(DEMO_QUEUE, demo_policy())
@@ -329,15 +403,21 @@ pub fn run(dir: &Path, json: bool, a: &DemoArgs) -> Result<ExitCode, CliError> {
         .first()
         .and_then(job_of)
         .map_or(tasks.len() as u64, |j| u64::from(j.of));
-    let mut remaining: HashSet<TaskId> = tasks
-        .iter()
-        .filter(|t| !t.status.is_terminal())
-        .map(|t| t.id)
-        .collect();
+    let mut progress = Progress {
+        remaining: tasks
+            .iter()
+            .filter(|t| !t.status.is_terminal())
+            .map(|t| t.id)
+            .collect(),
+        running: HashSet::new(),
+        done_ok: 0,
+        done_failed: 0,
+        retries: 0,
+    };
     if resumed {
         intro.push_str(&format!(
             "Resuming the unfinished demo workload {workload} in {shown}: {} of {} tasks not finished yet{}.\n",
-            remaining.len(),
+            progress.remaining.len(),
             tasks.len(),
             if a.tasks as usize != tasks.len() {
                 " (--tasks applies to fresh workloads only)"
@@ -367,55 +447,92 @@ pub fn run(dir: &Path, json: bool, a: &DemoArgs) -> Result<ExitCode, CliError> {
         .workers()
         .concurrency(a.workers as usize)
         .queues([DEMO_QUEUE])
-        .grace_period(Duration::from_secs(10))
+        .grace_period(GRACE)
         .start()?;
-    let started_line = format!(
-        "workers started: {} on queue {DEMO_QUEUE:?}, handlers take ~{work_ms} ms\n",
-        a.workers
-    );
-    if json {
-        eprint!("{started_line}");
-    } else {
-        emit(&started_line)?;
+    // From here on, Ctrl-C / SIGTERM drain the pool instead of killing the process.
+    if let Err(e) = pool.stop_on_signals() {
+        // Only where there are no Unix signals: the demo still runs, without a graceful Ctrl-C.
+        eprintln!("note: {e}; Ctrl-C will end the demo without a graceful stop");
     }
-    // Created after the stdout line so the two do not interleave on a terminal.
-    let pb = progress_bar(tasks.len() as u64, json);
-    pb.set_position((tasks.len() - remaining.len()) as u64);
+    let stopper = pool.stopper();
+    let stopping = stopper.stopping();
 
-    let (mut done_ok, mut done_failed, mut retries) = (0u64, 0u64, 0u64);
-    while !remaining.is_empty() {
-        match events.recv_timeout(Duration::from_millis(250)) {
-            Ok(ev) => {
-                let id = ev.entry.task_id;
-                if !remaining.contains(&id) {
-                    continue;
-                }
-                if ev.entry.to == Status::Pending && matches!(ev.entry.cause, Cause::Failed { .. })
-                {
-                    retries += 1;
-                }
-                if ev.entry.to.is_terminal() {
-                    remaining.remove(&id);
-                    pb.inc(1);
-                    if ev.entry.to == Status::Completed {
-                        done_ok += 1;
-                    } else {
-                        done_failed += 1;
+    // "workers started" is announced once the first task is running (or, when nothing is due
+    // yet, at the earliest due time), so whoever reads it knows executions are under way.
+    let now = queue.now();
+    let first_due = tasks
+        .iter()
+        .filter(|t| t.status == Status::Pending)
+        .map(|t| t.next_run_at.since(now))
+        .min();
+    let announce_by = Instant::now() + first_due.map_or(Duration::ZERO, |d| d + GRACE);
+    let mut pb: Option<ProgressBar> = None;
+    let mut stopped_early = false;
+    loop {
+        if pb.is_none() && (!progress.running.is_empty() || Instant::now() >= announce_by) {
+            say(
+                json,
+                &format!(
+                    "workers started: {} on queue {DEMO_QUEUE:?}, handlers take ~{work_ms} ms \
+                     (Ctrl-C stops gracefully; a second Ctrl-C exits at once)\n",
+                    a.workers
+                ),
+            )?;
+            // Created after the stdout line so the two do not interleave on a terminal.
+            let bar = progress_bar(tasks.len() as u64, json);
+            bar.set_position((tasks.len() - progress.remaining.len()) as u64);
+            bar.set_message(progress.message());
+            pb = Some(bar);
+        }
+        if progress.remaining.is_empty() {
+            break;
+        }
+        let tick = if pb.is_some() {
+            Duration::from_millis(250)
+        } else {
+            announce_by.saturating_duration_since(Instant::now())
+        };
+        select! {
+            recv(events) -> ev => match ev {
+                Ok(ev) => {
+                    let finished = progress.apply(&ev);
+                    if let Some(bar) = &pb {
+                        if finished {
+                            bar.inc(1);
+                        }
+                        bar.set_message(progress.message());
                     }
                 }
-                pb.set_message(format!(
-                    "{done_ok} completed, {done_failed} failed, {retries} retries scheduled"
-                ));
+                Err(_) => {
+                    return Err(CliError::Runtime(
+                        "the queue stopped delivering transition events".into(),
+                    ));
+                }
+            },
+            recv(stopping) -> _ => {
+                stopped_early = true;
+                break;
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(CliError::Runtime(
-                    "the queue stopped delivering transition events".into(),
-                ));
-            }
+            default(tick) => {}
         }
     }
-    pb.finish_and_clear();
+    if let Some(bar) = &pb {
+        bar.finish_and_clear();
+    }
+    if stopped_early {
+        let by = stopper
+            .signal()
+            .map_or("a stop request".to_string(), |s| s.name().to_string());
+        say(
+            json,
+            &format!(
+                "{by} received: stopping gracefully: no new task is claimed; waiting up to {} s for {} running task(s) to finish. \
+                 A second Ctrl-C or SIGTERM exits at once (tasks still running are then charged a crash attempt at the next open).\n",
+                GRACE.as_secs(),
+                progress.running.len()
+            ),
+        )?;
+    }
     let stop = pool.stop();
     let elapsed = started.elapsed();
 
@@ -426,7 +543,12 @@ pub fn run(dir: &Path, json: bool, a: &DemoArgs) -> Result<ExitCode, CliError> {
         by_kind.entry(t.kind.clone()).or_default().add(t);
         total.add(t);
     }
+    let unfinished = tasks.iter().filter(|t| !t.status.is_terminal()).count();
     let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
+    // Stopped by a signal: exit 128 + its number, as a shell expects of an interrupted program.
+    let code = stop
+        .signal
+        .map_or(ExitCode::SUCCESS, |s| ExitCode::from(s.exit_code()));
 
     if json {
         emit_json(&json!({
@@ -447,10 +569,12 @@ pub fn run(dir: &Path, json: bool, a: &DemoArgs) -> Result<ExitCode, CliError> {
                 "failed": recovery.failed,
                 "duration_ms": recovery.duration.as_secs_f64() * 1000.0,
             },
+            "stopped_by": stop.signal.map(|s| s.name()),
+            "unfinished_tasks": unfinished,
             "abandoned_at_stop": stop.abandoned,
             "elapsed_ms": elapsed_ms,
         }))?;
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code);
     }
 
     let mut headers = vec!["KIND", "TASKS"];
@@ -487,8 +611,16 @@ pub fn run(dir: &Path, json: bool, a: &DemoArgs) -> Result<ExitCode, CliError> {
         String::new(),
     ]);
 
+    let how = if unfinished == 0 {
+        "all finished".to_string()
+    } else {
+        format!(
+            "stopped by {} with {unfinished} not finished",
+            stop.signal.map_or("a stop request", |s| s.name())
+        )
+    };
     let mut text = format!(
-        "\nDemo workload {workload}: {} tasks, all finished{}.\n\n{}\n{}",
+        "\nDemo workload {workload}: {} tasks, {how}{}.\n\n{}\n{}",
         tasks.len(),
         if resumed { " (resumed)" } else { "" },
         table.render(),
@@ -496,13 +628,20 @@ pub fn run(dir: &Path, json: bool, a: &DemoArgs) -> Result<ExitCode, CliError> {
     );
     if stop.abandoned > 0 {
         text.push_str(&format!(
-            "warning: {} execution(s) were still running at stop\n",
-            stop.abandoned
+            "warning: {} execution(s) were still running when the {} s grace period ran out; each is charged its attempt \
+             (\"interrupted\" if its handler returns before this process exits, \"crash\" at the next open otherwise)\n",
+            stop.abandoned,
+            GRACE.as_secs()
+        ));
+    }
+    if unfinished > 0 {
+        text.push_str(&format!(
+            "\nRun `omniq demo --data {shown}` again to resume the {unfinished} unfinished task(s).\n"
         ));
     }
     text.push_str(&format!(
         "\nNext: omniq list --data {shown} --status failed   |   omniq show --data {shown} <ID>   |   omniq stats --data {shown}\n"
     ));
     emit(&text)?;
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }

@@ -114,6 +114,26 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, CliError> {
     })
 }
 
+/// Refuses a `--data` path that is, or lies under, something other than a directory (a regular
+/// file, say), before the storage engine reports a bare "Not a directory".
+fn ensure_not_a_file(dir: &Path) -> Result<(), CliError> {
+    let Some(existing) = dir.ancestors().find(|a| a.exists()) else {
+        return Ok(());
+    };
+    if existing.is_dir() {
+        return Ok(());
+    }
+    let shown = dir.display();
+    Err(CliError::Runtime(if existing == dir {
+        format!("{shown} is not a directory; pass --data DIR to point at a queue directory")
+    } else {
+        format!(
+            "{shown} cannot be a queue directory: {} is not a directory; pass --data DIR to point at a queue directory",
+            existing.display()
+        )
+    }))
+}
+
 /// Opens a queue directory that must already exist: commands that inspect or operate never
 /// create one. Reports crash recovery done by this open on stderr.
 fn open_existing(dir: &Path, json: bool) -> Result<Queue, CliError> {
@@ -123,11 +143,7 @@ fn open_existing(dir: &Path, json: bool) -> Result<Queue, CliError> {
             "no queue at {shown}: the directory does not exist (pass --data DIR to point at a queue directory, or run `omniq demo --data {shown}` to create one)"
         )));
     }
-    if !dir.is_dir() {
-        return Err(CliError::Runtime(format!(
-            "{shown} is not a directory; pass --data DIR to point at a queue directory"
-        )));
-    }
+    ensure_not_a_file(dir)?;
     if !dir.join("db").is_file() {
         return Err(CliError::Runtime(format!(
             "no queue at {shown}: the directory exists but holds no omniq queue (no `db` file); pass --data DIR to point at a queue directory"
