@@ -1,18 +1,33 @@
 //! The built-in benchmark behind `omniq bench`: runs a workload in a throwaway directory and
-//! reports rates, latencies and disk use.
+//! reports rates, latencies and disk use, each row also as a ratio to a raw `fdatasync`.
 //!
-//! Phases, each on a fresh queue directory inside one temporary directory (removed at the end):
+//! Rows, in the order they are measured, each on a fresh queue directory inside one temporary
+//! directory (removed at the end). `N` is [`BenchOptions::tasks`], `W` is
+//! [`BenchOptions::workers`], `mode` is [`BenchOptions::durability`]:
 //!
-//! 1. single-producer [`Queue::enqueue`] of `tasks` tasks with the chosen durability;
-//! 2. [`Queue::enqueue_many`] of `tasks` tasks in batches of 1,000;
-//! 3. the full lifecycle: with `workers` workers already started, enqueue `tasks` no-op tasks
-//!    (batches of 1,000) and time until every one is `Completed` (counted from a
-//!    [`Queue::subscribe`] stream, not by polling);
-//! 4. enqueue-to-start latency on the now idle pool: `min(tasks, 500)` tasks enqueued one at a
-//!    time, each only after the previous one completed; the handler reports the instant it
-//!    started, the producer took the instant just before calling `enqueue`;
-//! 5. disk use: the lifecycle directory's size divided by the tasks it stores.
+//! 1. **raw append + fdatasync of 128 B**: `min(N, 2,000)` appends to a plain file, each followed
+//!    by `fdatasync`, no omniq involved. The floor every durable commit stands on; every other
+//!    row is also given as a ratio to it.
+//! 2. **enqueue, no workers**: one producer, [`Queue::enqueue`] of one task per call, `N` tasks.
+//! 3. **enqueue while W workers run**: `W` workers started first, then one producer calls
+//!    [`Queue::enqueue`] once per task, `N` times; the rate counts until the last `enqueue`
+//!    returned. The same run gives row 4.
+//! 4. **lifecycle, one enqueue per task**: the everyday pattern. Row 3's run, timed from the first
+//!    `enqueue` until every task is `Completed` (counted from a [`Queue::subscribe`] stream).
+//! 5. **enqueue_many, no workers**: one producer, [`Queue::enqueue_many`] in batches of
+//!    `min(N, 1,000)` (the last batch holds the remainder).
+//! 6. **lifecycle, enqueue_many batches**: `W` workers started first, then `N` tasks enqueued in
+//!    batches of `min(N, 1,000)`, timed until every one is `Completed`. The criterion bench
+//!    `lifecycle/4_workers` measures this pattern.
+//! 7. **enqueue-to-start latency** (p50, p99, max) on row 6's now idle pool: `min(N, 500)` probes
+//!    enqueued one at a time, each only after the previous one completed; the handler reports the
+//!    instant it started, the producer took the instant just before calling `enqueue`.
+//! 8. **disk per stored task**: row 6's directory size divided by the tasks it stores.
+//! 9. Rows 2, 3 and 4 again for `Group` and `Relaxed`, whichever of them `mode` is not, so that
+//!    both modes' "enqueue alone" and "enqueue while workers run" rows are in every report.
 
+use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -25,28 +40,66 @@ use crate::task::{Status, Task, TaskError};
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct BenchOptions {
-    /// Tasks per phase.
+    /// Tasks per row (the raw `fdatasync` row makes at most 2,000 writes, the latency row takes
+    /// at most 500 samples).
     pub tasks: usize,
-    /// Worker threads for the lifecycle phase.
+    /// Worker threads for the rows that run a pool.
     pub workers: usize,
-    /// Durability mode for the whole run.
+    /// Durability mode of the main rows. The `Group` and `Relaxed` comparison rows always run too.
     pub durability: Durability,
+}
+
+/// One measured row: what it is, its value, and how it compares to a raw `fdatasync`.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchRow {
+    /// Stable key. For the main rows it equals the matching flat key of [`BenchReport`]; the
+    /// comparison rows are prefixed with their mode (`relaxed_enqueue_per_s`, ...).
+    pub key: String,
+    /// What was measured: operation, durability mode, producers, workers, batch size, count.
+    pub label: String,
+    /// The measured value, in `unit`.
+    pub value: f64,
+    /// `writes/s`, `tasks/s`, `ms` or `bytes/task`.
+    pub unit: String,
+    /// Rates: this rate divided by the raw `fdatasync` rate. Latencies: this latency divided by
+    /// the raw write's mean time. `None` for the raw row itself and for disk use.
+    pub vs_raw: Option<f64>,
+}
+
+impl BenchRow {
+    /// The value with its unit, digits grouped: `3,251 tasks/s`, `0.61 ms`.
+    pub fn value_text(&self) -> String {
+        match self.unit.as_str() {
+            "ms" => format!("{:.2} ms", self.value),
+            unit => format!("{} {unit}", thousands(self.value.round() as u64)),
+        }
+    }
+
+    /// The ratio to the raw `fdatasync` row: `0.45x raw rate`, `2.1x raw write`, or empty.
+    pub fn vs_raw_text(&self) -> String {
+        match (self.vs_raw, self.unit.as_str()) {
+            (None, _) => String::new(),
+            (Some(r), "ms") => format!("{r:.1}x raw write"),
+            (Some(r), _) => format!("{r:.2}x raw rate"),
+        }
+    }
 }
 
 /// What was measured. Keys are stable: scripts read them from `omniq bench --json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
-    /// Tasks per phase.
+    /// Tasks per row.
     pub tasks: usize,
     /// Worker threads.
     pub workers: usize,
-    /// Durability mode, lower-case.
+    /// Durability mode of the main rows, lower-case.
     pub durability: String,
-    /// Single-producer `enqueue` rate (acknowledged, durable per mode), tasks/s.
+    /// Single-producer `enqueue` rate with no workers (acknowledged, durable per mode), tasks/s.
     pub enqueue_per_s: f64,
-    /// `enqueue_many` rate in batches of 1,000, tasks/s.
+    /// `enqueue_many` rate in batches of `batch`, no workers, tasks/s.
     pub enqueue_many_per_s: f64,
-    /// Full lifecycle rate (enqueue -> run a no-op -> Completed), tasks/s.
+    /// Full lifecycle rate (enqueue_many in batches of `batch` -> run a no-op -> Completed),
+    /// tasks/s.
     pub lifecycle_per_s: f64,
     /// Enqueue-to-start latency on an idle pool, median, ms.
     pub latency_p50_ms: f64,
@@ -58,12 +111,38 @@ pub struct BenchReport {
     pub latency_max_ms: f64,
     /// How many latency samples the percentiles come from.
     pub latency_samples: usize,
+    /// Tasks per `enqueue_many` call: `min(tasks, 1000)`.
+    pub batch: usize,
+    /// Raw append + `fdatasync` of 128 bytes to a plain file, writes/s.
+    pub raw_fdatasync_per_s: f64,
+    /// How many raw writes `raw_fdatasync_per_s` comes from.
+    pub raw_writes: usize,
+    /// Single-producer `enqueue` rate while `workers` workers run the tasks, until the last
+    /// `enqueue` returned, tasks/s.
+    pub enqueue_with_workers_per_s: f64,
+    /// Full lifecycle with one `enqueue` call per task on a running pool (first enqueue -> last
+    /// Completed), tasks/s: the everyday pattern.
+    pub lifecycle_single_enqueue_per_s: f64,
+    /// `enqueue_per_s` under `Durability::Group`, whatever `durability` is.
+    pub group_enqueue_per_s: f64,
+    /// `enqueue_with_workers_per_s` under `Durability::Group`.
+    pub group_enqueue_with_workers_per_s: f64,
+    /// `enqueue_per_s` under `Durability::Relaxed`.
+    pub relaxed_enqueue_per_s: f64,
+    /// `enqueue_with_workers_per_s` under `Durability::Relaxed`.
+    pub relaxed_enqueue_with_workers_per_s: f64,
+    /// Every row, in the order measured, with its label and its ratio to the raw row.
+    pub rows: Vec<BenchRow>,
 }
 
-/// Tasks per `enqueue_many` call.
+/// Most tasks per `enqueue_many` call.
 const BATCH: usize = 1_000;
 /// Upper bound on latency samples.
 const MAX_LATENCY_SAMPLES: usize = 500;
+/// Upper bound on raw `fdatasync` writes.
+const MAX_RAW_WRITES: usize = 2_000;
+/// Bytes per raw write.
+const RAW_WRITE_BYTES: usize = 128;
 /// How long any single phase may wait for its tasks before the run is declared stuck.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -102,6 +181,42 @@ fn rate(n: usize, elapsed: Duration) -> f64 {
     n as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
+/// `1234567` -> `1,234,567`.
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `n` and a noun, pluralized with an `s`: `1 task`, `1,000 tasks`.
+fn count(n: usize, noun: &str) -> String {
+    let s = if n == 1 { "" } else { "s" };
+    format!("{} {noun}{s}", thousands(n as u64))
+}
+
+/// How `n` tasks split into `enqueue_many` calls of at most [`BATCH`]: `1 batch of 500`,
+/// `10 batches of 1,000`, `2 batches of 1,000 + 1 of 500`.
+fn batches_text(n: usize) -> String {
+    let (full, rem) = (n / BATCH, n % BATCH);
+    let size = thousands(BATCH as u64);
+    let noun = if full == 1 { "batch" } else { "batches" };
+    match (full, rem) {
+        (0, _) => format!("1 batch of {}", thousands(rem as u64)),
+        (_, 0) => format!("{} {noun} of {size}", thousands(full as u64)),
+        _ => format!(
+            "{} {noun} of {size} + 1 of {}",
+            thousands(full as u64),
+            thousands(rem as u64)
+        ),
+    }
+}
+
 /// Nearest-rank percentile of sorted samples, in ms (`p` in `0..=1`).
 fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -111,8 +226,12 @@ fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     sorted[rank - 1].as_secs_f64() * 1e3
 }
 
-fn open(dir: &std::path::Path, name: &str, durability: Durability) -> Result<Queue> {
+fn open(dir: &Path, name: &str, durability: Durability) -> Result<Queue> {
     Queue::builder(dir.join(name)).durability(durability).open()
+}
+
+fn register_noop(q: &Queue) {
+    q.register(|_: BenchNoop, _: &TaskContext| -> std::result::Result<(), TaskError> { Ok(()) });
 }
 
 /// Enqueues `n` no-op tasks in batches of [`BATCH`].
@@ -157,7 +276,94 @@ fn await_terminal(
     Ok(())
 }
 
-/// Runs the benchmark. `progress` receives one line per phase.
+/// Appends `writes` blocks of [`RAW_WRITE_BYTES`] to a new file in `dir`, each followed by
+/// `fdatasync`; returns writes/s. One unmeasured write first creates the file.
+fn raw_fdatasync(dir: &Path, writes: usize) -> Result<f64> {
+    let io = |e: std::io::Error| Error::Storage(format!("raw fdatasync row: {e}"));
+    let path = dir.join("raw-fdatasync");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(io)?;
+    let block = [0x5au8; RAW_WRITE_BYTES];
+    f.write_all(&block).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    let t0 = Instant::now();
+    for _ in 0..writes {
+        f.write_all(&block).map_err(io)?;
+        f.sync_data().map_err(io)?;
+    }
+    let r = rate(writes, t0.elapsed());
+    drop(f);
+    std::fs::remove_file(&path).map_err(io)?;
+    Ok(r)
+}
+
+/// Single producer, one `enqueue` per task, no workers: tasks/s.
+fn enqueue_alone(dir: &Path, name: &str, d: Durability, n: usize) -> Result<f64> {
+    let q = open(dir, name, d)?;
+    let t0 = Instant::now();
+    for i in 0..n as u64 {
+        q.enqueue(BenchNoop { n: i })?;
+    }
+    Ok(rate(n, t0.elapsed()))
+}
+
+/// `workers` workers started first, then one producer enqueues `n` tasks one per call.
+/// Returns (tasks/s until the last `enqueue` returned, tasks/s until the last `Completed`).
+fn enqueue_with_workers(
+    dir: &Path,
+    name: &str,
+    d: Durability,
+    n: usize,
+    workers: usize,
+) -> Result<(f64, f64)> {
+    let q = open(dir, name, d)?;
+    register_noop(&q);
+    let pool = q.workers().concurrency(workers).start()?;
+    let events = q.subscribe();
+    let t0 = Instant::now();
+    for i in 0..n as u64 {
+        q.enqueue(BenchNoop { n: i })?;
+    }
+    let acked = t0.elapsed();
+    await_terminal(&events, n)?;
+    let done = t0.elapsed();
+    pool.stop();
+    Ok((rate(n, acked), rate(n, done)))
+}
+
+/// Collects rows, computes their ratio to the raw row, and reports each as it is measured.
+struct Rows<'a> {
+    raw_per_s: f64,
+    rows: Vec<BenchRow>,
+    progress: &'a mut dyn FnMut(&str),
+}
+
+impl Rows<'_> {
+    fn push(&mut self, key: &str, label: String, value: f64, unit: &str) {
+        let vs_raw = match unit {
+            "writes/s" | "bytes/task" => None,
+            // A latency against the mean time of one raw write.
+            "ms" => Some(value / (1e3 / self.raw_per_s)),
+            _ => Some(value / self.raw_per_s),
+        };
+        let row = BenchRow {
+            key: key.to_string(),
+            label,
+            value,
+            unit: unit.to_string(),
+            vs_raw,
+        };
+        let ratio = row.vs_raw_text();
+        let sep = if ratio.is_empty() { "" } else { ", " };
+        (self.progress)(&format!("{}: {}{sep}{ratio}", row.label, row.value_text()));
+        self.rows.push(row);
+    }
+}
+
+/// Runs the benchmark. `progress` receives one line per row, as it is measured.
 pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchReport> {
     if opts.tasks == 0 || opts.workers == 0 {
         return Err(Error::Invalid {
@@ -172,38 +378,91 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         .map_err(|e| Error::Storage(format!("cannot create a temporary directory: {e}")))?;
     let dir = tmp.path();
     let n = opts.tasks;
+    let w = opts.workers;
     let d = opts.durability;
     let mode = durability_name(d);
+    let tasks = count(n, "task");
+    let workers = count(w, "worker");
+    let batch = n.min(BATCH);
+    let batches = batches_text(n);
 
-    // (a) single producer, one task per call.
-    let enqueue_per_s = {
-        let q = open(dir, "enqueue", d)?;
-        let t0 = Instant::now();
-        for i in 0..n as u64 {
-            q.enqueue(BenchNoop { n: i })?;
-        }
-        let r = rate(n, t0.elapsed());
-        progress(&format!(
-            "enqueue ({mode}, 1 producer): {n} tasks, {r:.0} tasks/s"
-        ));
-        r
+    // 1. raw append + fdatasync, the reference for every ratio.
+    let raw_writes = n.min(MAX_RAW_WRITES);
+    let raw_fdatasync_per_s = raw_fdatasync(dir, raw_writes)?;
+    let mut rows = Rows {
+        raw_per_s: raw_fdatasync_per_s,
+        rows: Vec::new(),
+        progress,
+    };
+    rows.push(
+        "raw_fdatasync_per_s",
+        format!(
+            "raw append + fdatasync of {RAW_WRITE_BYTES} B (plain file, 1 thread, {})",
+            count(raw_writes, "write")
+        ),
+        raw_fdatasync_per_s,
+        "writes/s",
+    );
+
+    // Rows 2, 3 and 4 for one mode; the main mode's keys are unprefixed.
+    let single_producer_rows = |rows: &mut Rows, m: Durability, prefix: &str| {
+        let name = durability_name(m);
+        let alone = enqueue_alone(dir, &format!("{name}-enqueue"), m, n)?;
+        rows.push(
+            &format!("{prefix}enqueue_per_s"),
+            format!("enqueue, {name}, 1 producer, 1 task per call, no workers ({tasks})"),
+            alone,
+            "tasks/s",
+        );
+        let (acked, done) =
+            enqueue_with_workers(dir, &format!("{name}-enqueue-with-workers"), m, n, w)?;
+        rows.push(
+            &format!("{prefix}enqueue_with_workers_per_s"),
+            format!(
+                "enqueue, {name}, 1 producer, 1 task per call, while {workers} run them \
+                 ({tasks}, until the last enqueue returned)"
+            ),
+            acked,
+            "tasks/s",
+        );
+        let completed = if m == Durability::Relaxed {
+            "last Completed, acknowledged before its fsync"
+        } else {
+            "last durable Completed"
+        };
+        rows.push(
+            &format!("{prefix}lifecycle_single_enqueue_per_s"),
+            format!(
+                "lifecycle, {name}, 1 producer, 1 enqueue per task, {workers} already running \
+                 ({tasks}, first enqueue to {completed})"
+            ),
+            done,
+            "tasks/s",
+        );
+        Ok::<_, Error>((alone, acked, done))
     };
 
-    // (b) enqueue_many in batches of 1,000.
+    // 2, 3, 4: the main mode.
+    let (enqueue_per_s, enqueue_with_workers_per_s, lifecycle_single_enqueue_per_s) =
+        single_producer_rows(&mut rows, d, "")?;
+
+    // 5. enqueue_many, no workers.
     let enqueue_many_per_s = {
         let q = open(dir, "enqueue_many", d)?;
         let t0 = Instant::now();
         enqueue_batches(&q, n)?;
-        let r = rate(n, t0.elapsed());
-        progress(&format!(
-            "enqueue_many ({mode}, batches of {BATCH}): {n} tasks, {r:.0} tasks/s"
-        ));
-        r
+        rate(n, t0.elapsed())
     };
+    rows.push(
+        "enqueue_many_per_s",
+        format!("enqueue_many, {mode}, 1 producer, {batches}, no workers ({tasks})"),
+        enqueue_many_per_s,
+        "tasks/s",
+    );
 
-    // (c) full lifecycle on a started pool.
+    // 6. lifecycle from enqueue_many batches on a started pool.
     let q = open(dir, "lifecycle", d)?;
-    q.register(|_: BenchNoop, _: &TaskContext| -> std::result::Result<(), TaskError> { Ok(()) });
+    register_noop(&q);
     let (started_tx, started_rx) = crossbeam_channel::unbounded::<Instant>();
     q.register(
         move |_: BenchProbe, _: &TaskContext| -> std::result::Result<(), TaskError> {
@@ -211,22 +470,31 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             Ok(())
         },
     );
-    let pool = q.workers().concurrency(opts.workers).start()?;
+    let pool = q.workers().concurrency(w).start()?;
     let events = q.subscribe();
     let lifecycle_per_s = {
         let t0 = Instant::now();
         enqueue_batches(&q, n)?;
         await_terminal(&events, n)?;
-        let r = rate(n, t0.elapsed());
-        progress(&format!(
-            "lifecycle ({mode}, {} workers): {n} tasks enqueued, run and completed, {r:.0} tasks/s",
-            opts.workers
-        ));
-        r
+        rate(n, t0.elapsed())
     };
     drop(events);
+    rows.push(
+        "lifecycle_per_s",
+        format!(
+            "lifecycle, {mode}, 1 producer, enqueue_many in {batches}, {workers} already running \
+             ({tasks}, first enqueue to last {}Completed)",
+            if d == Durability::Relaxed {
+                ""
+            } else {
+                "durable "
+            }
+        ),
+        lifecycle_per_s,
+        "tasks/s",
+    );
 
-    // (d) enqueue-to-start latency on the idle pool.
+    // 7. enqueue-to-start latency on the idle pool.
     let samples = n.min(MAX_LATENCY_SAMPLES);
     let mut lat = Vec::with_capacity(samples);
     for i in 0..samples as u64 {
@@ -242,31 +510,64 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         // Wait for it to finish so the next probe meets an idle pool again.
         q.wait(id, PHASE_TIMEOUT)?;
     }
+    pool.stop();
     lat.sort();
     let latency_p50_ms = percentile_ms(&lat, 0.50);
     let latency_p99_ms = percentile_ms(&lat, 0.99);
     let latency_max_ms = percentile_ms(&lat, 1.0);
-    progress(&format!(
-        "enqueue-to-start latency (idle pool, {samples} samples): p50 {latency_p50_ms:.3} ms, p99 {latency_p99_ms:.3} ms, max {latency_max_ms:.3} ms"
-    ));
-    pool.stop();
+    for (key, what, v) in [
+        ("latency_p50_ms", "p50", latency_p50_ms),
+        ("latency_p99_ms", "p99", latency_p99_ms),
+        ("latency_max_ms", "max", latency_max_ms),
+    ] {
+        rows.push(
+            key,
+            format!(
+                "enqueue-to-start latency {what}, {mode}, 1 producer, 1 task at a time, idle pool \
+                 of {workers} ({})",
+                count(samples, "sample")
+            ),
+            v,
+            "ms",
+        );
+    }
 
-    // (e) disk use of the lifecycle directory.
+    // 8. disk use of the lifecycle directory.
     let stored = q.stats()?.total;
     let bytes = q.size_on_disk()?;
+    drop(q);
     let disk_bytes_per_task = if stored == 0 {
         0.0
     } else {
         bytes as f64 / stored as f64
     };
-    progress(&format!(
-        "disk: {bytes} bytes for {stored} completed tasks with their logs, {disk_bytes_per_task:.0} bytes/task"
-    ));
-    drop(q);
+    rows.push(
+        "disk_bytes_per_task",
+        format!(
+            "disk per stored task, {mode} ({} bytes for {} with their logs)",
+            thousands(bytes),
+            count(stored as usize, "completed task")
+        ),
+        disk_bytes_per_task,
+        "bytes/task",
+    );
+
+    // 9. the Group / Relaxed comparison rows the main mode did not already give.
+    let mut pair = |m: Durability| -> Result<(f64, f64)> {
+        if m == d {
+            Ok((enqueue_per_s, enqueue_with_workers_per_s))
+        } else {
+            let (alone, acked, _) =
+                single_producer_rows(&mut rows, m, &format!("{}_", durability_name(m)))?;
+            Ok((alone, acked))
+        }
+    };
+    let (group_enqueue_per_s, group_enqueue_with_workers_per_s) = pair(Durability::Group)?;
+    let (relaxed_enqueue_per_s, relaxed_enqueue_with_workers_per_s) = pair(Durability::Relaxed)?;
 
     Ok(BenchReport {
         tasks: n,
-        workers: opts.workers,
+        workers: w,
         durability: mode,
         enqueue_per_s,
         enqueue_many_per_s,
@@ -276,6 +577,16 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         disk_bytes_per_task,
         latency_max_ms,
         latency_samples: samples,
+        batch,
+        raw_fdatasync_per_s,
+        raw_writes,
+        enqueue_with_workers_per_s,
+        lifecycle_single_enqueue_per_s,
+        group_enqueue_per_s,
+        group_enqueue_with_workers_per_s,
+        relaxed_enqueue_per_s,
+        relaxed_enqueue_with_workers_per_s,
+        rows: rows.rows,
     })
 }
 
@@ -293,7 +604,19 @@ mod tests {
     }
 
     #[test]
-    fn a_small_run_reports_every_phase() {
+    fn batch_labels_follow_the_task_count() {
+        assert_eq!(batches_text(1), "1 batch of 1");
+        assert_eq!(batches_text(500), "1 batch of 500");
+        assert_eq!(batches_text(1_000), "1 batch of 1,000");
+        assert_eq!(batches_text(10_000), "10 batches of 1,000");
+        assert_eq!(batches_text(1_500), "1 batch of 1,000 + 1 of 500");
+        assert_eq!(batches_text(25_001), "25 batches of 1,000 + 1 of 1");
+        assert_eq!(count(1, "worker"), "1 worker");
+        assert_eq!(count(10_000, "task"), "10,000 tasks");
+    }
+
+    #[test]
+    fn a_small_run_reports_every_row_with_its_parameters() {
         let mut lines = Vec::new();
         let r = run(
             &BenchOptions {
@@ -304,12 +627,135 @@ mod tests {
             &mut |l| lines.push(l.to_string()),
         )
         .unwrap();
-        assert_eq!(lines.len(), 5, "{lines:?}");
+        let keys: Vec<&str> = r.rows.iter().map(|row| row.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "raw_fdatasync_per_s",
+                "enqueue_per_s",
+                "enqueue_with_workers_per_s",
+                "lifecycle_single_enqueue_per_s",
+                "enqueue_many_per_s",
+                "lifecycle_per_s",
+                "latency_p50_ms",
+                "latency_p99_ms",
+                "latency_max_ms",
+                "disk_bytes_per_task",
+                "relaxed_enqueue_per_s",
+                "relaxed_enqueue_with_workers_per_s",
+                "relaxed_lifecycle_single_enqueue_per_s",
+            ]
+        );
+        // One progress line per row, each the row's label, value and ratio.
+        assert_eq!(lines.len(), r.rows.len(), "{lines:?}");
+        for (line, row) in lines.iter().zip(&r.rows) {
+            assert!(line.starts_with(&format!("{}: ", row.label)), "{line}");
+            assert!(line.contains(&row.value_text()), "{line}");
+        }
+        let label = |key: &str| {
+            r.rows
+                .iter()
+                .find(|row| row.key == key)
+                .map(|row| row.label.clone())
+                .unwrap()
+        };
+        assert_eq!(
+            label("raw_fdatasync_per_s"),
+            "raw append + fdatasync of 128 B (plain file, 1 thread, 30 writes)"
+        );
+        assert_eq!(
+            label("enqueue_per_s"),
+            "enqueue, group, 1 producer, 1 task per call, no workers (30 tasks)"
+        );
+        assert_eq!(
+            label("enqueue_with_workers_per_s"),
+            "enqueue, group, 1 producer, 1 task per call, while 2 workers run them \
+             (30 tasks, until the last enqueue returned)"
+        );
+        assert_eq!(
+            label("lifecycle_single_enqueue_per_s"),
+            "lifecycle, group, 1 producer, 1 enqueue per task, 2 workers already running \
+             (30 tasks, first enqueue to last durable Completed)"
+        );
+        assert_eq!(
+            label("enqueue_many_per_s"),
+            "enqueue_many, group, 1 producer, 1 batch of 30, no workers (30 tasks)"
+        );
+        assert_eq!(
+            label("lifecycle_per_s"),
+            "lifecycle, group, 1 producer, enqueue_many in 1 batch of 30, 2 workers already \
+             running (30 tasks, first enqueue to last durable Completed)"
+        );
+        assert_eq!(
+            label("latency_p99_ms"),
+            "enqueue-to-start latency p99, group, 1 producer, 1 task at a time, idle pool of \
+             2 workers (30 samples)"
+        );
+        assert!(
+            label("disk_bytes_per_task").ends_with("for 60 completed tasks with their logs)"),
+            "{}",
+            label("disk_bytes_per_task")
+        );
+        assert_eq!(
+            label("relaxed_enqueue_with_workers_per_s"),
+            "enqueue, relaxed, 1 producer, 1 task per call, while 2 workers run them \
+             (30 tasks, until the last enqueue returned)"
+        );
+        assert_eq!(
+            label("relaxed_lifecycle_single_enqueue_per_s"),
+            "lifecycle, relaxed, 1 producer, 1 enqueue per task, 2 workers already running \
+             (30 tasks, first enqueue to last Completed, acknowledged before its fsync)"
+        );
+        // Ratios: none for the raw row and disk, every other row has one.
+        for row in &r.rows {
+            let expect = !matches!(row.unit.as_str(), "writes/s" | "bytes/task");
+            assert_eq!(row.vs_raw.is_some(), expect, "{row:?}");
+            assert!(row.value > 0.0 && row.value.is_finite(), "{row:?}");
+        }
         assert_eq!(r.latency_samples, 30);
+        assert_eq!((r.batch, r.raw_writes), (30, 30));
         assert_eq!(r.durability, "group");
-        assert!(r.enqueue_per_s > 0.0 && r.enqueue_many_per_s > 0.0 && r.lifecycle_per_s > 0.0);
+        assert_eq!(r.group_enqueue_per_s, r.enqueue_per_s);
+        assert_eq!(
+            r.group_enqueue_with_workers_per_s,
+            r.enqueue_with_workers_per_s
+        );
+        assert!(r.relaxed_enqueue_per_s > 0.0 && r.relaxed_enqueue_with_workers_per_s > 0.0);
         assert!(r.latency_p50_ms <= r.latency_p99_ms && r.latency_p99_ms <= r.latency_max_ms);
-        assert!(r.disk_bytes_per_task > 0.0);
+    }
+
+    #[test]
+    fn immediate_runs_both_comparison_modes() {
+        let r = run(
+            &BenchOptions {
+                tasks: 5,
+                workers: 1,
+                durability: Durability::Immediate,
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        let prefixed: Vec<&str> = r
+            .rows
+            .iter()
+            .map(|row| row.key.as_str())
+            .filter(|k| k.starts_with("group_") || k.starts_with("relaxed_"))
+            .collect();
+        assert_eq!(
+            prefixed,
+            [
+                "group_enqueue_per_s",
+                "group_enqueue_with_workers_per_s",
+                "group_lifecycle_single_enqueue_per_s",
+                "relaxed_enqueue_per_s",
+                "relaxed_enqueue_with_workers_per_s",
+                "relaxed_lifecycle_single_enqueue_per_s",
+            ]
+        );
+        assert!(r.rows[1]
+            .label
+            .starts_with("enqueue, immediate, 1 producer"));
+        assert!(r.rows[2].label.contains("while 1 worker run them"));
     }
 
     #[test]
