@@ -1,7 +1,13 @@
-//! Full durable lifecycle (issue 3): enqueue -> run a no-op handler -> `Completed`, with 1, 4
-//! and 16 workers under the default group commit; and enqueue-to-start latency on an idle pool,
-//! whose p50/p99 this bench computes and prints itself (criterion reports means, not
-//! percentiles).
+//! Full durable lifecycle (issue 3): enqueue -> run a no-op handler -> `Completed` under the
+//! default group commit, on a pool started before the first enqueue:
+//!
+//! - `N_workers` (1, 4, 16): each iteration enqueues its 1,000 tasks in one `enqueue_many` call;
+//! - `4_workers_one_enqueue_per_task`: one producer calls `enqueue` once per task, 1,000 times
+//!   (the everyday pattern; issue 8).
+//!
+//! Both are timed from the first enqueue until every task is `Completed`. Then enqueue-to-start
+//! latency on an idle pool, whose p50/p99 this bench computes and prints itself (criterion reports
+//! means, not percentiles).
 //!
 //! Run: `cargo bench --bench lifecycle`
 
@@ -76,6 +82,30 @@ fn bench_lifecycle(c: &mut Criterion) {
                     next += TASKS as u64;
                     let t0 = Instant::now();
                     q.enqueue_many(batch).unwrap();
+                    await_completed(&events, TASKS);
+                    total += t0.elapsed();
+                }
+                total
+            })
+        });
+        pool.stop();
+    }
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path().join("q")).unwrap();
+        q.register(|_: Noop, _: &TaskContext| -> Result<(), TaskError> { Ok(()) });
+        let pool = q.workers().concurrency(4).start().unwrap();
+        let events = q.subscribe();
+        let mut next = 0u64;
+        g.bench_function("4_workers_one_enqueue_per_task", |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t0 = Instant::now();
+                    for _ in 0..TASKS {
+                        q.enqueue(Noop { n: next }).unwrap();
+                        next += 1;
+                    }
                     await_completed(&events, TASKS);
                     total += t0.elapsed();
                 }

@@ -470,6 +470,13 @@ fn bench_json_reports_positive_numbers() {
         "latency_p50_ms",
         "latency_p99_ms",
         "disk_bytes_per_task",
+        "raw_fdatasync_per_s",
+        "enqueue_with_workers_per_s",
+        "lifecycle_single_enqueue_per_s",
+        "group_enqueue_per_s",
+        "group_enqueue_with_workers_per_s",
+        "relaxed_enqueue_per_s",
+        "relaxed_enqueue_with_workers_per_s",
     ] {
         let x = v[key]
             .as_f64()
@@ -478,9 +485,95 @@ fn bench_json_reports_positive_numbers() {
     }
     assert!(v["latency_p99_ms"].as_f64() >= v["latency_p50_ms"].as_f64());
     assert_eq!(v["tasks"], 200);
+    assert_eq!(v["batch"], 200);
+    assert_eq!(v["raw_writes"], 200);
     assert_eq!(v["durability"], "group");
+    // Every row: its key, label, value, unit, and a ratio to the raw fdatasync row (none for
+    // the raw row itself and for disk use).
+    let rows = v["rows"].as_array().expect("rows");
+    let keys: Vec<&str> = rows.iter().map(|r| r["key"].as_str().unwrap()).collect();
+    assert_eq!(
+        keys,
+        [
+            "raw_fdatasync_per_s",
+            "enqueue_per_s",
+            "enqueue_with_workers_per_s",
+            "lifecycle_single_enqueue_per_s",
+            "enqueue_many_per_s",
+            "lifecycle_per_s",
+            "latency_p50_ms",
+            "latency_p99_ms",
+            "latency_max_ms",
+            "disk_bytes_per_task",
+            "relaxed_enqueue_per_s",
+            "relaxed_enqueue_with_workers_per_s",
+            "relaxed_lifecycle_single_enqueue_per_s",
+        ]
+    );
+    for r in rows {
+        let key = r["key"].as_str().unwrap();
+        assert!(r["value"].as_f64().unwrap() > 0.0, "{r}");
+        let no_ratio = ["raw_fdatasync_per_s", "disk_bytes_per_task"].contains(&key);
+        assert_eq!(r["vs_raw"].is_null(), no_ratio, "{r}");
+        if let Some(flat) = v[key].as_f64() {
+            assert_eq!(r["value"].as_f64(), Some(flat), "{key}");
+        }
+    }
     // bench runs in its own temporary directory: --data is left alone.
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn bench_progress_labels_say_what_was_measured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = omniq(tmp.path(), &["bench", "--tasks", "500", "--workers", "3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let lines: Vec<&str> = err.lines().collect();
+    let expected_starts = [
+        "raw append + fdatasync of 128 B (plain file, 1 thread, 500 writes): ",
+        "enqueue, group, 1 producer, 1 task per call, no workers (500 tasks): ",
+        "enqueue, group, 1 producer, 1 task per call, while 3 workers run them (500 tasks, until \
+         the last enqueue returned): ",
+        "lifecycle, group, 1 producer, 1 enqueue per task, 3 workers already running (500 tasks, \
+         first enqueue to last durable Completed): ",
+        "enqueue_many, group, 1 producer, 1 batch of 500, no workers (500 tasks): ",
+        "lifecycle, group, 1 producer, enqueue_many in 1 batch of 500, 3 workers already running \
+         (500 tasks, first enqueue to last durable Completed): ",
+        "enqueue-to-start latency p50, group, 1 producer, 1 task at a time, idle pool of 3 \
+         workers (500 samples): ",
+        "enqueue-to-start latency p99, group, 1 producer, 1 task at a time, idle pool of 3 \
+         workers (500 samples): ",
+        "enqueue-to-start latency max, group, 1 producer, 1 task at a time, idle pool of 3 \
+         workers (500 samples): ",
+        "disk per stored task, group (",
+        "enqueue, relaxed, 1 producer, 1 task per call, no workers (500 tasks): ",
+        "enqueue, relaxed, 1 producer, 1 task per call, while 3 workers run them (500 tasks, \
+         until the last enqueue returned): ",
+        "lifecycle, relaxed, 1 producer, 1 enqueue per task, 3 workers already running (500 \
+         tasks, first enqueue to last Completed, acknowledged before its fsync): ",
+    ];
+    assert_eq!(lines.len(), expected_starts.len(), "{err}");
+    for (line, start) in lines.iter().zip(expected_starts) {
+        assert!(
+            line.starts_with(start),
+            "{line:?} does not start with {start:?}"
+        );
+    }
+    assert!(lines[0].ends_with(" writes/s"), "{}", lines[0]);
+    assert!(lines[1].ends_with("x raw rate"), "{}", lines[1]);
+    assert!(lines[6].ends_with("x raw write"), "{}", lines[6]);
+    // 500 tasks from the lifecycle row plus 500 latency probes.
+    assert!(
+        lines[9].contains(" bytes for 1,000 completed tasks with their logs): ")
+            && lines[9].ends_with(" bytes/task"),
+        "{}",
+        lines[9]
+    );
+    assert!(
+        !err.contains("of 1,000"),
+        "a label names a batch size not used:\n{err}"
+    );
 }
 
 #[test]
