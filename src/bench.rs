@@ -25,6 +25,8 @@
 //! 8. **disk per stored task**: row 6's directory size divided by the tasks it stores.
 //! 9. Rows 2, 3 and 4 again for `Group` and `Relaxed`, whichever of them `mode` is not, so that
 //!    both modes' "enqueue alone" and "enqueue while workers run" rows are in every report.
+//! 10. Row 1 again, as a drift check: when it differs much from row 1, other I/O on the machine
+//!     moved the disk's speed during the run and the ratios are not to be trusted.
 
 use std::io::Write;
 use std::path::Path;
@@ -61,8 +63,8 @@ pub struct BenchRow {
     pub value: f64,
     /// `writes/s`, `tasks/s`, `ms` or `bytes/task`.
     pub unit: String,
-    /// Rates: this rate divided by the raw `fdatasync` rate. Latencies: this latency divided by
-    /// the raw write's mean time. `None` for the raw row itself and for disk use.
+    /// Rates: this rate divided by the raw `fdatasync` rate of row 1. Latencies: this latency
+    /// divided by row 1's mean write time. `None` for row 1 itself and for disk use.
     pub vs_raw: Option<f64>,
 }
 
@@ -115,8 +117,11 @@ pub struct BenchReport {
     pub batch: usize,
     /// Raw append + `fdatasync` of 128 bytes to a plain file, writes/s.
     pub raw_fdatasync_per_s: f64,
-    /// How many raw writes `raw_fdatasync_per_s` comes from.
+    /// How many raw writes `raw_fdatasync_per_s` comes from (and `raw_fdatasync_after_per_s`).
     pub raw_writes: usize,
+    /// The raw row measured again after every omniq row, writes/s: a drift check. Far from
+    /// `raw_fdatasync_per_s`, the disk was disturbed during the run (other I/O on the machine).
+    pub raw_fdatasync_after_per_s: f64,
     /// Single-producer `enqueue` rate while `workers` workers run the tasks, until the last
     /// `enqueue` returned, tasks/s.
     pub enqueue_with_workers_per_s: f64,
@@ -344,7 +349,8 @@ struct Rows<'a> {
 impl Rows<'_> {
     fn push(&mut self, key: &str, label: String, value: f64, unit: &str) {
         let vs_raw = match unit {
-            "writes/s" | "bytes/task" => None,
+            _ if key == "raw_fdatasync_per_s" => None,
+            "bytes/task" => None,
             // A latency against the mean time of one raw write.
             "ms" => Some(value / (1e3 / self.raw_per_s)),
             _ => Some(value / self.raw_per_s),
@@ -565,6 +571,19 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let (group_enqueue_per_s, group_enqueue_with_workers_per_s) = pair(Durability::Group)?;
     let (relaxed_enqueue_per_s, relaxed_enqueue_with_workers_per_s) = pair(Durability::Relaxed)?;
 
+    // 10. the raw row again: if it moved, so did the disk under every row in between.
+    let raw_fdatasync_after_per_s = raw_fdatasync(dir, raw_writes)?;
+    rows.push(
+        "raw_fdatasync_after_per_s",
+        format!(
+            "raw append + fdatasync of {RAW_WRITE_BYTES} B again, after the omniq rows (plain \
+             file, 1 thread, {}; drift check)",
+            count(raw_writes, "write")
+        ),
+        raw_fdatasync_after_per_s,
+        "writes/s",
+    );
+
     Ok(BenchReport {
         tasks: n,
         workers: w,
@@ -580,6 +599,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         batch,
         raw_fdatasync_per_s,
         raw_writes,
+        raw_fdatasync_after_per_s,
         enqueue_with_workers_per_s,
         lifecycle_single_enqueue_per_s,
         group_enqueue_per_s,
@@ -644,6 +664,7 @@ mod tests {
                 "relaxed_enqueue_per_s",
                 "relaxed_enqueue_with_workers_per_s",
                 "relaxed_lifecycle_single_enqueue_per_s",
+                "raw_fdatasync_after_per_s",
             ]
         );
         // One progress line per row, each the row's label, value and ratio.
@@ -708,7 +729,7 @@ mod tests {
         );
         // Ratios: none for the raw row and disk, every other row has one.
         for row in &r.rows {
-            let expect = !matches!(row.unit.as_str(), "writes/s" | "bytes/task");
+            let expect = row.key != "raw_fdatasync_per_s" && row.unit != "bytes/task";
             assert_eq!(row.vs_raw.is_some(), expect, "{row:?}");
             assert!(row.value > 0.0 && row.value.is_finite(), "{row:?}");
         }

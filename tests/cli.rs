@@ -477,6 +477,7 @@ fn bench_json_reports_positive_numbers() {
         "group_enqueue_with_workers_per_s",
         "relaxed_enqueue_per_s",
         "relaxed_enqueue_with_workers_per_s",
+        "raw_fdatasync_after_per_s",
     ] {
         let x = v[key]
             .as_f64()
@@ -508,6 +509,7 @@ fn bench_json_reports_positive_numbers() {
             "relaxed_enqueue_per_s",
             "relaxed_enqueue_with_workers_per_s",
             "relaxed_lifecycle_single_enqueue_per_s",
+            "raw_fdatasync_after_per_s",
         ]
     );
     for r in rows {
@@ -552,6 +554,8 @@ fn bench_progress_labels_say_what_was_measured() {
          until the last enqueue returned): ",
         "lifecycle, relaxed, 1 producer, 1 enqueue per task, 3 workers already running (500 \
          tasks, first enqueue to last Completed, acknowledged before its fsync): ",
+        "raw append + fdatasync of 128 B again, after the omniq rows (plain file, 1 thread, 500 \
+         writes; drift check): ",
     ];
     assert_eq!(lines.len(), expected_starts.len(), "{err}");
     for (line, start) in lines.iter().zip(expected_starts) {
@@ -562,6 +566,7 @@ fn bench_progress_labels_say_what_was_measured() {
     }
     assert!(lines[0].ends_with(" writes/s"), "{}", lines[0]);
     assert!(lines[1].ends_with("x raw rate"), "{}", lines[1]);
+    assert!(lines[13].ends_with("x raw rate"), "{}", lines[13]);
     assert!(lines[6].ends_with("x raw write"), "{}", lines[6]);
     // 500 tasks from the lifecycle row plus 500 latency probes.
     assert!(
