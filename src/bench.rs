@@ -222,6 +222,16 @@ fn batches_text(n: usize) -> String {
     }
 }
 
+/// How a lifecycle row's clock stops under `d`: `Relaxed` acknowledges a completion before
+/// its fsync.
+fn completed_text(d: Durability) -> &'static str {
+    if d == Durability::Relaxed {
+        "last Completed, acknowledged before its fsync"
+    } else {
+        "last durable Completed"
+    }
+}
+
 /// Nearest-rank percentile of sorted samples, in ms (`p` in `0..=1`).
 fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -431,11 +441,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
             acked,
             "tasks/s",
         );
-        let completed = if m == Durability::Relaxed {
-            "last Completed, acknowledged before its fsync"
-        } else {
-            "last durable Completed"
-        };
+        let completed = completed_text(m);
         rows.push(
             &format!("{prefix}lifecycle_single_enqueue_per_s"),
             format!(
@@ -489,12 +495,8 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         "lifecycle_per_s",
         format!(
             "lifecycle, {mode}, 1 producer, enqueue_many in {batches}, {workers} already running \
-             ({tasks}, first enqueue to last {}Completed)",
-            if d == Durability::Relaxed {
-                ""
-            } else {
-                "durable "
-            }
+             ({tasks}, first enqueue to {})",
+            completed_text(d)
         ),
         lifecycle_per_s,
         "tasks/s",

@@ -113,13 +113,14 @@ pub struct RetryArgs {
 /// `omniq bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Tasks per phase.
+    /// Tasks per row (the raw fdatasync row makes at most 2,000 writes, the latency rows take at
+    /// most 500 samples).
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub tasks: u64,
-    /// Worker threads for the lifecycle phase.
+    /// Worker threads for every row that runs a pool.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub workers: u64,
-    /// Durability mode.
+    /// Durability mode of the main rows (the Group and Relaxed comparison rows always run).
     #[arg(long, value_enum, default_value_t = DurabilityArg::Group)]
     pub durability: DurabilityArg,
 }
