@@ -633,6 +633,10 @@ mod tests {
         assert_eq!(batches_text(10_000), "10 batches of 1,000");
         assert_eq!(batches_text(1_500), "1 batch of 1,000 + 1 of 500");
         assert_eq!(batches_text(25_001), "25 batches of 1,000 + 1 of 1");
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1234567), "1,234,567");
         assert_eq!(count(1, "worker"), "1 worker");
         assert_eq!(count(10_000, "task"), "10,000 tasks");
     }
