@@ -399,6 +399,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     let mode = durability_name(d);
     let tasks = count(n, "task");
     let workers = count(w, "worker");
+    let run_them = if w == 1 { "runs them" } else { "run them" };
     let batch = n.min(BATCH);
     let batches = batches_text(n);
 
@@ -435,7 +436,7 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         rows.push(
             &format!("{prefix}enqueue_with_workers_per_s"),
             format!(
-                "enqueue, {name}, 1 producer, 1 task per call, while {workers} run them \
+                "enqueue, {name}, 1 producer, 1 task per call, while {workers} {run_them} \
                  ({tasks}, until the last enqueue returned)"
             ),
             acked,
@@ -782,7 +783,7 @@ mod tests {
         assert!(r.rows[1]
             .label
             .starts_with("enqueue, immediate, 1 producer"));
-        assert!(r.rows[2].label.contains("while 1 worker run them"));
+        assert!(r.rows[2].label.contains("while 1 worker runs them"));
     }
 
     #[test]
