@@ -579,6 +579,23 @@ fn bench_progress_labels_say_what_was_measured() {
         !err.contains("of 1,000"),
         "a label names a batch size not used:\n{err}"
     );
+    // The table on stdout: one line per row, the same label, value and ratio.
+    let out = stdout(&o);
+    assert!(
+        out.starts_with(
+            "omniq bench: 500 tasks per row, 3 workers, main rows in durability group\n"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("of 1,000"), "{out}");
+    let table: Vec<&str> = out.lines().skip(3).collect();
+    assert_eq!(table.len(), lines.len(), "{out}");
+    for (row, line) in table.iter().zip(&lines) {
+        let (label, rest) = line.split_once("): ").unwrap();
+        let value = rest.split(", ").next().unwrap();
+        assert!(row.starts_with(&format!("{label})")), "{row:?} vs {line:?}");
+        assert!(row.contains(value), "{row:?} vs {line:?}");
+    }
 }
 
 #[test]

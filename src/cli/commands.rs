@@ -395,57 +395,15 @@ pub fn bench(json: bool, a: &BenchArgs) -> Result<ExitCode, CliError> {
 }
 
 fn bench_table(r: &BenchReport) -> String {
-    let rate = |x: f64| format!("{} tasks/s", thousands(x.round() as u64));
-    let mut t = Table::new(&["MEASURE", "VALUE"]).right(&[1]);
-    t.row([
-        "durable enqueue (one producer)".to_string(),
-        rate(r.enqueue_per_s),
-    ]);
-    t.row([
-        "enqueue_many (batches of 1,000)".to_string(),
-        rate(r.enqueue_many_per_s),
-    ]);
-    t.row(["full lifecycle".to_string(), rate(r.lifecycle_per_s)]);
-    t.row([
-        "enqueue-to-start p50".to_string(),
-        format!("{:.2} ms", r.latency_p50_ms),
-    ]);
-    t.row([
-        "enqueue-to-start p99".to_string(),
-        format!("{:.2} ms", r.latency_p99_ms),
-    ]);
-    t.row([
-        "disk per task".to_string(),
-        format!("{} bytes", thousands(r.disk_bytes_per_task.round() as u64)),
-    ]);
+    let mut t = Table::new(&["MEASURE", "VALUE", "VS RAW FDATASYNC"]).right(&[1, 2]);
+    for row in &r.rows {
+        t.row([row.label.clone(), row.value_text(), row.vs_raw_text()]);
+    }
     format!(
-        "omniq bench: {} tasks per phase, {} workers, durability {}\n\n{}",
+        "omniq bench: {} tasks per row, {} workers, main rows in durability {}\n\n{}",
         r.tasks,
         r.workers,
         r.durability,
         t.render()
     )
-}
-
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn thousands_groups_digits() {
-        assert_eq!(super::thousands(0), "0");
-        assert_eq!(super::thousands(999), "999");
-        assert_eq!(super::thousands(1000), "1,000");
-        assert_eq!(super::thousands(1234567), "1,234,567");
-    }
 }
