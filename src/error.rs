@@ -57,6 +57,31 @@ pub enum Error {
         reason: String,
     },
 
+    /// The directory exists but is not an omniq queue directory (no `OMNIQ` marker and not a
+    /// queue written by an earlier omniq). Nothing in it was read by sled, changed, created or
+    /// removed.
+    #[error(
+        "{path} is not an omniq queue directory: it holds {found}; nothing in it was changed \
+         (point at an omniq queue directory, or at a missing or empty directory to create one)"
+    )]
+    NotAStore {
+        /// The directory.
+        path: PathBuf,
+        /// What was found there, e.g. "a 102400-byte file `db` that is not sled's data file".
+        found: String,
+    },
+
+    /// The storage of an omniq queue directory is damaged (a truncated or overwritten data
+    /// file, a snapshot pointing past the end of the log, ...): the storage engine cannot read
+    /// it back. `detail` says what was found and whether the files were left as they were.
+    #[error("{}", damaged_message(path.as_deref(), detail))]
+    Damaged {
+        /// The queue directory, when known.
+        path: Option<PathBuf>,
+        /// What is damaged, in words.
+        detail: String,
+    },
+
     /// The directory was written by a newer omniq whose format this build cannot read.
     #[error(
         "queue directory {path} uses on-disk format {found}, but this build of omniq reads \
@@ -157,12 +182,30 @@ pub enum Error {
     Closed,
 }
 
+fn damaged_message(path: Option<&std::path::Path>, detail: &str) -> String {
+    match path {
+        Some(p) => format!(
+            "queue directory {p} is damaged: {detail}; restore the directory from a backup (when \
+             it still opens, `omniq check --data {p}` lists what is unreadable)",
+            p = p.display()
+        ),
+        None => format!(
+            "the queue's storage is damaged: {detail}; restore the queue directory from a backup \
+             (when it still opens, `omniq check` lists what is unreadable)"
+        ),
+    }
+}
+
 impl Error {
     /// Errors shared by every waiter of a failed group commit must be re-creatable.
     pub(crate) fn duplicate(&self) -> Error {
         match self {
             Error::Storage(s) => Error::Storage(s.clone()),
             Error::Closed => Error::Closed,
+            Error::Damaged { path, detail } => Error::Damaged {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
             other => Error::Storage(other.to_string()),
         }
     }
@@ -170,7 +213,34 @@ impl Error {
 
 impl From<sled::Error> for Error {
     fn from(e: sled::Error) -> Self {
-        Error::Storage(e.to_string())
+        match e {
+            // sled's own words ("Read corrupted data at file offset Some(Inline(581985))
+            // backtrace ()") tell an operator nothing they can act on.
+            sled::Error::Corruption { at, .. } => Error::Damaged {
+                path: None,
+                detail: match at {
+                    Some(ptr) => format!(
+                        "the storage engine found unreadable data in its data file `db` \
+                         (sled location {ptr})"
+                    ),
+                    None => "the storage engine found unreadable data in its files".into(),
+                },
+            },
+            other => Error::Storage(other.to_string()),
+        }
+    }
+}
+
+impl Error {
+    /// Names the queue directory in a [`Error::Damaged`] raised below the layer that knows it.
+    pub(crate) fn in_dir(self, dir: &std::path::Path) -> Error {
+        match self {
+            Error::Damaged { path: None, detail } => Error::Damaged {
+                path: Some(dir.to_path_buf()),
+                detail,
+            },
+            other => other,
+        }
     }
 }
 

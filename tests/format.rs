@@ -653,19 +653,60 @@ fn a_sled_directory_omniq_did_not_write_is_refused() {
         db.insert(b"someone else's key", b"value".to_vec()).unwrap();
         db.flush().unwrap();
     }
+    // It has no OMNIQ marker, so only a temporary copy of it is opened: refused, untouched.
     match reopen(|| Queue::open(dir.path())) {
-        Err(e @ Error::Open { .. }) => {
+        Err(e @ Error::NotAStore { .. }) => {
             let text = e.to_string();
             assert!(
                 text.contains(&dir.path().display().to_string()) && text.contains("format"),
                 "{text}"
             );
         }
-        Err(other) => panic!("expected Error::Open, got {other:?}"),
+        Err(other) => panic!("expected Error::NotAStore, got {other:?}"),
         Ok(_) => panic!("a foreign sled database must not be adopted"),
     }
+    assert!(!dir.path().join("OMNIQ").exists());
     let db = raw_db(dir.path());
     assert_eq!(db.len(), 1, "nothing was written to it");
+}
+
+/// The marker omniq writes when it creates a store, before sled creates anything: pinned.
+#[test]
+fn marker_file_v1() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Queue::open(dir.path().join("q")).unwrap());
+    assert_eq!(
+        std::fs::read(dir.path().join("q").join("OMNIQ")).unwrap(),
+        b"omniq queue directory\nformat 1\n"
+    );
+}
+
+/// A marker naming a newer format is refused before sled opens anything.
+#[test]
+fn a_newer_marker_is_refused_before_sled_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("OMNIQ"),
+        "omniq queue directory\nformat 2\n",
+    )
+    .unwrap();
+    let err = Queue::open(dir.path()).err().expect("refused");
+    assert!(
+        matches!(
+            err,
+            Error::FormatTooNew {
+                found: 2,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["OMNIQ"], "sled created nothing");
 }
 
 #[test]

@@ -9,6 +9,7 @@ use crate::inspect::{ConsistencyReport, ListFilter, Page};
 use crate::log::LogEntry;
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
+pub(crate) mod probe;
 pub(crate) mod sled_store;
 
 /// One task's state change, as the commit writer hands it to the store. `before` is the record

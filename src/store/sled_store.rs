@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::inspect::{ConsistencyReport, CorruptEntry, ListFilter, Page};
 use crate::keys;
 use crate::log::{Cause, LogEntry};
+use crate::store::probe::{self, Found, Preflight};
 use crate::store::{Change, DueScan, DueTask, QueueSet, Store};
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
@@ -81,24 +82,74 @@ impl Drop for LockRelease {
     }
 }
 
+/// [`Error::Locked`] when another process holds sled's lock on `dir/db` (the same `flock` sled
+/// takes), checked before a trial copy is made so a live store is never copied mid-write.
+fn refuse_if_locked(dir: &Path) -> Result<()> {
+    let Ok(file) = File::open(dir.join("db")) else {
+        return Ok(());
+    };
+    match file.try_lock_shared() {
+        Ok(()) => {
+            let _ = file.unlock();
+            Ok(())
+        }
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked {
+            path: dir.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(_)) => Ok(()),
+    }
+}
+
 fn is_lock_error(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
 impl SledStore {
+    /// Opens the store in `dir`, creating it only in a missing or empty directory. A directory
+    /// that is not recognisably omniq's is refused before sled ever sees it, and a damaged one
+    /// is reported without being written (see `probe.rs`).
     pub(crate) fn open(dir: &Path, opts: &SledOptions) -> Result<SledStore> {
+        let found = probe::probe(dir, FORMAT_VERSION)?;
+        match found {
+            Found::Fresh => probe::create(dir, FORMAT_VERSION)?,
+            Found::Marked => {
+                if let Preflight::Suspicious(why) = probe::preflight(dir) {
+                    refuse_if_locked(dir)?;
+                    probe::trial_open_copy(dir, FORMAT_VERSION, &why)?;
+                }
+            }
+            Found::BareSled => {
+                // Possibly a format-1 store written before the marker existed: only a copy is
+                // opened until it is known to be omniq's.
+                refuse_if_locked(dir)?;
+                let why = match probe::preflight(dir) {
+                    Preflight::Suspicious(why) => why,
+                    Preflight::Clean => {
+                        format!("it has sled's files but no `{}` marker", probe::MARKER)
+                    }
+                };
+                probe::trial_open_copy(dir, FORMAT_VERSION, &why)?;
+            }
+        }
+        Self::open_recognised(dir, opts, found == Found::BareSled).map_err(|e| e.in_dir(dir))
+    }
+
+    fn open_recognised(dir: &Path, opts: &SledOptions, add_marker: bool) -> Result<SledStore> {
         let open_err = |reason: String| Error::Open {
             path: dir.to_path_buf(),
             reason,
         };
         let existed = dir.join("db").exists();
         let open = || {
-            sled::Config::new()
-                .path(dir)
-                .cache_capacity(opts.cache_bytes)
-                .flush_every_ms(opts.flush_every_ms)
-                .mode(sled::Mode::HighThroughput)
-                .open()
+            std::panic::catch_unwind(|| {
+                sled::Config::new()
+                    .path(dir)
+                    .cache_capacity(opts.cache_bytes)
+                    .flush_every_ms(opts.flush_every_ms)
+                    .mode(sled::Mode::HighThroughput)
+                    .open()
+            })
+            .unwrap_or_else(|_| Err(sled::Error::Corruption { at: None, bt: () }))
         };
         // sled 0.34.7 writes a snapshot during every open as `snap.<lsn>.generating`, fsyncs
         // it, then renames it to `snap.<lsn>`; but its reader does not skip `.generating`
@@ -107,7 +158,8 @@ impl SledStore {
         // found by the SIGKILL loop in tests/crash.rs). Such a file is an unfinished snapshot
         // sled never made current: the previous snapshot and the log are intact, so removing
         // it restores sled's own protocol. Only after an open failed as corrupt, when no live
-        // process can be writing one (any open fails while the leftover is there).
+        // process can be writing one (any open fails while the leftover is there), and only
+        // in a directory already recognised as an omniq store.
         let db = match open() {
             Err(sled::Error::Corruption { .. }) if remove_unfinished_snapshots(dir)? > 0 => open(),
             other => other,
@@ -116,6 +168,13 @@ impl SledStore {
             if is_lock_error(&e) {
                 Error::Locked {
                     path: dir.to_path_buf(),
+                }
+            } else if let sled::Error::Corruption { .. } = e {
+                Error::Damaged {
+                    path: Some(dir.to_path_buf()),
+                    detail: "the storage engine cannot read its data file `db` back (it fails \
+                             its checksums or ends early)"
+                        .into(),
                 }
             } else {
                 open_err(e.to_string())
@@ -140,9 +199,6 @@ impl SledStore {
         if !existed {
             // New files and directories need their directory entries on disk too.
             sync_dir(dir)?;
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                sync_dir(parent)?;
-            }
         }
         store.run_id = store.read_meta_u64(keys::META_RUN)? + 1;
         store.db.insert(
@@ -153,6 +209,10 @@ impl SledStore {
         *store.last_seq.lock() = store.read_meta_u64(keys::META_SEQ)?;
         store.load_counters()?;
         store.sync()?;
+        if add_marker {
+            // A format-1 store from before the marker: it opened and holds omniq's format key.
+            probe::write_marker(dir, FORMAT_VERSION)?;
+        }
         Ok(store)
     }
 
@@ -176,9 +236,11 @@ impl SledStore {
                 )?;
                 Ok(())
             }
-            None => Err(Error::Open {
-                path: self.dir.clone(),
-                reason: "it holds a sled database that omniq did not write (no format version)"
+            None => Err(Error::Damaged {
+                path: Some(self.dir.clone()),
+                detail: "it has omniq's marker, but its database holds data without omniq's \
+                         format version (part of the data file is missing, or another program \
+                         wrote into it)"
                     .into(),
             }),
         }
@@ -438,8 +500,8 @@ impl SledStore {
     }
 }
 
-impl Store for SledStore {
-    fn commit(&self, changes: &[Change], last_seq: u64, durable: bool) -> Result<()> {
+impl SledStore {
+    fn commit_inner(&self, changes: &[Change], last_seq: u64, durable: bool) -> Result<()> {
         let (writes, counters) = self.write_set(changes, last_seq)?;
         self.apply_atomically(&writes.ops)?;
         *self.counters.lock() = counters;
@@ -450,7 +512,7 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn get(&self, id: TaskId) -> Result<Option<TaskInfo>> {
+    fn get_inner(&self, id: TaskId) -> Result<Option<TaskInfo>> {
         let key = keys::task(id);
         match self.db.get(&key)? {
             Some(bytes) => Self::decode_task(&key, &bytes).map(Some),
@@ -458,7 +520,7 @@ impl Store for SledStore {
         }
     }
 
-    fn due(
+    fn due_inner(
         &self,
         queues: &QueueSet,
         now: Timestamp,
@@ -493,7 +555,7 @@ impl Store for SledStore {
         Ok(scan)
     }
 
-    fn ids_in_state(&self, status: Status) -> Result<Vec<TaskId>> {
+    fn ids_in_state_inner(&self, status: Status) -> Result<Vec<TaskId>> {
         let mut out = Vec::new();
         for item in self.db.scan_prefix(keys::state_prefix(status)).keys() {
             let k = item?;
@@ -502,7 +564,7 @@ impl Store for SledStore {
         Ok(out)
     }
 
-    fn list(&self, filter: &ListFilter) -> Result<Page> {
+    fn list_inner(&self, filter: &ListFilter) -> Result<Page> {
         let limit = filter.effective_limit();
         // Newest first: scan backwards from just below the cursor (or the prefix's end).
         let prefix = match filter.status {
@@ -547,11 +609,11 @@ impl Store for SledStore {
         Ok(page)
     }
 
-    fn history(&self, id: TaskId) -> Result<Vec<LogEntry>> {
+    fn history_inner(&self, id: TaskId) -> Result<Vec<LogEntry>> {
         self.each_log(id)
     }
 
-    fn finished_before(&self, cutoff: Timestamp, limit: usize) -> Result<Vec<TaskId>> {
+    fn finished_before_inner(&self, cutoff: Timestamp, limit: usize) -> Result<Vec<TaskId>> {
         let low = vec![keys::FINISHED];
         let high = keys::finished(cutoff, TaskId::from_bytes([0; 16]));
         let mut out = Vec::new();
@@ -559,6 +621,61 @@ impl Store for SledStore {
             out.push(keys::decode_finished(&item?)?.1);
         }
         Ok(out)
+    }
+
+    fn check_inner(&self) -> Result<ConsistencyReport> {
+        check_all(self)
+    }
+
+    fn size_on_disk_inner(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+
+    fn sync_inner(&self) -> Result<()> {
+        self.db.flush()?;
+        self.data_file.sync_all()?;
+        self.sync_new_blobs()
+    }
+}
+
+/// Every storage error leaving the store names the queue directory (see [`Error::in_dir`]).
+impl Store for SledStore {
+    fn commit(&self, changes: &[Change], last_seq: u64, durable: bool) -> Result<()> {
+        self.commit_inner(changes, last_seq, durable)
+            .map_err(|e| e.in_dir(&self.dir))
+    }
+
+    fn get(&self, id: TaskId) -> Result<Option<TaskInfo>> {
+        self.get_inner(id).map_err(|e| e.in_dir(&self.dir))
+    }
+
+    fn due(
+        &self,
+        queues: &QueueSet,
+        now: Timestamp,
+        limit: usize,
+        skip: &HashSet<TaskId>,
+    ) -> Result<DueScan> {
+        self.due_inner(queues, now, limit, skip)
+            .map_err(|e| e.in_dir(&self.dir))
+    }
+
+    fn ids_in_state(&self, status: Status) -> Result<Vec<TaskId>> {
+        self.ids_in_state_inner(status)
+            .map_err(|e| e.in_dir(&self.dir))
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Page> {
+        self.list_inner(filter).map_err(|e| e.in_dir(&self.dir))
+    }
+
+    fn history(&self, id: TaskId) -> Result<Vec<LogEntry>> {
+        self.history_inner(id).map_err(|e| e.in_dir(&self.dir))
+    }
+
+    fn finished_before(&self, cutoff: Timestamp, limit: usize) -> Result<Vec<TaskId>> {
+        self.finished_before_inner(cutoff, limit)
+            .map_err(|e| e.in_dir(&self.dir))
     }
 
     fn counts(&self) -> BTreeMap<(String, Status), u64> {
@@ -574,17 +691,15 @@ impl Store for SledStore {
     }
 
     fn check(&self) -> Result<ConsistencyReport> {
-        check_all(self)
+        self.check_inner().map_err(|e| e.in_dir(&self.dir))
     }
 
     fn size_on_disk(&self) -> Result<u64> {
-        Ok(self.db.size_on_disk()?)
+        self.size_on_disk_inner().map_err(|e| e.in_dir(&self.dir))
     }
 
     fn sync(&self) -> Result<()> {
-        self.db.flush()?;
-        self.data_file.sync_all()?;
-        self.sync_new_blobs()
+        self.sync_inner().map_err(|e| e.in_dir(&self.dir))
     }
 }
 

@@ -1,0 +1,520 @@
+//! Recognising a queue directory before sled touches it.
+//!
+//! sled 0.34.7 opens any directory: it creates `conf`, `db` and `blobs/`, rewrites a `db` it does
+//! not understand, and "recovers" a truncated data file by discarding (and overwriting) what it
+//! cannot read. So nothing here runs sled on a directory until it is recognisably omniq's:
+//!
+//! - **The marker.** omniq writes `OMNIQ` (a magic line and the format version) when it creates a
+//!   store, atomically (temp file, fsync, rename, directory fsync), *before* sled creates
+//!   anything. A directory with a valid marker is an omniq store; a marker naming a newer format is
+//!   refused with [`Error::FormatTooNew`] before sled runs.
+//! - **New stores** are created only in a missing directory or an empty one (a leftover
+//!   `OMNIQ.tmp` from a creation that was killed counts as empty).
+//! - **Format-1 stores written before the marker existed** look like a bare sled directory
+//!   (`conf` in sled's exact shape, `db`, `snap.*`, `blobs/`, nothing else). Whether it is
+//!   omniq's can only be told by reading `m/format` through sled, and opening it with sled may
+//!   rewrite it; so it is opened on a **temporary copy** first ([`trial_open_copy`]). Only when
+//!   the copy opens and holds omniq's format key (or is an empty sled database, which an older
+//!   omniq killed during its first open leaves) is the real directory opened and the marker
+//!   added. A foreign sled database is refused unchanged.
+//! - **Damage** ([`preflight`]): before a recognised store is opened, sled's newest snapshot is
+//!   read (without sled) and every page it points at must lie inside `db`. A pointer past the end
+//!   of `db` means the file was truncated (or the snapshot is not sled's); then the store is
+//!   opened on a temporary copy first, and only if that copy opens cleanly is the real directory
+//!   opened. A store that cannot be read is reported as [`Error::Damaged`] with its files as
+//!   they were.
+//!
+//! Anything else is [`Error::NotAStore`], naming the directory and what is in it.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::codec::{self, RecordKind};
+use crate::error::{Error, Result};
+use crate::keys;
+
+/// The marker file's name.
+pub const MARKER: &str = "OMNIQ";
+/// The marker's first line.
+pub const MARKER_MAGIC: &str = "omniq queue directory";
+const MARKER_TMP: &str = "OMNIQ.tmp";
+
+/// The marker's whole content for a format version.
+pub fn marker_text(format: u32) -> String {
+    format!("{MARKER_MAGIC}\nformat {format}\n")
+}
+
+/// What [`probe`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Found {
+    /// Missing or empty: omniq may create a store here.
+    Fresh,
+    /// Has a valid marker.
+    Marked,
+    /// A sled directory without a marker: possibly a store written before the marker existed.
+    BareSled,
+}
+
+/// Classifies `dir` without writing anything. Errors: [`Error::NotAStore`] (foreign content),
+/// [`Error::FormatTooNew`] (a newer marker), [`Error::Open`] (cannot read the directory).
+pub(crate) fn probe(dir: &Path, supported: u32) -> Result<Found> {
+    let io_err = |what: &str, e: std::io::Error| Error::Open {
+        path: dir.to_path_buf(),
+        reason: format!("cannot {what}: {e}"),
+    };
+    let meta = match fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Found::Fresh),
+        Err(e) => return Err(io_err("read it", e)),
+    };
+    if !meta.is_dir() {
+        return Err(Error::NotAStore {
+            path: dir.to_path_buf(),
+            found: format!("nothing: it is a {}-byte file, not a directory", meta.len()),
+        });
+    }
+    let mut names: Vec<(String, bool, u64)> = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| io_err("list it", e))? {
+        let entry = entry.map_err(|e| io_err("list it", e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let (is_dir, len) = match entry.metadata() {
+            Ok(m) => (m.is_dir(), m.len()),
+            Err(_) => (false, 0),
+        };
+        if name != MARKER_TMP {
+            names.push((name, is_dir, len));
+        }
+    }
+    names.sort();
+    if names.iter().any(|(n, _, _)| n == MARKER) {
+        let found = read_marker(dir)?;
+        if found > supported {
+            return Err(Error::FormatTooNew {
+                path: dir.to_path_buf(),
+                found,
+                supported,
+            });
+        }
+        return Ok(Found::Marked);
+    }
+    if names.is_empty() {
+        return Ok(Found::Fresh);
+    }
+    let sled_owned = |(n, is_dir, _): &(String, bool, u64)| match n.as_str() {
+        "conf" | "db" => !is_dir,
+        "blobs" => *is_dir,
+        other => other.starts_with("snap.") && !is_dir,
+    };
+    let has = |name: &str| names.iter().any(|(n, d, _)| n == name && !d);
+    if has("conf") && has("db") && names.iter().all(sled_owned) && is_sled_conf(&dir.join("conf")) {
+        return Ok(Found::BareSled);
+    }
+    Err(Error::NotAStore {
+        path: dir.to_path_buf(),
+        found: describe(dir, &names),
+    })
+}
+
+/// Reads and validates the marker; returns its format version.
+fn read_marker(dir: &Path) -> Result<u32> {
+    let path = dir.join(MARKER);
+    let not_ours = |why: String| Error::NotAStore {
+        path: dir.to_path_buf(),
+        found: format!("a file `{MARKER}` that is not an omniq marker ({why})"),
+    };
+    let mut text = String::new();
+    File::open(&path)
+        .and_then(|f| f.take(4096).read_to_string(&mut text))
+        .map_err(|e| not_ours(format!("unreadable: {e}")))?;
+    let mut lines = text.lines();
+    if lines.next() != Some(MARKER_MAGIC) {
+        return Err(not_ours(format!("its first line is not {MARKER_MAGIC:?}")));
+    }
+    lines
+        .next()
+        .and_then(|l| l.strip_prefix("format "))
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .ok_or_else(|| not_ours("no `format N` line".into()))
+}
+
+/// Writes the marker atomically: temp file, fsync, rename, fsync of the directory.
+pub(crate) fn write_marker(dir: &Path, format: u32) -> Result<()> {
+    let tmp = dir.join(MARKER_TMP);
+    let mut f = File::create(&tmp)?;
+    f.write_all(marker_text(format).as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, dir.join(MARKER))?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Creates `dir` (and missing parents) for a new store, removes a marker temp file left by a
+/// killed creation, and writes the marker. Only for [`Found::Fresh`] directories.
+pub(crate) fn create(dir: &Path, format: u32) -> Result<()> {
+    let created = !dir.exists();
+    fs::create_dir_all(dir).map_err(|e| Error::Open {
+        path: dir.to_path_buf(),
+        reason: format!("cannot create the directory: {e}"),
+    })?;
+    if created {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            File::open(parent)?.sync_all()?;
+        }
+    }
+    write_marker(dir, format)
+}
+
+/// Whether `path` is a sled 0.34 `conf` file: three `key: value` lines (`segment_size`,
+/// `use_compression`, `version`) followed by a 4-byte checksum.
+fn is_sled_conf(path: &Path) -> bool {
+    let Ok(bytes) = fs::read(path) else {
+        return false;
+    };
+    if bytes.len() < 8 || bytes.len() > 256 {
+        return false;
+    }
+    let Ok(text) = std::str::from_utf8(&bytes[..bytes.len() - 4]) else {
+        return false;
+    };
+    let keys: Vec<&str> = text.lines().filter_map(|l| l.split(": ").next()).collect();
+    keys == ["segment_size", "use_compression", "version"]
+        && text.lines().all(|l| l.split(": ").count() == 2)
+}
+
+/// A short description of a directory that is not a store, for [`Error::NotAStore`].
+fn describe(dir: &Path, names: &[(String, bool, u64)]) -> String {
+    let db = names.iter().find(|(n, d, _)| n == "db" && !d);
+    if let Some((_, _, len)) = db {
+        let mut head = [0u8; 16];
+        let n = File::open(dir.join("db"))
+            .and_then(|mut f| f.read(&mut head))
+            .unwrap_or(0);
+        let what = if head[..n].starts_with(b"SQLite format 3\0") {
+            "an SQLite database".to_string()
+        } else {
+            "not sled's data file".to_string()
+        };
+        return format!("a {len}-byte file `db` that is {what}, and no `{MARKER}` marker");
+    }
+    let shown: Vec<String> = names
+        .iter()
+        .take(5)
+        .map(|(n, d, _)| if *d { format!("{n}/") } else { n.clone() })
+        .collect();
+    let more = names.len().saturating_sub(shown.len());
+    format!(
+        "{} entr{} that omniq did not write ({}{}) and no `{MARKER}` marker",
+        names.len(),
+        if names.len() == 1 { "y" } else { "ies" },
+        shown.join(", "),
+        if more > 0 {
+            format!(", and {more} more")
+        } else {
+            String::new()
+        }
+    )
+}
+
+/// What [`preflight`] concluded.
+#[derive(Debug)]
+pub(crate) enum Preflight {
+    /// Nothing suspicious.
+    Clean,
+    /// Open a copy first: the reason is why.
+    Suspicious(String),
+}
+
+/// Reads sled's newest finished snapshot (read-only, without sled) and checks that every page it
+/// points at lies inside `db`. sled's own reader would fail with "Read corrupted data", panic, or
+/// (worse) treat the missing tail as a crash and overwrite it, after it has already written a new
+/// snapshot. A stale snapshot can legitimately point past a segment sled has since truncated, so
+/// a hit is not a verdict: it makes the caller open a copy first.
+pub(crate) fn preflight(dir: &Path) -> Preflight {
+    let db_len = match fs::metadata(dir.join("db")) {
+        Ok(m) => m.len(),
+        Err(_) => return Preflight::Clean,
+    };
+    let Some(snapshot) = newest_snapshot(dir) else {
+        return Preflight::Clean;
+    };
+    let Ok(bytes) = fs::read(&snapshot) else {
+        return Preflight::Clean;
+    };
+    match snapshot_extent(&bytes) {
+        Some(end) if end > db_len => Preflight::Suspicious(format!(
+            "sled's snapshot {} points at byte {end} of `db`, which has only {db_len} bytes",
+            snapshot
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        )),
+        _ => Preflight::Clean,
+    }
+}
+
+/// The snapshot file sled would read: the greatest `snap.*` name, skipping unfinished
+/// `.generating` files (removed before sled reads them, see `SledStore::open`).
+fn newest_snapshot(dir: &Path) -> Option<PathBuf> {
+    let mut snaps: Vec<PathBuf> = fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with("snap.")
+                    && !n.ends_with(".generating")
+                    && !n.ends_with(".in___motion")
+            })
+        })
+        .collect();
+    snaps.sort();
+    snaps.pop()
+}
+
+/// The end (offset + on-log size) of the furthest page a sled 0.34.7 snapshot points at inside
+/// the data file; `None` when the bytes do not parse as a snapshot (sled then reports it).
+///
+/// Layout (sled's `serialization.rs`): the body, then its length (8 bytes LE) and CRC32 (4
+/// bytes). Body: `stable_lsn` (a shifted `i64`) and `active_segment` (a shifted varint), then page states
+/// to the end: `0` = free (`lsn i64`, disk pointer), `n > 0` = present with `n` entries of
+/// (`lsn i64`, disk pointer, size varint). Disk pointer: `0` inline (offset varint) or `1` blob
+/// (offset varint, blob lsn i64). Varints: sled's own (<= 240 one byte, 241..=248 two,
+/// 249 three, 250..=255 followed by 3..=8 little-endian bytes).
+pub(crate) fn snapshot_extent(bytes: &[u8]) -> Option<u64> {
+    let body = bytes.get(..bytes.len().checked_sub(12)?)?;
+    let mut r = Reader(body);
+    r.i64()?; // stable_lsn
+    r.varint()?; // active_segment
+    let mut end = 0u64;
+    while !r.0.is_empty() {
+        let n = r.byte()?;
+        if n == 0 {
+            r.i64()?;
+            r.disk_ptr()?;
+            continue;
+        }
+        for _ in 0..n {
+            r.i64()?;
+            let offset = r.disk_ptr()?;
+            let size = r.varint()?;
+            end = end.max(offset.checked_add(size)?);
+        }
+    }
+    Some(end)
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let (head, tail) = (self.0.get(..n)?, self.0.get(n..)?);
+        self.0 = tail;
+        Some(head)
+    }
+    fn byte(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn i64(&mut self) -> Option<i64> {
+        Some(i64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn varint(&mut self) -> Option<u64> {
+        let first = self.byte()?;
+        Some(match first {
+            0..=240 => u64::from(first),
+            241..=248 => 240 + 256 * (u64::from(first) - 241) + u64::from(self.byte()?),
+            249 => {
+                let b = self.take(2)?;
+                2288 + 256 * u64::from(b[0]) + u64::from(b[1])
+            }
+            other => {
+                let n = usize::from(other) - 247;
+                let mut le = [0u8; 8];
+                le[..n].copy_from_slice(self.take(n)?);
+                u64::from_le_bytes(le)
+            }
+        })
+    }
+    /// A disk pointer; returns its log offset.
+    fn disk_ptr(&mut self) -> Option<u64> {
+        match self.byte()? {
+            0 => self.varint(),
+            1 => {
+                let offset = self.varint()?;
+                self.i64()?;
+                Some(offset)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What a trial open of a copy found.
+pub(crate) enum Trial {
+    /// It opened and holds omniq's format key with a version this build reads.
+    Omniq,
+    /// It opened and is an empty sled database.
+    Empty,
+}
+
+/// Copies the sled files of `dir` (`conf`, `db`, finished `snap.*`, `blobs/`) into a temporary
+/// directory, opens the copy with sled and reads `m/format`. The original is only read. Fails
+/// with [`Error::Damaged`] when sled cannot open the copy (or panics), with
+/// [`Error::NotAStore`] when the copy is a sled database without omniq's format key, and with
+/// [`Error::FormatTooNew`] for a newer format.
+pub(crate) fn trial_open_copy(dir: &Path, supported: u32, why: &str) -> Result<Trial> {
+    let tmp = tempfile::Builder::new()
+        .prefix("omniq-trial-open")
+        .tempdir()
+        .map_err(|e| Error::Open {
+            path: dir.to_path_buf(),
+            reason: format!(
+                "{why}, so omniq opens a temporary copy before the directory itself, but cannot \
+                 create one: {e}"
+            ),
+        })?;
+    let copy = tmp.path().join("q");
+    copy_sled_files(dir, &copy).map_err(|e| Error::Open {
+        path: dir.to_path_buf(),
+        reason: format!("{why}, so omniq opens a temporary copy first, but copying failed: {e}"),
+    })?;
+    let opened =
+        std::panic::catch_unwind(|| sled::Config::new().path(&copy).flush_every_ms(None).open());
+    let damaged = |detail: String| Error::Damaged {
+        path: Some(dir.to_path_buf()),
+        detail: format!("{detail}; omniq left its files as they were"),
+    };
+    let db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(e)) => {
+            return Err(damaged(format!(
+                "{why}, and the storage engine cannot read it ({})",
+                sled_words(&e)
+            )))
+        }
+        Err(_) => {
+            return Err(damaged(format!(
+                "{why}, and the storage engine fails reading it"
+            )))
+        }
+    };
+    let format = db.get(keys::META_FORMAT).map_err(|e| {
+        damaged(format!(
+            "{why}, and its format key cannot be read ({})",
+            sled_words(&e)
+        ))
+    })?;
+    let result = match format {
+        Some(bytes) => {
+            let found: u32 = codec::decode(RecordKind::Meta, &bytes, &|| "m/format".into())?;
+            if found > supported {
+                return Err(Error::FormatTooNew {
+                    path: dir.to_path_buf(),
+                    found,
+                    supported,
+                });
+            }
+            Trial::Omniq
+        }
+        None if db.is_empty() => Trial::Empty,
+        None => {
+            return Err(Error::NotAStore {
+                path: dir.to_path_buf(),
+                found: format!(
+                    "a sled database that omniq did not write (it has {} key(s) and no format \
+                     version)",
+                    db.len()
+                ),
+            })
+        }
+    };
+    Ok(result)
+}
+
+/// sled's error in words an operator can use.
+fn sled_words(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Corruption { .. } => "its data does not match its checksums".into(),
+        other => other.to_string(),
+    }
+}
+
+fn copy_sled_files(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let n = name.to_string_lossy();
+        let wanted =
+            n == "conf" || n == "db" || (n.starts_with("snap.") && !n.ends_with(".generating"));
+        if wanted && entry.file_type()?.is_file() {
+            fs::copy(entry.path(), to.join(&name))?;
+        } else if n == "blobs" && entry.file_type()?.is_dir() {
+            let blobs = to.join("blobs");
+            fs::create_dir_all(&blobs)?;
+            for blob in fs::read_dir(entry.path())? {
+                let blob = blob?;
+                if blob.file_type()?.is_file() {
+                    fs::copy(blob.path(), blobs.join(blob.file_name()))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_varints_match_sleds_encoding() {
+        // 300 = 2 bytes (241 + (300-240)/256, (300-240)%256); 70000 = 250 + 3 LE bytes.
+        let mut r = Reader(&[241, 60, 250, 0x70, 0x11, 0x01, 5]);
+        assert_eq!(r.varint(), Some(300));
+        assert_eq!(r.varint(), Some(70000));
+        assert_eq!(r.varint(), Some(5));
+        assert_eq!(r.varint(), None);
+    }
+
+    #[test]
+    fn snapshot_extent_is_the_furthest_page_end() {
+        let mut body = vec![0u8; 9]; // no stable lsn (i64), no active segment (varint)
+        body.push(1); // present, one entry
+        body.extend(7i64.to_le_bytes());
+        body.extend([0, 100, 20]); // inline at 100, 20 bytes
+        body.push(0); // free page
+        body.extend(3i64.to_le_bytes());
+        body.extend([0, 200]);
+        body.push(2); // present, two entries
+        body.extend(8i64.to_le_bytes());
+        body.extend([0, 50, 10]);
+        body.extend(9i64.to_le_bytes());
+        body.extend([1, 150, 0, 0, 0, 0, 0, 0, 0, 0, 30]); // blob at 150, 30 bytes
+        body.extend([0u8; 12]);
+        assert_eq!(snapshot_extent(&body), Some(180));
+        assert_eq!(snapshot_extent(&[1, 2, 3]), None);
+        let mut cut = vec![0u8; 9];
+        cut.extend([1, 9, 0, 0]);
+        cut.extend([0u8; 12]);
+        assert_eq!(snapshot_extent(&cut), None);
+    }
+
+    #[test]
+    fn markers_parse_and_foreign_files_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        write_marker(dir.path(), 1).unwrap();
+        assert_eq!(probe(dir.path(), 1).unwrap(), Found::Marked);
+        assert!(matches!(
+            probe(dir.path(), 0),
+            Err(Error::FormatTooNew { found: 1, .. })
+        ));
+        fs::write(dir.path().join(MARKER), "hello\n").unwrap();
+        assert!(matches!(probe(dir.path(), 1), Err(Error::NotAStore { .. })));
+        let empty = tempfile::tempdir().unwrap();
+        fs::write(empty.path().join(MARKER_TMP), "omn").unwrap();
+        assert_eq!(probe(empty.path(), 1).unwrap(), Found::Fresh);
+    }
+}

@@ -1,0 +1,242 @@
+//! Directories that are not (or no longer) readable omniq stores: opening one never modifies,
+//! creates in, or "repairs" it. Every case is checked byte for byte (every file's contents and
+//! the list of names, before and after) for `Queue::open` here and for every CLI command in
+//! `tests/cli.rs`.
+//!
+//! - a random 100 KB file named `db`;
+//! - an SQLite database named `db` (SQLite's 16-byte header and junk);
+//! - a directory of unrelated files;
+//! - a real store whose `db` was truncated (reported as `Error::Damaged`, untouched);
+//! - a file `OMNIQ` that is not omniq's marker, a plain file given as the directory;
+//! - a sled database omniq did not write.
+//!
+//! And the stores omniq does recognise: a new one gets the marker before sled writes anything;
+//! a format-1 store written before the marker existed opens (checked on a copy first) and gets
+//! its marker; an empty directory is created in.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use omniq::{EnqueueOptions, Error, Queue, Status, TaskId};
+
+mod common;
+use common::{raw_db, reopen};
+
+/// Every entry under `dir`: relative name -> contents (`None` for a directory).
+pub fn tree(dir: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
+    fn walk(root: &Path, at: &Path, out: &mut BTreeMap<PathBuf, Option<Vec<u8>>>) {
+        let mut entries: Vec<_> = std::fs::read_dir(at)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let rel = p.strip_prefix(root).unwrap().to_path_buf();
+            if p.is_dir() {
+                out.insert(rel, None);
+                walk(root, &p, out);
+            } else {
+                out.insert(rel, Some(std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    if dir.is_dir() {
+        walk(dir, dir, &mut out);
+    } else {
+        out.insert(PathBuf::new(), Some(std::fs::read(dir).unwrap()));
+    }
+    out
+}
+
+/// Deterministic pseudo-random bytes.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+fn random_db(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("db"), noise(100 * 1024, 0x9e37_79b9_7f4a_7c15)).unwrap();
+}
+
+fn sqlite_db(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut bytes = b"SQLite format 3\0".to_vec();
+    bytes.extend(noise(8 * 1024, 7));
+    std::fs::write(dir.join("db"), bytes).unwrap();
+}
+
+fn unrelated_files(dir: &Path) {
+    std::fs::create_dir_all(dir.join("photos")).unwrap();
+    std::fs::write(dir.join("notes.txt"), "shopping: milk\n").unwrap();
+    std::fs::write(dir.join("photos/cat.jpg"), noise(4096, 3)).unwrap();
+    std::fs::write(dir.join("conf"), "not sled's\n").unwrap();
+}
+
+fn bad_marker(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("OMNIQ"), "some other program's lock file\n").unwrap();
+}
+
+/// A real store with `n` tasks, opened twice (so sled's snapshot covers its data), then `db`
+/// cut to half its length. Returns the ids.
+pub fn truncated_store(dir: &Path, n: usize) -> Vec<TaskId> {
+    let ids = {
+        let q = Queue::open(dir).unwrap();
+        (0..n)
+            .map(|i| {
+                q.enqueue_json(
+                    "k",
+                    &serde_json::json!({ "n": i, "pad": "x".repeat(200) }),
+                    EnqueueOptions::new(),
+                )
+                .unwrap()
+            })
+            .collect()
+    };
+    drop(reopen(|| Queue::open(dir)).unwrap());
+    // Let sled's threads let go of the directory before its files are edited.
+    drop(reopen(|| Queue::open(dir)).unwrap());
+    let db = dir.join("db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    f.set_len(len / 2).unwrap();
+    f.sync_all().unwrap();
+    ids
+}
+
+fn assert_not_a_store(dir: &Path, needle: &str) {
+    let before = tree(dir);
+    match Queue::open(dir) {
+        Err(e @ Error::NotAStore { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&dir.display().to_string()), "{text}");
+            assert!(text.contains(needle), "lacks {needle:?}: {text}");
+        }
+        Err(other) => panic!("{}: expected NotAStore, got {other:?}", dir.display()),
+        Ok(_) => panic!("{}: a foreign directory was opened", dir.display()),
+    }
+    assert_eq!(tree(dir), before, "{}: opening changed it", dir.display());
+}
+
+#[test]
+fn foreign_directories_are_refused_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let random = tmp.path().join("random");
+    random_db(&random);
+    assert_not_a_store(
+        &random,
+        "102400-byte file `db` that is not sled's data file",
+    );
+    let sqlite = tmp.path().join("sqlite");
+    sqlite_db(&sqlite);
+    assert_not_a_store(&sqlite, "an SQLite database");
+    let files = tmp.path().join("files");
+    unrelated_files(&files);
+    assert_not_a_store(
+        &files,
+        "3 entries that omniq did not write (conf, notes.txt, photos/)",
+    );
+    let marker = tmp.path().join("marker");
+    bad_marker(&marker);
+    assert_not_a_store(&marker, "not an omniq marker");
+    let file = tmp.path().join("plain-file");
+    std::fs::write(&file, "x").unwrap();
+    assert_not_a_store(&file, "not a directory");
+}
+
+#[test]
+fn a_truncated_store_is_reported_damaged_and_left_as_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("q");
+    truncated_store(&dir, 3000);
+    let before = tree(&dir);
+    let err = match Queue::open(&dir) {
+        Err(e) => e,
+        Ok(q) => panic!(
+            "a truncated store opened with {} task(s)",
+            q.stats().unwrap().total
+        ),
+    };
+    assert!(matches!(err, Error::Damaged { .. }), "{err:?}");
+    let text = err.to_string();
+    for needle in [
+        dir.display().to_string().as_str(),
+        "is damaged",
+        "points at byte",
+        "left its files as they were",
+        "restore the directory from a backup",
+    ] {
+        assert!(text.contains(needle), "lacks {needle:?}: {text}");
+    }
+    assert!(!text.contains("Inline("), "sled's words leak: {text}");
+    assert_eq!(tree(&dir), before, "a failing open changed the store");
+}
+
+#[test]
+fn a_sled_database_omniq_did_not_write_is_refused_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sled");
+    {
+        let db = raw_db(&dir);
+        db.insert(b"someone else's key", b"value".to_vec()).unwrap();
+        db.flush().unwrap();
+    }
+    // sled lets go of its lock from a background thread: wait until a queue could open.
+    let before = tree(&dir);
+    let err = reopen(|| Queue::open(&dir)).err().expect("must be refused");
+    assert!(matches!(err, Error::NotAStore { .. }), "{err:?}");
+    assert!(err.to_string().contains("no format version"), "{err}");
+    assert_eq!(tree(&dir), before);
+}
+
+/// A new store gets its marker; an empty directory is created in; a store written before the
+/// marker existed (format 1: sled's files and `m/format`) opens with its tasks and gains it.
+#[test]
+fn stores_omniq_wrote_open_and_carry_the_marker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fresh = tmp.path().join("a/b/fresh");
+    drop(Queue::open(&fresh).unwrap());
+    assert_eq!(
+        std::fs::read_to_string(fresh.join("OMNIQ")).unwrap(),
+        "omniq queue directory\nformat 1\n"
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    drop(Queue::open(&empty).unwrap());
+    assert!(empty.join("OMNIQ").is_file());
+
+    let legacy = tmp.path().join("legacy");
+    let id = {
+        let q = Queue::open(&legacy).unwrap();
+        q.enqueue_json("k", &serde_json::json!(1), EnqueueOptions::new())
+            .unwrap()
+    };
+    std::fs::remove_file(legacy.join("OMNIQ")).unwrap();
+    let q = reopen(|| Queue::open(&legacy)).unwrap();
+    assert_eq!(q.get(id).unwrap().unwrap().status, Status::Pending);
+    assert!(legacy.join("OMNIQ").is_file(), "the marker is added");
+    drop(q);
+    let q = reopen(|| Queue::open(&legacy)).unwrap();
+    assert_eq!(q.stats().unwrap().total, 1);
+}
+
+/// A marker-less store whose data file was truncated is not adopted, and not changed.
+#[test]
+fn a_truncated_store_without_marker_is_refused_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("q");
+    truncated_store(&dir, 3000);
+    std::fs::remove_file(dir.join("OMNIQ")).unwrap();
+    let before = tree(&dir);
+    let err = Queue::open(&dir).err().expect("must be refused");
+    assert!(matches!(err, Error::Damaged { .. }), "{err:?}");
+    assert_eq!(tree(&dir), before);
+}
