@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::task::{Status, TaskId, TaskInfo};
+use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
 /// What [`Queue::list`](crate::Queue::list) returns: newest first.
 ///
@@ -135,6 +135,18 @@ pub struct RecoveryReport {
 pub struct PurgeReport {
     /// Finished tasks removed (with their log entries).
     pub tasks_removed: usize,
+}
+
+/// What [`Queue::purge`](crate::Queue::purge) would remove, from
+/// [`Queue::purge_preview`](crate::Queue::purge_preview). Nothing is removed to compute it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PurgePreview {
+    /// Tasks that finished before this instant would be removed (now minus `older_than`).
+    pub cutoff: Timestamp,
+    /// How many finished tasks would be removed (with their log entries).
+    pub tasks: usize,
+    /// The first of them, oldest finish first (at most the `sample` asked for).
+    pub sample: Vec<TaskInfo>,
 }
 
 /// Result of [`Queue::check_consistency`](crate::Queue::check_consistency): every problem found.

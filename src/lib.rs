@@ -130,7 +130,8 @@ pub use error::{Error, Result};
 pub use events::TransitionEvent;
 pub use handler::TaskContext;
 pub use inspect::{
-    ConsistencyReport, CorruptEntry, ListFilter, Page, PurgeReport, RecoveryReport, Stats,
+    ConsistencyReport, CorruptEntry, ListFilter, Page, PurgePreview, PurgeReport, RecoveryReport,
+    Stats,
 };
 pub use log::{Cause, LogEntry};
 pub use queue::{Durability, Queue, QueueBuilder, WeakQueue, DEFAULT_QUEUE};

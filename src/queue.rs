@@ -718,6 +718,42 @@ impl Queue {
     pub fn workers(&self) -> WorkerPoolBuilder {
         WorkerPoolBuilder::new(self.clone())
     }
+
+    // ----- purge preview (read-only) -------------------------------------------------------
+
+    /// What [`purge`](Queue::purge) with the same `older_than` would delete now, without
+    /// deleting anything: how many finished (terminal) tasks finished more than `older_than`
+    /// ago, and the first `sample` of them, oldest finish first.
+    ///
+    /// It reads the finished index only (plus `sample` records). A purge called afterwards
+    /// computes its own cutoff, so it also removes tasks that finish in between.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let queue = omniq::Queue::open(dir.path()).unwrap();
+    /// let preview = queue.purge_preview(std::time::Duration::from_secs(7 * 86_400), 5)?;
+    /// println!("would remove {} task(s)", preview.tasks);
+    /// # Ok::<(), omniq::Error>(())
+    /// ```
+    pub fn purge_preview(
+        &self,
+        older_than: Duration,
+        sample: usize,
+    ) -> Result<crate::inspect::PurgePreview> {
+        let cutoff = self.inner.clock.now().minus(older_than);
+        let ids = self.inner.store.finished_before(cutoff, usize::MAX)?;
+        let mut shown = Vec::with_capacity(sample.min(ids.len()));
+        for id in ids.iter().take(sample) {
+            if let Some(t) = self.inner.store.get(*id)? {
+                shown.push(t);
+            }
+        }
+        Ok(crate::inspect::PurgePreview {
+            cutoff,
+            tasks: ids.len(),
+            sample: shown,
+        })
+    }
 }
 
 fn encode_payload<T: Task>(task: &T) -> Result<Vec<u8>> {

@@ -240,3 +240,136 @@ fn a_truncated_store_without_marker_is_refused_untouched() {
     assert!(matches!(err, Error::Damaged { .. }), "{err:?}");
     assert_eq!(tree(&dir), before);
 }
+
+// ----- the CLI ------------------------------------------------------------------------------
+
+const BIN: &str = env!("CARGO_BIN_EXE_omniq");
+const SOME_ID: &str = "01a20000-0000-7000-8000-000000000000";
+
+fn omniq(dir: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .arg("--data")
+        .arg(dir)
+        .args(args)
+        .env("OMNIQ_DEMO_WORK_MS", "1")
+        .output()
+        .expect("run omniq")
+}
+
+/// Every command, human and `--json`: refused with exit status 1, one `error:` line naming the
+/// directory and containing `needle`, a JSON error document of `kind` with `--json`, and not one
+/// byte or name in the directory changed.
+fn every_command_refuses(dir: &Path, kind: &str, needle: &str) {
+    let commands: &[&[&str]] = &[
+        &["stats"],
+        &["list"],
+        &["list", "--status", "failed"],
+        &["show", SOME_ID],
+        &["retry", SOME_ID],
+        &["retry", "--all-failed"],
+        &["cancel", SOME_ID],
+        &["purge", "--older-than", "1d"],
+        &["purge", "--older-than", "0", "--dry-run"],
+        &["check"],
+        &["demo", "--tasks", "5"],
+    ];
+    let before = tree(dir);
+    let shown = std::path::absolute(dir).unwrap().display().to_string();
+    for args in commands {
+        for json in [false, true] {
+            let mut all = Vec::new();
+            if json {
+                all.push("--json");
+            }
+            all.extend_from_slice(args);
+            let o = omniq(dir, &all);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "omniq {all:?}: {err}");
+            assert!(err.starts_with("error: "), "omniq {all:?}: {err}");
+            assert_eq!(err.trim_end().lines().count(), 1, "omniq {all:?}: {err}");
+            assert!(
+                err.contains(&shown) || err.contains(&dir.display().to_string()),
+                "omniq {all:?} does not name the directory: {err}"
+            );
+            assert!(
+                err.contains(needle),
+                "omniq {all:?} lacks {needle:?}: {err}"
+            );
+            if json {
+                let doc: serde_json::Value = serde_json::from_slice(&o.stdout)
+                    .unwrap_or_else(|e| panic!("omniq {all:?}: stdout is not JSON ({e})"));
+                assert_eq!(doc["error"]["kind"], kind, "omniq {all:?}: {doc}");
+                assert_eq!(doc["error"]["exit_code"], 1);
+                assert!(doc["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(needle)));
+            } else {
+                assert!(o.stdout.is_empty(), "omniq {all:?} printed on stdout");
+            }
+            assert_eq!(tree(dir), before, "omniq {all:?} changed {}", dir.display());
+        }
+    }
+}
+
+#[test]
+fn every_cli_command_refuses_a_foreign_directory_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let random = tmp.path().join("random");
+    random_db(&random);
+    every_command_refuses(&random, "not_a_store", "is not an omniq queue directory");
+    let sqlite = tmp.path().join("sqlite");
+    sqlite_db(&sqlite);
+    every_command_refuses(&sqlite, "not_a_store", "an SQLite database");
+    let files = tmp.path().join("files");
+    unrelated_files(&files);
+    every_command_refuses(&files, "not_a_store", "omniq did not write");
+    let marker = tmp.path().join("marker");
+    bad_marker(&marker);
+    every_command_refuses(&marker, "not_a_store", "not an omniq marker");
+}
+
+/// The reported case: a truncated `db` printed "storage error: Read corrupted data at file
+/// offset Some(Inline(581985)) backtrace ()". Now every command says the directory is damaged
+/// and what to do, and leaves it as it was.
+#[test]
+fn every_cli_command_reports_a_truncated_store_as_damaged_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("q");
+    truncated_store(&dir, 3000);
+    every_command_refuses(&dir, "corrupt", "is damaged");
+    let o = omniq(&dir, &["stats"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("restore the directory from a backup"), "{err}");
+    assert!(
+        !err.contains("Inline(") && !err.contains("backtrace"),
+        "{err}"
+    );
+}
+
+/// Commands that read never create anything in a missing or empty directory.
+#[test]
+fn read_commands_create_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let missing = tmp.path().join("missing");
+    for args in [
+        &["stats"][..],
+        &["list"],
+        &["show", SOME_ID],
+        &["check"],
+        &["purge", "--older-than", "1d", "--dry-run"],
+    ] {
+        for dir in [&empty, &missing] {
+            let o = omniq(dir, args);
+            assert_eq!(o.status.code(), Some(1), "{args:?}");
+            let mut json = vec!["--json"];
+            json.extend_from_slice(args);
+            let o = omniq(dir, &json);
+            let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(doc["error"]["kind"], "no_queue");
+        }
+        assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "{args:?}");
+        assert!(!missing.exists(), "{args:?}");
+    }
+}

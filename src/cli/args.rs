@@ -56,6 +56,9 @@ pub enum Command {
         /// How old a finished task must be to be deleted, e.g. 7d, 12h, 30m.
         #[arg(long, value_name = "DURATION")]
         older_than: String,
+        /// Delete nothing: say how many tasks would go, and show the first few.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Verify every record, index, counter and log entry; exits non-zero if anything disagrees.
     Check,
@@ -94,7 +97,8 @@ pub struct ListArgs {
     /// At most this many tasks.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub limit: u32,
-    /// Continue after this task id (the "next cursor" printed by the previous page).
+    /// Continue after this task id (the "next cursor" printed by the previous page). An id
+    /// that names no task is an error.
     #[arg(long, value_name = "ID")]
     pub cursor: Option<String>,
 }

@@ -39,7 +39,10 @@ pub fn stats(queue: &Queue, json: bool) -> Result<ExitCode, CliError> {
     let mut headers = vec!["QUEUE"];
     headers.extend(Status::ALL.iter().map(|s| status_str(*s)));
     headers.push("TOTAL");
-    let mut table = Table::new(&headers).right(&(1..headers.len()).collect::<Vec<_>>());
+    // Long queue names are shortened (with `…`) so the table fits 80 columns.
+    let mut table = Table::new(&headers)
+        .right(&(1..headers.len()).collect::<Vec<_>>())
+        .fit(80, 0);
     for (q, counts) in &stats.by_queue {
         let mut row = vec![q.clone()];
         row.extend(
@@ -71,6 +74,19 @@ pub fn list(
     status: Option<Status>,
     cursor: Option<TaskId>,
 ) -> Result<ExitCode, CliError> {
+    if let Some(c) = cursor {
+        if queue.get(c)?.is_none() {
+            return Err(CliError::Kind(
+                "not_found",
+                format!(
+                    "--cursor {c} names no task in {} (a cursor is the id printed after \
+                     \"more with --cursor\"; that task may have been purged since): run the \
+                     listing again without --cursor",
+                    queue.path().display()
+                ),
+            ));
+        }
+    }
     let mut filter = ListFilter::new().limit(a.limit as usize).cursor(cursor);
     filter.status = status;
     filter.queue = a.queue.clone();
@@ -126,11 +142,11 @@ fn list_row(t: &TaskInfo) -> Vec<String> {
         Some(f) => ts(f),
         None => ts(t.next_run_at),
     };
-    let err = t
-        .last_error
-        .as_ref()
-        .map(|e| truncate(&format!("{}: {}", e.error_type, e.message), 48))
-        .unwrap_or_default();
+    // A completed task's earlier errors are history (see `show`), not a current problem.
+    let err = match (t.status, &t.last_error) {
+        (Status::Completed, _) | (_, None) => String::new(),
+        (_, Some(e)) => truncate(&format!("{}: {}", e.error_type, e.message), 48),
+    };
     vec![
         t.id.to_string(),
         t.kind.clone(),
@@ -146,7 +162,13 @@ fn list_row(t: &TaskInfo) -> Vec<String> {
 
 fn get(queue: &Queue, id: TaskId) -> Result<TaskInfo, CliError> {
     queue.get(id)?.ok_or_else(|| {
-        CliError::Runtime(format!("task {id} not found in {}", queue.path().display()))
+        CliError::Kind(
+            "not_found",
+            format!(
+                "task {id} not found in {} (`omniq list` shows the ids)",
+                queue.path().display()
+            ),
+        )
     })
 }
 
@@ -264,10 +286,7 @@ pub fn retry(queue: &Queue, json: bool, id: Option<TaskId>) -> Result<ExitCode, 
         retried.push(queue.retry(id)?);
     }
     if json {
-        emit_json(&json!({
-            "retried": retried.len(),
-            "tasks": retried.iter().map(task_json).collect::<Vec<_>>(),
-        }))?;
+        emit_json(&changed_json("retry", false, retried.len(), &retried))?;
         return Ok(ExitCode::SUCCESS);
     }
     let text = match (id, retried.first()) {
@@ -306,29 +325,111 @@ pub fn cancel(queue: &Queue, json: bool, id: TaskId) -> Result<ExitCode, CliErro
     get(queue, id)?;
     let t = queue.cancel(id)?;
     if json {
-        emit_json(&task_json(&t))?;
+        emit_json(&changed_json("cancel", false, 1, std::slice::from_ref(&t)))?;
     } else {
         emit(&format!("task {} cancelled\n", t.id))?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// `omniq purge --older-than DURATION`.
-pub fn purge(queue: &Queue, json: bool, given: &str, age: Duration) -> Result<ExitCode, CliError> {
-    let report = queue.purge(age)?;
-    if json {
-        emit_json(&json!({
-            "tasks_removed": report.tasks_removed,
-            "older_than": given,
-            "older_than_ms": u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
-        }))?;
-    } else {
-        emit(&format!(
-            "purged {} finished task(s) that finished more than {} ago\n",
-            report.tasks_removed,
-            humantime::format_duration(age)
-        ))?;
+/// How many affected tasks the JSON of a mutating command lists in full.
+pub const JSON_TASKS_SHOWN: usize = 100;
+
+/// The one JSON shape of every mutating command (`retry`, `cancel`, `purge`):
+/// `{"command", "dry_run", "count", "tasks", "tasks_truncated"}`. `count` is every task the
+/// command changed (or, with `--dry-run`, would change); `tasks` lists the first
+/// [`JSON_TASKS_SHOWN`] of them in full (as they are now; for `purge`, as they were).
+fn changed_json(command: &str, dry_run: bool, count: usize, tasks: &[TaskInfo]) -> Value {
+    let shown = &tasks[..tasks.len().min(JSON_TASKS_SHOWN)];
+    json!({
+        "command": command,
+        "dry_run": dry_run,
+        "count": count,
+        "tasks": shown.iter().map(task_json).collect::<Vec<_>>(),
+        "tasks_truncated": count > shown.len(),
+    })
+}
+
+/// A duration as a person says it: "7 days", "12 hours", "90 seconds", "1500 ms".
+fn age_words(d: Duration) -> String {
+    let ms = d.as_millis();
+    let unit = |n: u128, one: &str| format!("{n} {one}{}", if n == 1 { "" } else { "s" });
+    if ms == 0 {
+        return "0 seconds".into();
     }
+    for (size, name) in [
+        (86_400_000, "day"),
+        (3_600_000, "hour"),
+        (60_000, "minute"),
+        (1_000, "second"),
+    ] {
+        if ms % size == 0 {
+            return unit(ms / size, name);
+        }
+    }
+    format!("{ms} ms")
+}
+
+/// `omniq purge --older-than DURATION [--dry-run]`.
+pub fn purge(
+    queue: &Queue,
+    json: bool,
+    given: &str,
+    age: Duration,
+    dry_run: bool,
+) -> Result<ExitCode, CliError> {
+    // The CLI holds the directory and runs no workers, so nothing finishes between the preview
+    // and the purge: the preview's tasks are the ones removed.
+    let preview = queue.purge_preview(age, JSON_TASKS_SHOWN)?;
+    let count = if dry_run {
+        preview.tasks
+    } else {
+        queue.purge(age)?.tasks_removed
+    };
+    let when = age_words(age);
+    if json {
+        let mut v = changed_json("purge", dry_run, count, &preview.sample);
+        if let Value::Object(m) = &mut v {
+            m.insert("older_than".into(), json!(given));
+            m.insert(
+                "older_than_ms".into(),
+                json!(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)),
+            );
+            m.insert("cutoff".into(), json!(ts(preview.cutoff)));
+        }
+        emit_json(&v)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !dry_run {
+        emit(&format!(
+            "purged {count} finished task(s) (and their history) that finished more than {when} ago\n"
+        ))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut text = format!(
+        "dry run: would purge {count} finished task(s) that finished more than {when} ago \
+         (before {}); nothing was removed\n",
+        ts(preview.cutoff)
+    );
+    const SHOWN: usize = 5;
+    if count > 0 {
+        let mut table = Table::new(&["ID", "KIND", "QUEUE", "STATUS", "FINISHED"]);
+        for t in preview.sample.iter().take(SHOWN) {
+            table.row([
+                t.id.to_string(),
+                t.kind.clone(),
+                t.queue.clone(),
+                status_str(t.status).to_string(),
+                ts_opt(t.finished_at),
+            ]);
+        }
+        text.push('\n');
+        text.push_str(&table.render());
+        if count > SHOWN {
+            text.push_str(&format!("… and {} more\n", count - SHOWN));
+        }
+    }
+    emit(&text)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -22,6 +22,8 @@ pub struct Table {
     headers: Vec<String>,
     align: Vec<Align>,
     rows: Vec<Vec<String>>,
+    /// At most this many columns wide, by shortening the given column (see [`Table::fit`]).
+    fit: Option<(usize, usize)>,
 }
 
 impl Table {
@@ -31,7 +33,15 @@ impl Table {
             headers: headers.iter().map(|h| h.to_string()).collect(),
             align: vec![Align::Left; headers.len()],
             rows: Vec::new(),
+            fit: None,
         }
+    }
+
+    /// Keeps every line at most `width` characters by shortening the cells of `column` (with
+    /// `…`), never below its header's width.
+    pub fn fit(mut self, width: usize, column: usize) -> Table {
+        self.fit = Some((width, column));
+        self
     }
 
     /// Right-aligns these columns (numbers).
@@ -64,6 +74,13 @@ impl Table {
                 *w = (*w).max(width(c));
             }
         }
+        if let Some((max, c)) = self.fit {
+            let total: usize = widths.iter().sum::<usize>() + 2 * widths.len().saturating_sub(1);
+            if let (Some(w), Some(h)) = (widths.get(c).copied(), self.headers.get(c)) {
+                let excess = total.saturating_sub(max);
+                widths[c] = w.saturating_sub(excess).max(width(h));
+            }
+        }
         let mut out = String::new();
         for r in std::iter::once(&self.headers).chain(&self.rows) {
             let last = r.len().saturating_sub(1);
@@ -72,6 +89,13 @@ impl Table {
                 if i > 0 {
                     line.push_str("  ");
                 }
+                let shortened;
+                let cell = if width(cell) > widths[i] {
+                    shortened = truncate(cell, widths[i]);
+                    &shortened
+                } else {
+                    cell
+                };
                 let pad = widths[i].saturating_sub(width(cell));
                 match self.align[i] {
                     Align::Right => {
@@ -202,6 +226,16 @@ mod tests {
         t.row(["a", "1"]);
         t.row(["longer", "100"]);
         assert_eq!(t.render(), "NAME      N\na         1\nlonger  100\n");
+    }
+
+    #[test]
+    fn a_fitted_table_shortens_its_column() {
+        let mut t = Table::new(&["QUEUE", "N"]).right(&[1]).fit(12, 0);
+        t.row(["a-very-long-queue-name", "1"]);
+        t.row(["short", "22"]);
+        let out = t.render();
+        assert_eq!(out, "QUEUE      N\na-very-…   1\nshort     22\n");
+        assert!(out.lines().all(|l| l.chars().count() <= 12), "{out}");
     }
 
     #[test]

@@ -380,21 +380,20 @@ pub(crate) fn trial_open_copy(dir: &Path, supported: u32, why: &str) -> Result<T
         path: dir.to_path_buf(),
         reason: format!("{why}, so omniq opens a temporary copy first, but copying failed: {e}"),
     })?;
-    let opened =
-        std::panic::catch_unwind(|| sled::Config::new().path(&copy).flush_every_ms(None).open());
+    let opened = open_quietly(sled::Config::new().path(&copy).flush_every_ms(None));
     let damaged = |detail: String| Error::Damaged {
         path: Some(dir.to_path_buf()),
         detail: format!("{detail}; omniq left its files as they were"),
     };
     let db = match opened {
-        Ok(Ok(db)) => db,
-        Ok(Err(e)) => {
+        Some(Ok(db)) => db,
+        Some(Err(e)) => {
             return Err(damaged(format!(
                 "{why}, and the storage engine cannot read it ({})",
                 sled_words(&e)
             )))
         }
-        Err(_) => {
+        None => {
             return Err(damaged(format!(
                 "{why}, and the storage engine fails reading it"
             )))
@@ -431,6 +430,36 @@ pub(crate) fn trial_open_copy(dir: &Path, supported: u32, why: &str) -> Result<T
         }
     };
     Ok(result)
+}
+
+const OPEN_THREAD: &str = "omniq-sled-open";
+
+/// Opens sled on a thread of its own; `None` when sled panicked. sled 0.34.7 panics on some
+/// damaged files (index out of bounds in its segment accountant, "tried to serialize
+/// Uninitialized"); such a panic is an answer here ("damaged"), so its message is kept off
+/// stderr: while the open runs, panics on that thread are not passed to the process's panic
+/// hook (every other thread's are), and the hook is restored afterwards.
+pub(crate) fn open_quietly(config: sled::Config) -> Option<sled::Result<sled::Db>> {
+    static SWAP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = SWAP.lock().unwrap_or_else(|e| e.into_inner());
+    let previous = std::sync::Arc::new(std::panic::take_hook());
+    let forward = previous.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() != Some(OPEN_THREAD) {
+            forward(info);
+        }
+    }));
+    let result = std::thread::Builder::new()
+        .name(OPEN_THREAD.into())
+        .spawn(move || config.open())
+        .ok()
+        .and_then(|h| h.join().ok());
+    drop(std::panic::take_hook());
+    match std::sync::Arc::try_unwrap(previous) {
+        Ok(hook) => std::panic::set_hook(hook),
+        Err(shared) => std::panic::set_hook(Box::new(move |info| shared(info))),
+    }
+    result
 }
 
 /// sled's error in words an operator can use.

@@ -141,15 +141,15 @@ impl SledStore {
         };
         let existed = dir.join("db").exists();
         let open = || {
-            std::panic::catch_unwind(|| {
+            probe::open_quietly(
                 sled::Config::new()
                     .path(dir)
                     .cache_capacity(opts.cache_bytes)
                     .flush_every_ms(opts.flush_every_ms)
-                    .mode(sled::Mode::HighThroughput)
-                    .open()
-            })
-            .unwrap_or_else(|_| Err(sled::Error::Corruption { at: None, bt: () }))
+                    .mode(sled::Mode::HighThroughput),
+            )
+            // sled panicked: it found data it cannot read.
+            .unwrap_or(Err(sled::Error::Corruption { at: None, bt: () }))
         };
         // sled 0.34.7 writes a snapshot during every open as `snap.<lsn>.generating`, fsyncs
         // it, then renames it to `snap.<lsn>`; but its reader does not skip `.generating`
