@@ -54,8 +54,8 @@ fn ok_json(dir: &Path, args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("omniq {a:?} printed invalid JSON ({e}):\n{out}"))
 }
 
-/// Runs a command that must fail with `code`, print nothing on stdout and one `error:` line
-/// (containing `needle`) on stderr. Returns stderr.
+/// Runs a command that must fail with `code`, print nothing on stdout (with `--json`: only the
+/// JSON error document) and one `error:` line (containing `needle`) on stderr. Returns stderr.
 fn fails(dir: &Path, args: &[&str], code: i32, needle: &str) -> String {
     let o = omniq(dir, args);
     let err = stderr(&o);
@@ -64,11 +64,22 @@ fn fails(dir: &Path, args: &[&str], code: i32, needle: &str) -> String {
         Some(code),
         "omniq {args:?}: wrong exit status; stderr:\n{err}"
     );
-    assert!(
-        o.stdout.is_empty(),
-        "omniq {args:?} wrote to stdout on error:\n{}",
-        stdout(&o)
-    );
+    if args.contains(&"--json") {
+        // With --json, stdout is the error document (see `fails_json`).
+        let doc: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "omniq {args:?}: stdout is not a JSON error ({e}):\n{}",
+                stdout(&o)
+            )
+        });
+        assert_eq!(doc["error"]["exit_code"], code, "{doc}");
+    } else {
+        assert!(
+            o.stdout.is_empty(),
+            "omniq {args:?} wrote to stdout on error:\n{}",
+            stdout(&o)
+        );
+    }
     assert!(
         err.starts_with("error: "),
         "omniq {args:?}: stderr does not start with `error:`:\n{err}"
@@ -370,15 +381,16 @@ fn retry_and_cancel_change_exactly_the_named_tasks() {
     let out = ok(d, &["retry", &s(f.failed[2])]);
     assert!(out.contains("re-queued"), "{out}");
     let r = ok_json(d, &["retry", "--all-failed"]);
-    assert_eq!(r["retried"], 2);
-    assert_eq!(r["tasks"].as_array().unwrap().len(), 2);
+    assert_mutation_shape(&r, "retry", false, 2);
     assert!(r["tasks"]
         .as_array()
         .unwrap()
         .iter()
         .all(|t| t["status"] == "PENDING"));
     let c = ok_json(d, &["cancel", &s(f.scheduled)]);
-    assert_eq!(c["status"], "CANCELLED");
+    assert_mutation_shape(&c, "cancel", false, 1);
+    assert_eq!(c["tasks"][0]["id"], s(f.scheduled));
+    assert_eq!(c["tasks"][0]["status"], "CANCELLED");
 
     let (after, stats) = snapshot(d);
     assert_eq!(stats.count(Status::Failed), 0);
@@ -413,9 +425,16 @@ fn purge_removes_only_old_finished_tasks() {
     let d = f.dir.as_path();
     let before = snapshot(d);
     let r = ok_json(d, &["purge", "--older-than", "7d"]);
-    assert_eq!(r["tasks_removed"], 0);
+    assert_mutation_shape(&r, "purge", false, 0);
     assert_eq!(r["older_than"], "7d");
     assert_eq!(snapshot(d), before);
+    let out = ok(d, &["purge", "--older-than", "7d"]);
+    assert!(
+        out.contains(
+            "purged 0 finished task(s) (and their history) that finished more than 7 days ago"
+        ),
+        "{out}"
+    );
 
     let out = ok(d, &["purge", "--older-than", "1ms"]);
     assert!(out.contains("purged 7 finished task(s)"), "{out}");
@@ -621,17 +640,229 @@ fn bad_inputs_fail_with_one_line_and_change_nothing() {
             "\"7x\" is not a duration",
         ),
         (&["purge", "--older-than", "soon"], 2, "is not a duration"),
-        (&["--json", "show", UNKNOWN_ID], 1, "not found"),
     ];
     for (args, code, needle) in cases {
         fails_one_line(d, args, *code, needle);
     }
-    // Usage errors caught by clap itself: status 2, an `error:` first line.
-    fails(d, &["retry"], 2, "required");
-    fails(d, &["list", "--limit", "0"], 2, "--limit");
-    fails(d, &["bench", "--durability", "fast"], 2, "fast");
-    fails(d, &["frobnicate"], 2, "frobnicate");
+    // Usage errors caught by clap itself: status 2, one `error:` line with a hint.
+    for (args, needle, hint) in [
+        (&["retry"][..], "<ID|--all-failed>", "omniq retry --help"),
+        (&["list", "--limit", "0"], "--limit", "omniq list --help"),
+        (
+            &["bench", "--durability", "fast"],
+            "fast",
+            "omniq bench --help",
+        ),
+        (&["frobnicate"], "frobnicate", "omniq --help"),
+    ] {
+        let err = fails_one_line(d, args, 2, needle);
+        assert!(err.contains(hint), "{err}");
+    }
     assert_eq!(snapshot(d), before, "a failed command changed stored data");
+}
+
+/// Runs `omniq --json ARGS` that must fail with `code`: stdout is exactly one JSON error
+/// document `{"error": {"kind", "message", "exit_code"}}` and stderr one `error:` line.
+fn fails_json(dir: &Path, args: &[&str], code: i32, kind: &str) -> Value {
+    let mut a = vec!["--json"];
+    a.extend_from_slice(args);
+    let o = omniq(dir, &a);
+    assert_eq!(o.status.code(), Some(code), "omniq {a:?}: {}", stderr(&o));
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "omniq {a:?}: stdout is not one JSON document ({e}): {}",
+            stdout(&o)
+        )
+    });
+    assert_eq!(doc["error"]["kind"], kind, "omniq {a:?}: {doc}");
+    assert_eq!(doc["error"]["exit_code"], code, "{doc}");
+    let message = doc["error"]["message"].as_str().expect("a message");
+    let err = stderr(&o);
+    assert_eq!(err.trim_end(), format!("error: {message}"), "omniq {a:?}");
+    doc
+}
+
+/// The one JSON shape of every mutating command.
+fn assert_mutation_shape(v: &Value, command: &str, dry_run: bool, count: u64) {
+    assert_eq!(v["command"], command, "{v}");
+    assert_eq!(v["dry_run"], dry_run, "{v}");
+    assert_eq!(v["count"], count, "{v}");
+    assert_eq!(
+        v["tasks"].as_array().map(Vec::len),
+        Some(count as usize),
+        "{v}"
+    );
+    assert_eq!(v["tasks_truncated"], false, "{v}");
+}
+
+#[test]
+fn json_failures_print_an_error_document_with_a_stable_kind() {
+    let f = fixture();
+    let d = f.dir.as_path();
+    let before = snapshot(d);
+    let done = s(f.completed[0]);
+    fails_json(d, &["show", UNKNOWN_ID], 1, "not_found");
+    fails_json(d, &["cancel", UNKNOWN_ID], 1, "not_found");
+    fails_json(d, &["cancel", &done], 1, "invalid_state");
+    fails_json(d, &["retry", &done], 1, "invalid_state");
+    fails_json(d, &["show", "nope"], 2, "usage");
+    fails_json(d, &["purge", "--older-than", "soon"], 2, "usage");
+    // clap's own usage errors, with --json before or after the subcommand.
+    fails_json(d, &["retry"], 2, "usage");
+    fails_json(d, &["list", "--limit", "0"], 2, "usage");
+    fails_json(d, &["frobnicate"], 2, "usage");
+    let o = omniq(d, &["list", "--bogus", "--json"]);
+    assert_eq!(o.status.code(), Some(2));
+    let doc: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(doc["error"]["kind"], "usage");
+    let missing = f._tmp.path().join("missing");
+    let doc = fails_json(&missing, &["stats"], 1, "no_queue");
+    assert!(doc["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("does not exist"));
+    {
+        let _held = Queue::open(d).unwrap();
+        fails_json(d, &["stats"], 1, "locked");
+    }
+    assert_eq!(snapshot(d), before);
+}
+
+#[test]
+fn an_unknown_cursor_is_an_error() {
+    let f = fixture();
+    let d = f.dir.as_path();
+    let err = fails_one_line(d, &["list", "--cursor", UNKNOWN_ID], 1, "names no task");
+    assert!(err.contains("--cursor"), "{err}");
+    fails_json(d, &["list", "--cursor", UNKNOWN_ID], 1, "not_found");
+    // A known cursor still pages.
+    let first = ok_json(d, &["list", "--limit", "1"]);
+    let c = first["next_cursor"].as_str().unwrap().to_string();
+    assert_eq!(ids(&ok_json(d, &["list", "--cursor", &c])).len(), 7);
+}
+
+#[test]
+fn purge_dry_run_says_what_would_go_and_removes_nothing() {
+    let f = fixture();
+    let d = f.dir.as_path();
+    let before = snapshot(d);
+    let v = ok_json(d, &["purge", "--older-than", "0", "--dry-run"]);
+    assert_mutation_shape(&v, "purge", true, 7);
+    assert!(is_rfc3339(&v["cutoff"]), "{v}");
+    let listed: HashSet<String> = ids(&v).into_iter().collect();
+    let finished: HashSet<String> = f
+        .completed
+        .iter()
+        .chain(&f.failed)
+        .chain([&f.cancelled])
+        .map(|i| s(*i))
+        .collect();
+    assert_eq!(listed, finished);
+    let human = ok(d, &["purge", "--older-than", "0", "--dry-run"]);
+    assert!(
+        human.contains("dry run: would purge 7 finished task(s)")
+            && human.contains("nothing was removed"),
+        "{human}"
+    );
+    let rows = human
+        .lines()
+        .filter(|l| finished.iter().any(|id| l.starts_with(id.as_str())))
+        .count();
+    assert_eq!(rows, 5, "the first five are shown: {human}");
+    assert!(human.contains("… and 2 more"), "{human}");
+    assert_eq!(snapshot(d), before, "a dry run removed something");
+
+    let v = ok_json(d, &["purge", "--older-than", "0"]);
+    assert_mutation_shape(&v, "purge", false, 7);
+    assert_eq!(snapshot(d).1.total, 1);
+}
+
+#[test]
+fn list_leaves_last_error_blank_for_completed_tasks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("q");
+    let clock = omniq::testing::ManualClock::starting_now();
+    let q = Queue::builder(&dir).clock(clock.clone()).open().unwrap();
+    q.register_fn("flaky", |_, ctx| {
+        if ctx.attempt() == 1 {
+            Err(TaskError::transient("network", "first try fails"))
+        } else {
+            Ok(json!("ok"))
+        }
+    });
+    let id = q
+        .enqueue_json("flaky", &json!({}), EnqueueOptions::new())
+        .unwrap();
+    omniq::testing::run_until_idle(&q, &clock, 10).unwrap();
+    let t = q.get(id).unwrap().unwrap();
+    assert_eq!(t.status, Status::Completed);
+    assert!(t.last_error.is_some(), "the fixture has an earlier error");
+    drop(q);
+    let human = ok(&dir, &["list"]);
+    let row = human.lines().find(|l| l.starts_with(&s(id))).unwrap();
+    assert!(!row.contains("first try fails"), "{row}");
+    assert!(row.trim_end().ends_with("Z"), "LAST ERROR is blank: {row}");
+    // `show` still has the history.
+    assert!(ok(&dir, &["show", &s(id)]).contains("first try fails"));
+}
+
+#[test]
+fn the_stats_table_fits_80_columns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("q");
+    let q = Queue::open(&dir).unwrap();
+    let long = "notifications.transactional.email.high-priority.eu-west-1";
+    for queue in [long, "default"] {
+        q.enqueue_json("k", &json!({}), EnqueueOptions::new().queue(queue))
+            .unwrap();
+    }
+    drop(q);
+    let human = ok(&dir, &["stats"]);
+    let table: Vec<&str> = human.lines().skip(2).collect();
+    assert_eq!(table.len(), 4, "{human}");
+    for line in &table {
+        assert!(
+            line.chars().count() <= 80,
+            "{} columns: {line}",
+            line.chars().count()
+        );
+    }
+    assert!(
+        table
+            .iter()
+            .any(|l| l.starts_with("notifications.") && l.contains('…')),
+        "{human}"
+    );
+    assert!(table[0].ends_with("TOTAL"), "{human}");
+}
+
+#[test]
+fn readme_list_example_matches_the_demo_kinds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().join("demo");
+    ok(&d, &["demo", "--tasks", "20", "--work-ms", "1"]);
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("omniq list "))
+        .expect("README shows `omniq list`");
+    // The example as printed, without the optional `[--cursor ID]`.
+    let args: Vec<&str> = line
+        .split_whitespace()
+        .skip(1)
+        .take_while(|w| !w.starts_with('[') && !w.starts_with('#'))
+        .collect();
+    assert!(
+        args.contains(&"--kind"),
+        "the example filters by kind: {line}"
+    );
+    let found = ok_json(&d, &args);
+    assert!(
+        !ids(&found).is_empty(),
+        "README's `omniq {}` finds nothing in the demo's data",
+        args.join(" ")
+    );
 }
 
 #[test]
