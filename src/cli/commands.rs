@@ -363,7 +363,7 @@ fn age_words(d: Duration) -> String {
         (60_000, "minute"),
         (1_000, "second"),
     ] {
-        if ms % size == 0 {
+        if ms.is_multiple_of(size) {
             return unit(ms / size, name);
         }
     }
