@@ -88,6 +88,12 @@ fn bad_marker(dir: &Path) {
 /// A real store with `n` tasks, opened twice (so sled's snapshot covers its data), then `db`
 /// cut to half its length. Returns the ids.
 pub fn truncated_store(dir: &Path, n: usize) -> Vec<TaskId> {
+    truncated_store_after(dir, n, 2, 0.5)
+}
+
+/// A real store with `n` tasks enqueued in its first run, then `reopens` more runs, then `db`
+/// cut to `keep` of its length.
+pub fn truncated_store_after(dir: &Path, n: usize, reopens: usize, keep: f64) -> Vec<TaskId> {
     let ids = {
         let q = Queue::open(dir).unwrap();
         (0..n)
@@ -101,15 +107,28 @@ pub fn truncated_store(dir: &Path, n: usize) -> Vec<TaskId> {
             })
             .collect()
     };
-    drop(reopen(|| Queue::open(dir)).unwrap());
+    for _ in 0..reopens {
+        drop(reopen(|| Queue::open(dir)).unwrap());
+    }
     // Let sled's threads let go of the directory before its files are edited.
-    drop(reopen(|| Queue::open(dir)).unwrap());
+    wait_unlocked(dir);
     let db = dir.join("db");
     let len = std::fs::metadata(&db).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
-    f.set_len(len / 2).unwrap();
+    f.set_len((len as f64 * keep) as u64).unwrap();
     f.sync_all().unwrap();
     ids
+}
+
+/// Waits until no one holds sled's lock on `dir/db` (a queue just closed in this process lets go
+/// of it from a background thread).
+fn wait_unlocked(dir: &Path) {
+    let file = std::fs::File::open(dir.join("db")).unwrap();
+    common::retry_while_locked(
+        || file.try_lock().map(|()| file.unlock().unwrap()),
+        |e| matches!(e, std::fs::TryLockError::WouldBlock),
+    )
+    .unwrap();
 }
 
 fn assert_not_a_store(dir: &Path, needle: &str) {
@@ -170,7 +189,7 @@ fn a_truncated_store_is_reported_damaged_and_left_as_it_was() {
     for needle in [
         dir.display().to_string().as_str(),
         "is damaged",
-        "points at byte",
+        "when omniq last opened or closed it",
         "left its files as they were",
         "restore the directory from a backup",
     ] {
@@ -204,9 +223,10 @@ fn stores_omniq_wrote_open_and_carry_the_marker() {
     let tmp = tempfile::tempdir().unwrap();
     let fresh = tmp.path().join("a/b/fresh");
     drop(Queue::open(&fresh).unwrap());
-    assert_eq!(
-        std::fs::read_to_string(fresh.join("OMNIQ")).unwrap(),
-        "omniq queue directory\nformat 1\n"
+    let marker = std::fs::read_to_string(fresh.join("OMNIQ")).unwrap();
+    assert!(
+        marker.starts_with("omniq queue directory\nformat 1\nrun 1\ndb_bytes "),
+        "{marker}"
     );
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
@@ -228,6 +248,32 @@ fn stores_omniq_wrote_open_and_carry_the_marker() {
     assert_eq!(q.stats().unwrap().total, 1);
 }
 
+/// The common case the snapshot cannot see: a store written in one run (sled's only snapshot is
+/// from before the run wrote anything), closed, then cut short. sled alone opens it as an empty
+/// store (or panics, or fails) after rewriting it; the watermark in the marker (`db` was longer
+/// at the last close; `m/run` must reach the marker's run) makes omniq open a copy first and
+/// refuse, leaving the files as they were.
+#[test]
+fn a_store_truncated_after_a_single_run_is_refused_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, keep) in [0.1, 0.5, 0.8].into_iter().enumerate() {
+        for reopens in [0, 1] {
+            let dir = tmp.path().join(format!("q{i}-{reopens}"));
+            truncated_store_after(&dir, 2000, reopens, keep);
+            let before = tree(&dir);
+            match Queue::open(&dir) {
+                Err(Error::Damaged { .. }) => {}
+                Err(other) => panic!("keep {keep}, reopens {reopens}: {other:?}"),
+                Ok(q) => panic!(
+                    "keep {keep}, reopens {reopens}: a truncated store opened with {} task(s)",
+                    q.stats().unwrap().total
+                ),
+            }
+            assert_eq!(tree(&dir), before, "keep {keep}, reopens {reopens}");
+        }
+    }
+}
+
 /// A marker-less store whose data file was truncated is not adopted, and not changed.
 #[test]
 fn a_truncated_store_without_marker_is_refused_untouched() {
@@ -238,6 +284,8 @@ fn a_truncated_store_without_marker_is_refused_untouched() {
     let before = tree(&dir);
     let err = Queue::open(&dir).err().expect("must be refused");
     assert!(matches!(err, Error::Damaged { .. }), "{err:?}");
+    // Without a marker there is no watermark: sled's snapshot gives the truncation away.
+    assert!(err.to_string().contains("points at byte"), "{err}");
     assert_eq!(tree(&dir), before);
 }
 

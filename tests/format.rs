@@ -670,15 +670,26 @@ fn a_sled_directory_omniq_did_not_write_is_refused() {
     assert_eq!(db.len(), 1, "nothing was written to it");
 }
 
-/// The marker omniq writes when it creates a store, before sled creates anything: pinned.
+/// The marker omniq writes when it creates a store (`omniq queue directory`, `format 1`; before
+/// sled creates anything), and the watermark each open and clean close add (`run N`: the run
+/// whose start is durable in sled; `db_bytes L`: the data file's length): pinned.
 #[test]
 fn marker_file_v1() {
     let dir = tempfile::tempdir().unwrap();
-    drop(Queue::open(dir.path().join("q")).unwrap());
+    let q = dir.path().join("q");
+    drop(Queue::open(&q).unwrap());
+    drop(reopen(|| Queue::open(&q)).unwrap());
+    let text = std::fs::read_to_string(q.join("OMNIQ")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
-        std::fs::read(dir.path().join("q").join("OMNIQ")).unwrap(),
-        b"omniq queue directory\nformat 1\n"
+        lines[..3],
+        ["omniq queue directory", "format 1", "run 2"],
+        "{text}"
     );
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(text.ends_with('\n'));
+    let bytes: u64 = lines[3].strip_prefix("db_bytes ").unwrap().parse().unwrap();
+    assert_eq!(bytes, std::fs::metadata(q.join("db")).unwrap().len());
 }
 
 /// A marker naming a newer format is refused before sled opens anything.

@@ -40,9 +40,29 @@ pub const MARKER: &str = "OMNIQ";
 pub const MARKER_MAGIC: &str = "omniq queue directory";
 const MARKER_TMP: &str = "OMNIQ.tmp";
 
-/// The marker's whole content for a format version.
+/// The marker's whole content when a store is created (before sled runs).
 pub fn marker_text(format: u32) -> String {
     format!("{MARKER_MAGIC}\nformat {format}\n")
+}
+
+/// What the marker records. `run` and `db_bytes` are a watermark omniq keeps outside sled: the
+/// process run whose start is durable in sled (`m/run`), and the length of sled's data file
+/// after that open and at the last clean close. Both are 0 until the first open completes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Marker {
+    pub format: u32,
+    pub run: u64,
+    pub db_bytes: u64,
+}
+
+impl Marker {
+    fn text(&self) -> String {
+        let mut t = marker_text(self.format);
+        if self.run > 0 {
+            t.push_str(&format!("run {}\ndb_bytes {}\n", self.run, self.db_bytes));
+        }
+        t
+    }
 }
 
 /// What [`probe`] found.
@@ -51,7 +71,7 @@ pub(crate) enum Found {
     /// Missing or empty: omniq may create a store here.
     Fresh,
     /// Has a valid marker.
-    Marked,
+    Marked(Marker),
     /// A sled directory without a marker: possibly a store written before the marker existed.
     BareSled,
 }
@@ -88,15 +108,15 @@ pub(crate) fn probe(dir: &Path, supported: u32) -> Result<Found> {
     }
     names.sort();
     if names.iter().any(|(n, _, _)| n == MARKER) {
-        let found = read_marker(dir)?;
-        if found > supported {
+        let marker = read_marker(dir)?;
+        if marker.format > supported {
             return Err(Error::FormatTooNew {
                 path: dir.to_path_buf(),
-                found,
+                found: marker.format,
                 supported,
             });
         }
-        return Ok(Found::Marked);
+        return Ok(Found::Marked(marker));
     }
     if names.is_empty() {
         return Ok(Found::Fresh);
@@ -116,8 +136,8 @@ pub(crate) fn probe(dir: &Path, supported: u32) -> Result<Found> {
     })
 }
 
-/// Reads and validates the marker; returns its format version.
-fn read_marker(dir: &Path) -> Result<u32> {
+/// Reads and validates the marker.
+fn read_marker(dir: &Path) -> Result<Marker> {
     let path = dir.join(MARKER);
     let not_ours = |why: String| Error::NotAStore {
         path: dir.to_path_buf(),
@@ -131,18 +151,29 @@ fn read_marker(dir: &Path) -> Result<u32> {
     if lines.next() != Some(MARKER_MAGIC) {
         return Err(not_ours(format!("its first line is not {MARKER_MAGIC:?}")));
     }
-    lines
-        .next()
-        .and_then(|l| l.strip_prefix("format "))
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .ok_or_else(|| not_ours("no `format N` line".into()))
+    let number = |line: Option<&str>, key: &str| {
+        line.and_then(|l| l.strip_prefix(key))
+            .and_then(|l| l.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let format = number(lines.next(), "format")
+        .and_then(|f| u32::try_from(f).ok())
+        .ok_or_else(|| not_ours("no `format N` line".into()))?;
+    // The watermark lines are omniq's own bookkeeping: absent (or unreadable) means "none yet".
+    let run = number(lines.next(), "run").unwrap_or(0);
+    let db_bytes = number(lines.next(), "db_bytes").unwrap_or(0);
+    Ok(Marker {
+        format,
+        run,
+        db_bytes,
+    })
 }
 
 /// Writes the marker atomically: temp file, fsync, rename, fsync of the directory.
-pub(crate) fn write_marker(dir: &Path, format: u32) -> Result<()> {
+pub(crate) fn write_marker(dir: &Path, marker: &Marker) -> Result<()> {
     let tmp = dir.join(MARKER_TMP);
     let mut f = File::create(&tmp)?;
-    f.write_all(marker_text(format).as_bytes())?;
+    f.write_all(marker.text().as_bytes())?;
     f.sync_all()?;
     drop(f);
     fs::rename(&tmp, dir.join(MARKER))?;
@@ -163,7 +194,13 @@ pub(crate) fn create(dir: &Path, format: u32) -> Result<()> {
             File::open(parent)?.sync_all()?;
         }
     }
-    write_marker(dir, format)
+    write_marker(
+        dir,
+        &Marker {
+            format,
+            ..Marker::default()
+        },
+    )
 }
 
 /// Whether `path` is a sled 0.34 `conf` file: three `key: value` lines (`segment_size`,
@@ -231,11 +268,23 @@ pub(crate) enum Preflight {
 /// (worse) treat the missing tail as a crash and overwrite it, after it has already written a new
 /// snapshot. A stale snapshot can legitimately point past a segment sled has since truncated, so
 /// a hit is not a verdict: it makes the caller open a copy first.
-pub(crate) fn preflight(dir: &Path) -> Preflight {
+///
+/// With a marker, also: `db` shorter than when omniq last opened or closed it. sled shrinks its
+/// file when it frees trailing segments, so this too only asks for a copy first.
+pub(crate) fn preflight(dir: &Path, marker: Option<&Marker>) -> Preflight {
     let db_len = match fs::metadata(dir.join("db")) {
         Ok(m) => m.len(),
+        Err(_) if marker.is_some_and(|m| m.run > 0) => {
+            return Preflight::Suspicious("sled's data file `db` is missing".into())
+        }
         Err(_) => return Preflight::Clean,
     };
+    if let Some(m) = marker.filter(|m| db_len < m.db_bytes) {
+        return Preflight::Suspicious(format!(
+            "its data file `db` has {db_len} bytes but had {} when omniq last opened or closed it",
+            m.db_bytes
+        ));
+    }
     let Some(snapshot) = newest_snapshot(dir) else {
         return Preflight::Clean;
     };
@@ -364,7 +413,15 @@ pub(crate) enum Trial {
 /// with [`Error::Damaged`] when sled cannot open the copy (or panics), with
 /// [`Error::NotAStore`] when the copy is a sled database without omniq's format key, and with
 /// [`Error::FormatTooNew`] for a newer format.
-pub(crate) fn trial_open_copy(dir: &Path, supported: u32, why: &str) -> Result<Trial> {
+///
+/// `expected_run` is the marker's watermark: a copy whose `m/run` is older lost what the last
+/// run wrote (sled took the missing part of its log for a crash tail), which is damage too.
+pub(crate) fn trial_open_copy(
+    dir: &Path,
+    supported: u32,
+    why: &str,
+    expected_run: u64,
+) -> Result<Trial> {
     let tmp = tempfile::Builder::new()
         .prefix("omniq-trial-open")
         .tempdir()
@@ -415,9 +472,30 @@ pub(crate) fn trial_open_copy(dir: &Path, supported: u32, why: &str) -> Result<T
                     supported,
                 });
             }
+            let run = match db.get(keys::META_RUN) {
+                Ok(Some(bytes)) => {
+                    codec::decode::<u64>(RecordKind::Meta, &bytes, &|| "m/run".into())?
+                }
+                Ok(None) => 0,
+                Err(e) => {
+                    return Err(damaged(format!(
+                        "{why}, and its run counter cannot be read ({})",
+                        sled_words(&e)
+                    )))
+                }
+            };
+            if run < expected_run {
+                return Err(damaged(lost_runs(why, run, expected_run)));
+            }
             Trial::Omniq
         }
-        None if db.is_empty() => Trial::Empty,
+        None if db.is_empty() && expected_run == 0 => Trial::Empty,
+        None if expected_run > 0 => {
+            return Err(damaged(format!(
+                "{why}, and what the storage engine can read of it holds none of the queue's \
+                 data"
+            )))
+        }
         None => {
             return Err(Error::NotAStore {
                 path: dir.to_path_buf(),
@@ -430,6 +508,14 @@ pub(crate) fn trial_open_copy(dir: &Path, supported: u32, why: &str) -> Result<T
         }
     };
     Ok(result)
+}
+
+/// The words for "sled's recovered state is older than what omniq knows was durable".
+pub(crate) fn lost_runs(why: &str, found: u64, expected: u64) -> String {
+    format!(
+        "{why}, and what the storage engine can read of it ends before process run {expected} \
+         began (it reads back as of run {found}): the end of its data file is missing"
+    )
 }
 
 const OPEN_THREAD: &str = "omniq-sled-open";
@@ -534,8 +620,13 @@ mod tests {
     #[test]
     fn markers_parse_and_foreign_files_do_not() {
         let dir = tempfile::tempdir().unwrap();
-        write_marker(dir.path(), 1).unwrap();
-        assert_eq!(probe(dir.path(), 1).unwrap(), Found::Marked);
+        let m = Marker {
+            format: 1,
+            run: 3,
+            db_bytes: 4096,
+        };
+        write_marker(dir.path(), &m).unwrap();
+        assert_eq!(probe(dir.path(), 1).unwrap(), Found::Marked(m));
         assert!(matches!(
             probe(dir.path(), 0),
             Err(Error::FormatTooNew { found: 1, .. })

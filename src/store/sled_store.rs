@@ -46,8 +46,23 @@ pub(crate) struct SledStore {
     synced_blobs: Mutex<HashSet<OsString>>,
     /// Numbers the write-ahead entries of this process run (see `apply_atomically`).
     write_ahead_counter: Mutex<u64>,
+    /// Set once `open` completed: only then does dropping the store update the marker.
+    opened: bool,
     /// Must stay the last field: fields drop in declaration order, so this runs after `db`.
     _lock_release: LockRelease,
+}
+
+/// A clean close records the data file's final length in the marker (after making everything
+/// durable), so the next open can tell a `db` cut short from one sled shrank during the run.
+/// Best effort: if the final sync fails, the marker keeps the values of the last open.
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        if self.opened && self.db.flush().is_ok() && self.data_file.sync_all().is_ok() {
+            if let Err(e) = self.write_watermark() {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot update the OMNIQ marker at close");
+            }
+        }
+    }
 }
 
 /// Waits, when dropped, until sled's background threads have let go of the directory's file
@@ -110,31 +125,38 @@ impl SledStore {
     /// is reported without being written (see `probe.rs`).
     pub(crate) fn open(dir: &Path, opts: &SledOptions) -> Result<SledStore> {
         let found = probe::probe(dir, FORMAT_VERSION)?;
-        match found {
-            Found::Fresh => probe::create(dir, FORMAT_VERSION)?,
-            Found::Marked => {
-                if let Preflight::Suspicious(why) = probe::preflight(dir) {
+        let expected_run = match &found {
+            Found::Fresh => {
+                probe::create(dir, FORMAT_VERSION)?;
+                0
+            }
+            Found::Marked(marker) => {
+                if let Preflight::Suspicious(why) = probe::preflight(dir, Some(marker)) {
                     refuse_if_locked(dir)?;
-                    probe::trial_open_copy(dir, FORMAT_VERSION, &why)?;
+                    probe::trial_open_copy(dir, FORMAT_VERSION, &why, marker.run)?;
                 }
+                marker.run
             }
             Found::BareSled => {
                 // Possibly a format-1 store written before the marker existed: only a copy is
                 // opened until it is known to be omniq's.
                 refuse_if_locked(dir)?;
-                let why = match probe::preflight(dir) {
+                let why = match probe::preflight(dir, None) {
                     Preflight::Suspicious(why) => why,
                     Preflight::Clean => {
                         format!("it has sled's files but no `{}` marker", probe::MARKER)
                     }
                 };
-                probe::trial_open_copy(dir, FORMAT_VERSION, &why)?;
+                probe::trial_open_copy(dir, FORMAT_VERSION, &why, 0)?;
+                0
             }
-        }
-        Self::open_recognised(dir, opts, found == Found::BareSled).map_err(|e| e.in_dir(dir))
+        };
+        Self::open_recognised(dir, opts, expected_run).map_err(|e| e.in_dir(dir))
     }
 
-    fn open_recognised(dir: &Path, opts: &SledOptions, add_marker: bool) -> Result<SledStore> {
+    /// Opens a directory [`probe`] recognised. `expected_run` is the marker's watermark: sled's
+    /// `m/run` must have reached it, or sled lost the end of its log.
+    fn open_recognised(dir: &Path, opts: &SledOptions, expected_run: u64) -> Result<SledStore> {
         let open_err = |reason: String| Error::Open {
             path: dir.to_path_buf(),
             reason,
@@ -191,16 +213,28 @@ impl SledStore {
             run_id: 0,
             synced_blobs: Mutex::new(HashSet::new()),
             write_ahead_counter: Mutex::new(0),
+            opened: false,
             _lock_release: LockRelease {
                 db_file: dir.join("db"),
             },
         };
-        store.check_format(existed)?;
+        store.check_format(existed, expected_run)?;
         if !existed {
             // New files and directories need their directory entries on disk too.
             sync_dir(dir)?;
         }
-        store.run_id = store.read_meta_u64(keys::META_RUN)? + 1;
+        let last_run = store.read_meta_u64(keys::META_RUN)?;
+        if last_run < expected_run {
+            return Err(Error::Damaged {
+                path: Some(dir.to_path_buf()),
+                detail: format!(
+                    "{}; the storage engine may have rewritten part of its files while reading \
+                     them",
+                    probe::lost_runs("it opened", last_run, expected_run)
+                ),
+            });
+        }
+        store.run_id = last_run + 1;
         store.db.insert(
             keys::META_RUN,
             codec::encode(RecordKind::Meta, &store.run_id)?,
@@ -209,14 +243,26 @@ impl SledStore {
         *store.last_seq.lock() = store.read_meta_u64(keys::META_SEQ)?;
         store.load_counters()?;
         store.sync()?;
-        if add_marker {
-            // A format-1 store from before the marker: it opened and holds omniq's format key.
-            probe::write_marker(dir, FORMAT_VERSION)?;
-        }
+        // The watermark: this run's start is durable in sled. (For a format-1 store from before
+        // the marker, this is where it gains one.)
+        store.write_watermark()?;
+        store.opened = true;
         Ok(store)
     }
 
-    fn check_format(&self, existed: bool) -> Result<()> {
+    /// Records in the marker this run and the length of sled's data file (see `probe.rs`).
+    fn write_watermark(&self) -> Result<()> {
+        probe::write_marker(
+            &self.dir,
+            &probe::Marker {
+                format: FORMAT_VERSION,
+                run: self.run_id,
+                db_bytes: self.data_file.metadata()?.len(),
+            },
+        )
+    }
+
+    fn check_format(&self, existed: bool, expected_run: u64) -> Result<()> {
         match self.db.get(keys::META_FORMAT)? {
             Some(bytes) => {
                 let found: u32 = codec::decode(RecordKind::Meta, &bytes, &|| "m/format".into())?;
@@ -229,6 +275,13 @@ impl SledStore {
                 }
                 Ok(())
             }
+            None if expected_run > 0 => Err(Error::Damaged {
+                path: Some(self.dir.clone()),
+                detail: "what the storage engine can read of it holds none of the queue's data \
+                         (the end of its data file is missing, or the file was replaced); the \
+                         storage engine may have rewritten part of its files while reading them"
+                    .into(),
+            }),
             None if self.db.is_empty() || !existed => {
                 self.db.insert(
                     keys::META_FORMAT,
