@@ -672,7 +672,8 @@ fn a_sled_directory_omniq_did_not_write_is_refused() {
 
 /// The marker omniq writes when it creates a store (`omniq queue directory`, `format 1`; before
 /// sled creates anything), and the watermark each open and clean close add (`run N`: the run
-/// whose start is durable in sled; `db_bytes L`: the data file's length): pinned.
+/// whose start is durable in sled; `seq S`: the last durable transition; `db_bytes L`: the data
+/// file's length): pinned.
 #[test]
 fn marker_file_v1() {
     let dir = tempfile::tempdir().unwrap();
@@ -686,9 +687,10 @@ fn marker_file_v1() {
         ["omniq queue directory", "format 1", "run 2"],
         "{text}"
     );
-    assert_eq!(lines.len(), 4, "{text}");
+    assert_eq!(lines[3], "seq 0", "no transition yet: {text}");
+    assert_eq!(lines.len(), 5, "{text}");
     assert!(text.ends_with('\n'));
-    let bytes: u64 = lines[3].strip_prefix("db_bytes ").unwrap().parse().unwrap();
+    let bytes: u64 = lines[4].strip_prefix("db_bytes ").unwrap().parse().unwrap();
     assert_eq!(bytes, std::fs::metadata(q.join("db")).unwrap().len());
 }
 

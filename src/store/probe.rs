@@ -18,11 +18,16 @@
 //!   omniq killed during its first open leaves) is the real directory opened and the marker
 //!   added. A foreign sled database is refused unchanged.
 //! - **Damage** ([`preflight`]): before a recognised store is opened, sled's newest snapshot is
-//!   read (without sled) and every page it points at must lie inside `db`. A pointer past the end
-//!   of `db` means the file was truncated (or the snapshot is not sled's); then the store is
-//!   opened on a temporary copy first, and only if that copy opens cleanly is the real directory
-//!   opened. A store that cannot be read is reported as [`Error::Damaged`] with its files as
-//!   they were.
+//!   read (without sled) and every page it points at must lie inside `db`, and `db` must be at
+//!   least as long as the marker's watermark says it was at the last open or clean close. A
+//!   miss means the file may have been cut short; then the store is opened on a temporary copy
+//!   first, and only if that copy opens and reads back at least the watermark's run and
+//!   transition sequence is the real directory opened. A store that cannot be read is reported
+//!   as [`Error::Damaged`] with its files as they were.
+//! - **The watermark** (marker lines `run`, `seq`, `db_bytes`) is rewritten (atomically) after
+//!   every open's sync and at every clean close. sled's snapshot predates everything a run
+//!   writes, so without it a store written in one run and then truncated opens, in sled, as an
+//!   empty store.
 //!
 //! Anything else is [`Error::NotAStore`], naming the directory and what is in it.
 
@@ -45,13 +50,15 @@ pub fn marker_text(format: u32) -> String {
     format!("{MARKER_MAGIC}\nformat {format}\n")
 }
 
-/// What the marker records. `run` and `db_bytes` are a watermark omniq keeps outside sled: the
-/// process run whose start is durable in sled (`m/run`), and the length of sled's data file
-/// after that open and at the last clean close. Both are 0 until the first open completes.
+/// What the marker records. `run`, `seq` and `db_bytes` are a watermark omniq keeps outside
+/// sled: the process run whose start is durable in sled (`m/run`), the last transition sequence
+/// number known durable (`m/seq`), and the length of sled's data file, as of the last open and
+/// the last clean close. All 0 until the first open completes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Marker {
     pub format: u32,
     pub run: u64,
+    pub seq: u64,
     pub db_bytes: u64,
 }
 
@@ -59,7 +66,10 @@ impl Marker {
     fn text(&self) -> String {
         let mut t = marker_text(self.format);
         if self.run > 0 {
-            t.push_str(&format!("run {}\ndb_bytes {}\n", self.run, self.db_bytes));
+            t.push_str(&format!(
+                "run {}\nseq {}\ndb_bytes {}\n",
+                self.run, self.seq, self.db_bytes
+            ));
         }
         t
     }
@@ -161,10 +171,12 @@ fn read_marker(dir: &Path) -> Result<Marker> {
         .ok_or_else(|| not_ours("no `format N` line".into()))?;
     // The watermark lines are omniq's own bookkeeping: absent (or unreadable) means "none yet".
     let run = number(lines.next(), "run").unwrap_or(0);
+    let seq = number(lines.next(), "seq").unwrap_or(0);
     let db_bytes = number(lines.next(), "db_bytes").unwrap_or(0);
     Ok(Marker {
         format,
         run,
+        seq,
         db_bytes,
     })
 }
@@ -414,14 +426,16 @@ pub(crate) enum Trial {
 /// [`Error::NotAStore`] when the copy is a sled database without omniq's format key, and with
 /// [`Error::FormatTooNew`] for a newer format.
 ///
-/// `expected_run` is the marker's watermark: a copy whose `m/run` is older lost what the last
-/// run wrote (sled took the missing part of its log for a crash tail), which is damage too.
+/// `expected` is the marker's watermark (or the default): a copy whose `m/run` or `m/seq` is
+/// older lost what the last run wrote (sled took the missing part of its log for a crash tail),
+/// which is damage too.
 pub(crate) fn trial_open_copy(
     dir: &Path,
     supported: u32,
     why: &str,
-    expected_run: u64,
+    expected: &Marker,
 ) -> Result<Trial> {
+    let expected_run = expected.run;
     let tmp = tempfile::Builder::new()
         .prefix("omniq-trial-open")
         .tempdir()
@@ -472,20 +486,26 @@ pub(crate) fn trial_open_copy(
                     supported,
                 });
             }
-            let run = match db.get(keys::META_RUN) {
-                Ok(Some(bytes)) => {
-                    codec::decode::<u64>(RecordKind::Meta, &bytes, &|| "m/run".into())?
-                }
-                Ok(None) => 0,
-                Err(e) => {
-                    return Err(damaged(format!(
-                        "{why}, and its run counter cannot be read ({})",
+            let meta = |key: &[u8], name: &str| -> Result<u64> {
+                match db.get(key) {
+                    Ok(Some(bytes)) => {
+                        codec::decode::<u64>(RecordKind::Meta, &bytes, &|| name.to_string())
+                    }
+                    Ok(None) => Ok(0),
+                    Err(e) => Err(damaged(format!(
+                        "{why}, and {name} cannot be read ({})",
                         sled_words(&e)
-                    )))
+                    ))),
                 }
             };
-            if run < expected_run {
-                return Err(damaged(lost_runs(why, run, expected_run)));
+            let found = Marker {
+                format: found,
+                run: meta(keys::META_RUN, "m/run")?,
+                seq: meta(keys::META_SEQ, "m/seq")?,
+                db_bytes: 0,
+            };
+            if let Some(lost) = lost(why, &found, expected) {
+                return Err(damaged(lost));
             }
             Trial::Omniq
         }
@@ -510,12 +530,17 @@ pub(crate) fn trial_open_copy(
     Ok(result)
 }
 
-/// The words for "sled's recovered state is older than what omniq knows was durable".
-pub(crate) fn lost_runs(why: &str, found: u64, expected: u64) -> String {
-    format!(
-        "{why}, and what the storage engine can read of it ends before process run {expected} \
-         began (it reads back as of run {found}): the end of its data file is missing"
-    )
+/// Why `found` (what sled reads back) is older than the `expected` watermark, if it is.
+pub(crate) fn lost(why: &str, found: &Marker, expected: &Marker) -> Option<String> {
+    if found.run >= expected.run && found.seq >= expected.seq {
+        return None;
+    }
+    Some(format!(
+        "{why}, and what the storage engine can read of it is older than what omniq last made \
+         durable (run {} and transition {} against run {} and transition {}): the end of its \
+         data file is missing",
+        found.run, found.seq, expected.run, expected.seq
+    ))
 }
 
 const OPEN_THREAD: &str = "omniq-sled-open";
@@ -618,11 +643,26 @@ mod tests {
     }
 
     #[test]
+    fn a_read_back_state_older_than_the_watermark_is_lost_data() {
+        let mark = |run, seq| Marker {
+            format: 1,
+            run,
+            seq,
+            db_bytes: 0,
+        };
+        assert_eq!(lost("w", &mark(2, 10), &mark(2, 10)), None);
+        assert_eq!(lost("w", &mark(3, 11), &mark(2, 10)), None);
+        assert!(lost("w", &mark(2, 9), &mark(2, 10)).is_some());
+        assert!(lost("w", &mark(1, 10), &mark(2, 10)).is_some());
+    }
+
+    #[test]
     fn markers_parse_and_foreign_files_do_not() {
         let dir = tempfile::tempdir().unwrap();
         let m = Marker {
             format: 1,
             run: 3,
+            seq: 17,
             db_bytes: 4096,
         };
         write_marker(dir.path(), &m).unwrap();

@@ -125,17 +125,17 @@ impl SledStore {
     /// is reported without being written (see `probe.rs`).
     pub(crate) fn open(dir: &Path, opts: &SledOptions) -> Result<SledStore> {
         let found = probe::probe(dir, FORMAT_VERSION)?;
-        let expected_run = match &found {
+        let expected = match &found {
             Found::Fresh => {
                 probe::create(dir, FORMAT_VERSION)?;
-                0
+                probe::Marker::default()
             }
             Found::Marked(marker) => {
                 if let Preflight::Suspicious(why) = probe::preflight(dir, Some(marker)) {
                     refuse_if_locked(dir)?;
-                    probe::trial_open_copy(dir, FORMAT_VERSION, &why, marker.run)?;
+                    probe::trial_open_copy(dir, FORMAT_VERSION, &why, marker)?;
                 }
-                marker.run
+                *marker
             }
             Found::BareSled => {
                 // Possibly a format-1 store written before the marker existed: only a copy is
@@ -147,16 +147,20 @@ impl SledStore {
                         format!("it has sled's files but no `{}` marker", probe::MARKER)
                     }
                 };
-                probe::trial_open_copy(dir, FORMAT_VERSION, &why, 0)?;
-                0
+                probe::trial_open_copy(dir, FORMAT_VERSION, &why, &probe::Marker::default())?;
+                probe::Marker::default()
             }
         };
-        Self::open_recognised(dir, opts, expected_run).map_err(|e| e.in_dir(dir))
+        Self::open_recognised(dir, opts, &expected).map_err(|e| e.in_dir(dir))
     }
 
-    /// Opens a directory [`probe`] recognised. `expected_run` is the marker's watermark: sled's
-    /// `m/run` must have reached it, or sled lost the end of its log.
-    fn open_recognised(dir: &Path, opts: &SledOptions, expected_run: u64) -> Result<SledStore> {
+    /// Opens a directory [`probe`] recognised. `expected` is the marker's watermark: sled's
+    /// `m/run` and `m/seq` must have reached it, or sled lost the end of its log.
+    fn open_recognised(
+        dir: &Path,
+        opts: &SledOptions,
+        expected: &probe::Marker,
+    ) -> Result<SledStore> {
         let open_err = |reason: String| Error::Open {
             path: dir.to_path_buf(),
             reason,
@@ -218,19 +222,24 @@ impl SledStore {
                 db_file: dir.join("db"),
             },
         };
-        store.check_format(existed, expected_run)?;
+        store.check_format(existed, expected.run)?;
         if !existed {
             // New files and directories need their directory entries on disk too.
             sync_dir(dir)?;
         }
         let last_run = store.read_meta_u64(keys::META_RUN)?;
-        if last_run < expected_run {
+        let found = probe::Marker {
+            format: FORMAT_VERSION,
+            run: last_run,
+            seq: store.read_meta_u64(keys::META_SEQ)?,
+            db_bytes: 0,
+        };
+        if let Some(lost) = probe::lost("it opened", &found, expected) {
             return Err(Error::Damaged {
                 path: Some(dir.to_path_buf()),
                 detail: format!(
-                    "{}; the storage engine may have rewritten part of its files while reading \
-                     them",
-                    probe::lost_runs("it opened", last_run, expected_run)
+                    "{lost}; the storage engine may have rewritten part of its files while \
+                     reading them"
                 ),
             });
         }
@@ -257,6 +266,7 @@ impl SledStore {
             &probe::Marker {
                 format: FORMAT_VERSION,
                 run: self.run_id,
+                seq: *self.last_seq.lock(),
                 db_bytes: self.data_file.metadata()?.len(),
             },
         )
