@@ -61,13 +61,14 @@ pub enum Error {
     /// queue written by an earlier omniq). Nothing in it was read by sled, changed, created or
     /// removed.
     #[error(
-        "{path} is not an omniq queue directory: it holds {found}; nothing in it was changed \
-         (point at an omniq queue directory, or at a missing or empty directory to create one)"
+        "{path} is not an omniq queue directory ({found}); nothing in it was changed (point at \
+         an omniq queue directory, or at a missing or empty directory to create one)"
     )]
     NotAStore {
         /// The directory.
         path: PathBuf,
-        /// What was found there, e.g. "a 102400-byte file `db` that is not sled's data file".
+        /// What was found there, e.g. "it holds a 102400-byte file `db` that is not sled's data
+        /// file, and no `OMNIQ` marker".
         found: String,
     },
 

@@ -72,8 +72,8 @@ fn lib_error(e: omniq::Error, dir: &Path) -> (&'static str, String) {
         E::NotAStore { path, found } => (
             "not_a_store",
             format!(
-                "{} is not an omniq queue directory: it holds {found}; nothing in it was read or \
-                 changed (pass --data DIR to point at a queue directory)",
+                "{} is not an omniq queue directory ({found}); nothing in it was changed (pass \
+                 --data DIR to point at a queue directory)",
                 shown(&path)
             ),
         ),

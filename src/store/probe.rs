@@ -101,7 +101,7 @@ pub(crate) fn probe(dir: &Path, supported: u32) -> Result<Found> {
     if !meta.is_dir() {
         return Err(Error::NotAStore {
             path: dir.to_path_buf(),
-            found: format!("nothing: it is a {}-byte file, not a directory", meta.len()),
+            found: format!("it is a {}-byte file, not a directory", meta.len()),
         });
     }
     let mut names: Vec<(String, bool, u64)> = Vec::new();
@@ -151,7 +151,7 @@ fn read_marker(dir: &Path) -> Result<Marker> {
     let path = dir.join(MARKER);
     let not_ours = |why: String| Error::NotAStore {
         path: dir.to_path_buf(),
-        found: format!("a file `{MARKER}` that is not an omniq marker ({why})"),
+        found: format!("it holds a file `{MARKER}` that is not an omniq marker ({why})"),
     };
     let mut text = String::new();
     File::open(&path)
@@ -245,7 +245,7 @@ fn describe(dir: &Path, names: &[(String, bool, u64)]) -> String {
         } else {
             "not sled's data file".to_string()
         };
-        return format!("a {len}-byte file `db` that is {what}, and no `{MARKER}` marker");
+        return format!("it holds a {len}-byte file `db` that is {what}, and no `{MARKER}` marker");
     }
     let shown: Vec<String> = names
         .iter()
@@ -254,7 +254,7 @@ fn describe(dir: &Path, names: &[(String, bool, u64)]) -> String {
         .collect();
     let more = names.len().saturating_sub(shown.len());
     format!(
-        "{} entr{} that omniq did not write ({}{}) and no `{MARKER}` marker",
+        "it holds {} entr{} that omniq did not write ({}{}) and no `{MARKER}` marker",
         names.len(),
         if names.len() == 1 { "y" } else { "ies" },
         shown.join(", "),
@@ -520,7 +520,7 @@ pub(crate) fn trial_open_copy(
             return Err(Error::NotAStore {
                 path: dir.to_path_buf(),
                 found: format!(
-                    "a sled database that omniq did not write (it has {} key(s) and no format \
+                    "it holds a sled database that omniq did not write ({} key(s) and no format \
                      version)",
                     db.len()
                 ),
