@@ -741,10 +741,10 @@ impl Queue {
         sample: usize,
     ) -> Result<crate::inspect::PurgePreview> {
         let cutoff = self.inner.clock.now().minus(older_than);
-        let ids = self.inner.store.finished_before(cutoff, usize::MAX)?;
+        let ids = self.inner.backend.finished_before(cutoff, usize::MAX)?;
         let mut shown = Vec::with_capacity(sample.min(ids.len()));
         for id in ids.iter().take(sample) {
-            if let Some(t) = self.inner.store.get(*id)? {
+            if let Some(t) = self.inner.backend.get(*id)? {
                 shown.push(t);
             }
         }

@@ -210,7 +210,7 @@ fn a_sled_database_omniq_did_not_write_is_refused_untouched() {
     }
     // sled lets go of its lock from a background thread: wait until a queue could open.
     let before = tree(&dir);
-    let err = reopen(|| Queue::open(&dir)).err().expect("must be refused");
+    let err = reopen(|| Queue::open(&dir)).expect_err("must be refused");
     assert!(matches!(err, Error::NotAStore { .. }), "{err:?}");
     assert!(err.to_string().contains("no format version"), "{err}");
     assert_eq!(tree(&dir), before);
@@ -282,7 +282,7 @@ fn a_truncated_store_without_marker_is_refused_untouched() {
     truncated_store(&dir, 3000);
     std::fs::remove_file(dir.join("OMNIQ")).unwrap();
     let before = tree(&dir);
-    let err = Queue::open(&dir).err().expect("must be refused");
+    let err = Queue::open(&dir).expect_err("must be refused");
     assert!(matches!(err, Error::Damaged { .. }), "{err:?}");
     // Without a marker there is no watermark: sled's snapshot gives the truncation away.
     assert!(err.to_string().contains("points at byte"), "{err}");

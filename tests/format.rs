@@ -703,7 +703,7 @@ fn a_newer_marker_is_refused_before_sled_runs() {
         "omniq queue directory\nformat 2\n",
     )
     .unwrap();
-    let err = Queue::open(dir.path()).err().expect("refused");
+    let err = Queue::open(dir.path()).expect_err("refused");
     assert!(
         matches!(
             err,

@@ -243,14 +243,17 @@ fn ensure_not_a_file(dir: &Path) -> Result<(), CliError> {
         return Ok(());
     }
     let shown = dir.display();
-    Err(CliError::Kind("not_a_store", if existing == dir {
-        format!("{shown} is not a directory; pass --data DIR to point at a queue directory")
-    } else {
-        format!(
+    Err(CliError::Kind(
+        "not_a_store",
+        if existing == dir {
+            format!("{shown} is not a directory; pass --data DIR to point at a queue directory")
+        } else {
+            format!(
             "{shown} cannot be a queue directory: {} is not a directory; pass --data DIR to point at a queue directory",
             existing.display()
         )
-    }))
+        },
+    ))
 }
 
 /// Opens a queue directory that must already exist: commands that inspect or operate never
