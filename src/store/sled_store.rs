@@ -48,16 +48,21 @@ pub(crate) struct SledStore {
     write_ahead_counter: Mutex<u64>,
     /// Set once `open` completed: only then does dropping the store update the marker.
     opened: bool,
+    /// A sync failed: what was applied since may be lost (fsync errors can drop dirty pages), so
+    /// closing must not raise the watermark over it.
+    sync_failed: std::sync::atomic::AtomicBool,
     /// Must stay the last field: fields drop in declaration order, so this runs after `db`.
     _lock_release: LockRelease,
 }
 
 /// A clean close records the data file's final length in the marker (after making everything
 /// durable), so the next open can tell a `db` cut short from one sled shrank during the run.
-/// Best effort: if the final sync fails, the marker keeps the values of the last open.
+/// Best effort: if the final sync fails, or any sync failed during the run, the marker keeps the
+/// values of the last open.
 impl Drop for SledStore {
     fn drop(&mut self) {
-        if self.opened && self.db.flush().is_ok() && self.data_file.sync_all().is_ok() {
+        let failed = self.sync_failed.load(std::sync::atomic::Ordering::SeqCst);
+        if self.opened && !failed && self.db.flush().is_ok() && self.data_file.sync_all().is_ok() {
             if let Err(e) = self.write_watermark() {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot update the OMNIQ marker at close");
             }
@@ -218,6 +223,7 @@ impl SledStore {
             synced_blobs: Mutex::new(HashSet::new()),
             write_ahead_counter: Mutex::new(0),
             opened: false,
+            sync_failed: std::sync::atomic::AtomicBool::new(false),
             _lock_release: LockRelease {
                 db_file: dir.join("db"),
             },
@@ -762,7 +768,11 @@ impl Store for SledStore {
     }
 
     fn sync(&self) -> Result<()> {
-        self.sync_inner().map_err(|e| e.in_dir(&self.dir))
+        self.sync_inner().map_err(|e| {
+            self.sync_failed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            e.in_dir(&self.dir)
+        })
     }
 }
 
