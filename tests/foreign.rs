@@ -421,3 +421,48 @@ fn read_commands_create_nothing() {
         assert!(!missing.exists(), "{args:?}");
     }
 }
+
+/// Files restored from an older backup under a newer marker read back older than the marker's
+/// watermark: refused as damaged, with the way out in the message (delete `OMNIQ`), which then
+/// accepts the restored state.
+#[test]
+fn an_older_backup_under_a_newer_marker_is_refused_until_the_marker_is_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("q");
+    let backup = tmp.path().join("backup");
+    let enqueue = |q: &Queue, n: usize| {
+        for i in 0..n {
+            q.enqueue_json("k", &serde_json::json!(i), EnqueueOptions::new())
+                .unwrap();
+        }
+    };
+    enqueue(&Queue::open(&dir).unwrap(), 10);
+    wait_unlocked(&dir);
+    std::fs::create_dir(&backup).unwrap();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() && e.file_name() != "OMNIQ" {
+            std::fs::copy(e.path(), backup.join(e.file_name())).unwrap();
+        }
+    }
+    enqueue(&reopen(|| Queue::open(&dir)).unwrap(), 10);
+    wait_unlocked(&dir);
+    // Restore the backup's sled files, keeping the newer marker.
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() && e.file_name() != "OMNIQ" {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    for e in std::fs::read_dir(&backup).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let err = Queue::open(&dir).expect_err("older than the watermark");
+    assert!(matches!(err, Error::Damaged { .. }), "{err:?}");
+    assert!(err.to_string().contains("delete its `OMNIQ` file"), "{err}");
+    std::fs::remove_file(dir.join("OMNIQ")).unwrap();
+    let q = reopen(|| Queue::open(&dir)).unwrap();
+    assert_eq!(q.stats().unwrap().total, 10, "the backup's state");
+    assert!(dir.join("OMNIQ").is_file());
+}

@@ -538,7 +538,8 @@ pub(crate) fn lost(why: &str, found: &Marker, expected: &Marker) -> Option<Strin
     Some(format!(
         "{why}, and what the storage engine can read of it is older than what omniq last made \
          durable (run {} and transition {} against run {} and transition {}): the end of its \
-         data file is missing",
+         data file is missing (if its files were restored from an older backup on purpose, \
+         delete its `{MARKER}` file to accept them as they are)",
         found.run, found.seq, expected.run, expected.seq
     ))
 }
