@@ -32,6 +32,8 @@ pub(crate) const MAX_GROUP: usize = 1024;
 pub(crate) enum Outcome {
     Success(Vec<u8>),
     Failure(TaskError),
+    /// Cancellation was requested while it ran: the attempt ends `Cancelled`.
+    Cancelled,
 }
 
 /// What a `Finish` command did.
@@ -76,6 +78,13 @@ pub(crate) enum Command {
         cutoff: Timestamp,
         limit: usize,
         reply: Reply<usize>,
+    },
+    /// Sets (`paused`) or clears a queue's durable pause flag. A paused queue's tasks are not
+    /// claimed (claims in the same or later groups skip them) and nothing is charged.
+    SetPaused {
+        queue: String,
+        paused: bool,
+        reply: Reply<()>,
     },
     /// Several commands applied in order in the same group (so in one atomic, durable commit);
     /// each still gets its own reply. The worker pool sends its workers' outcomes together with
@@ -446,6 +455,7 @@ fn refuse(cmd: Command, err: &Error) -> Pending {
         Command::Cancel { reply, .. } => pending(reply, Err(err.duplicate())),
         Command::Retry { reply, .. } => pending(reply, Err(err.duplicate())),
         Command::Purge { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::SetPaused { reply, .. } => pending(reply, Err(err.duplicate())),
         Command::Many(commands) => {
             let replies: Vec<Pending> = commands.into_iter().map(|c| refuse(c, err)).collect();
             Box::new(move |commit_err| {
@@ -494,6 +504,7 @@ fn apply(
                         let b = backoff.for_task(&rec);
                         lifecycle::fail(&rec, lease, err, g.now, &b, jitter.unit())
                     }
+                    Outcome::Cancelled => lifecycle::cancel_running(&rec, lease, g.now),
                 };
                 match step {
                     Ok((next, cause)) => {
@@ -530,6 +541,11 @@ fn apply(
                     });
             pending(reply, result)
         }
+        Command::SetPaused {
+            queue,
+            paused,
+            reply,
+        } => pending(reply, g.store.set_paused(&queue, paused)),
         Command::Many(commands) => {
             let replies: Vec<Pending> = commands
                 .into_iter()

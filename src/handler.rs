@@ -22,6 +22,10 @@ pub(crate) type RawHandler =
 pub(crate) const EXEC_RUNNING: u8 = 0;
 pub(crate) const EXEC_DONE: u8 = 1;
 pub(crate) const EXEC_TIMED_OUT: u8 = 2;
+/// An operator asked for the running execution to stop
+/// ([`Queue::cancel_running`](crate::Queue::cancel_running)): whoever moves it on (the worker
+/// when the handler returns, or the timeout watchdog) ends the attempt `Cancelled`.
+pub(crate) const EXEC_CANCEL_REQUESTED: u8 = 3;
 
 /// What a running handler can know about its execution.
 ///
@@ -90,10 +94,15 @@ impl TaskContext {
     pub fn deadline(&self) -> Option<Timestamp> {
         self.deadline
     }
-    /// True once the execution has timed out (its result will be ignored) or the worker pool's
-    /// grace period has run out. Check it between steps of long work.
+    /// True once the execution has timed out (its result will be ignored), an operator
+    /// cancelled it ([`Queue::cancel_running`](crate::Queue::cancel_running): the attempt ends
+    /// `Cancelled` when the handler returns), or the worker pool's grace period has run out.
+    /// Check it between steps of long work.
     pub fn is_cancelled(&self) -> bool {
-        self.state.load(Ordering::Acquire) == EXEC_TIMED_OUT || self.stop.load(Ordering::Acquire)
+        matches!(
+            self.state.load(Ordering::Acquire),
+            EXEC_TIMED_OUT | EXEC_CANCEL_REQUESTED
+        ) || self.stop.load(Ordering::Acquire)
     }
 
     /// The queue this task runs on, as a handle that does not keep it open. Use it (or the
@@ -161,6 +170,61 @@ impl TaskContext {
         self.live_queue()?
             .get(self.id)?
             .ok_or(Error::NotFound(self.id))
+    }
+}
+
+/// What [`Executions::request_cancel`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum CancelRequest {
+    /// The execution was still running: its handler sees `is_cancelled()` and its attempt
+    /// will end `Cancelled`.
+    Flagged,
+    /// Its handler had already returned (or timed out, or was already being cancelled): its
+    /// outcome stands.
+    TooLate,
+    /// No execution of this task runs in this process.
+    NotRunningHere,
+}
+
+/// The executions running in this process, by task, so an operator can cancel one.
+#[derive(Default)]
+pub(crate) struct Executions {
+    map: parking_lot::Mutex<HashMap<TaskId, Arc<TaskContext>>>,
+}
+
+impl Executions {
+    pub(crate) fn insert(&self, ctx: Arc<TaskContext>) {
+        self.map.lock().insert(ctx.id, ctx);
+    }
+
+    /// Forgets `ctx` (only that execution: a later execution of the same task may have
+    /// replaced it after a timeout).
+    pub(crate) fn remove(&self, ctx: &Arc<TaskContext>) {
+        let mut map = self.map.lock();
+        if map.get(&ctx.id).is_some_and(|c| Arc::ptr_eq(c, ctx)) {
+            map.remove(&ctx.id);
+        }
+    }
+
+    /// Flags the running execution of `id` with lease `attempt`, if any.
+    pub(crate) fn request_cancel(&self, id: TaskId, attempt: u32) -> CancelRequest {
+        let Some(ctx) = self.map.lock().get(&id).cloned() else {
+            return CancelRequest::NotRunningHere;
+        };
+        if ctx.attempt != attempt {
+            return CancelRequest::NotRunningHere;
+        }
+        // One atomic decides: the worker (handler returned), the timeout watchdog and this
+        // request each move `state` on from RUNNING with a compare-exchange; the first wins.
+        match ctx.state.compare_exchange(
+            EXEC_RUNNING,
+            EXEC_CANCEL_REQUESTED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => CancelRequest::Flagged,
+            Err(_) => CancelRequest::TooLate,
+        }
     }
 }
 

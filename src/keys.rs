@@ -12,6 +12,7 @@
 //! | `l`    | `l` id(16) seq(8)                                             | log envelope     |
 //! | `c`    | `c` status(1) queue                                           | u64 BE count     |
 //! | `w`    | `w` n(8)                                                      | write-ahead env. |
+//! | `q`    | `q` queue                                                     | u64 BE paused-at |
 //!
 //! `prio` is `127 - priority` (as a byte), so higher priority sorts first; within a priority,
 //! earlier `next_run_ms` first, then the id (UUIDv7, so enqueue order).
@@ -35,6 +36,10 @@ pub const LOG: u8 = b'l';
 pub const COUNT: u8 = b'c';
 /// Write-ahead entries of commit groups being applied (empty after a clean close).
 pub const WRITE_AHEAD: u8 = b'w';
+
+/// Paused queues: present only while the queue is paused (added in format 1 without changing
+/// any existing encoding: an older build simply ignores the prefix).
+pub const PAUSED: u8 = b'q';
 
 /// Meta key holding the on-disk format version.
 pub const META_FORMAT: &[u8] = b"mformat";
@@ -241,6 +246,24 @@ pub fn decode_count(key: &[u8]) -> Result<(Status, String)> {
     }
 }
 
+/// `q` queue: the pause flag of one queue.
+pub fn paused(queue: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + queue.len());
+    k.push(PAUSED);
+    k.extend_from_slice(queue.as_bytes());
+    k
+}
+
+/// Decodes a `q` key into the queue name.
+pub fn decode_paused(key: &[u8]) -> Result<String> {
+    match key {
+        [PAUSED, queue @ ..] if !queue.is_empty() => std::str::from_utf8(queue)
+            .map(str::to_string)
+            .map_err(|_| corrupt_key("pause key", key, "queue name is not UTF-8")),
+        _ => Err(corrupt_key("pause key", key, "wrong prefix or empty queue")),
+    }
+}
+
 /// A key, printed for humans: the prefix letter, then a task id where the key holds one.
 /// Never fails (it is used to build error messages, so it must not produce errors itself).
 pub fn describe(key: &[u8]) -> String {
@@ -324,6 +347,9 @@ mod tests {
             (Status::Failed, id)
         );
         assert_eq!(decode_task(&task(id)).unwrap(), id);
+        assert_eq!(decode_paused(&paused("emails")).unwrap(), "emails");
+        assert!(decode_paused(b"q").is_err());
+        assert!(decode_paused(b"q\xff").is_err());
         assert_eq!(
             decode_count(&count(Status::Running, "x")).unwrap(),
             (Status::Running, "x".into())

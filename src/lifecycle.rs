@@ -118,6 +118,20 @@ pub(crate) fn cancel(rec: &TaskInfo, now: Timestamp) -> Result<(TaskInfo, Cause)
     Ok((next, Cause::Cancelled))
 }
 
+/// Running -> Cancelled, fenced by `lease`: an execution whose cancellation was requested
+/// ended (its handler returned, or its timeout fired). Whatever it returned is discarded.
+pub(crate) fn cancel_running(
+    rec: &TaskInfo,
+    lease: u64,
+    now: Timestamp,
+) -> Result<(TaskInfo, Cause), Refusal> {
+    check_lease(rec, lease)?;
+    let mut next = rec.clone();
+    next.status = Status::Cancelled;
+    next.finished_at = Some(now);
+    Ok((next, Cause::Cancelled))
+}
+
 /// Failed | Cancelled -> Pending, due now, with a fresh budget: `attempts` restarts at 0 so the
 /// task again gets `max_retries + 1` executions. Its error history and log are kept.
 pub(crate) fn manual_retry(rec: &TaskInfo, now: Timestamp) -> Result<(TaskInfo, Cause), Refusal> {
@@ -169,6 +183,19 @@ mod tests {
         assert_eq!(
             succeed(&done, 7, vec![], Timestamp(1)),
             Err(Refusal::WrongState(Status::Completed))
+        );
+    }
+
+    #[test]
+    fn cancelling_a_running_execution_is_fenced_by_its_lease() {
+        let rec = claim(&pending(1), Timestamp(0), 7).unwrap().0;
+        assert_eq!(cancel_running(&rec, 6, Timestamp(1)), Err(Refusal::Stale));
+        let (done, cause) = cancel_running(&rec, 7, Timestamp(1)).unwrap();
+        assert_eq!((done.status, cause), (Status::Cancelled, Cause::Cancelled));
+        assert_eq!(done.attempts, 1, "the attempt stays counted");
+        assert_eq!(
+            cancel_running(&pending(1), 0, Timestamp(1)),
+            Err(Refusal::WrongState(Status::Pending))
         );
     }
 

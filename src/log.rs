@@ -26,7 +26,8 @@ pub enum Cause {
         /// Whether the error was permanent.
         permanent: bool,
     },
-    /// Cancelled by a user before it ran.
+    /// Cancelled by a user: before it ran (from `Pending`), or while it ran
+    /// ([`Queue::cancel_running`](crate::Queue::cancel_running), from `Running`).
     Cancelled,
     /// Re-queued by [`Queue::retry`](crate::Queue::retry) after it had failed or been cancelled.
     ManualRetry,

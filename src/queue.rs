@@ -15,7 +15,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::commit::BackoffTable;
 use crate::error::{Error, Result};
 use crate::events::{BarrierMiss, Notify, TransitionEvent};
-use crate::handler::{self, Registry, TaskContext};
+use crate::handler::{self, CancelRequest, Executions, Registry, TaskContext};
 use crate::inspect::{ConsistencyReport, ListFilter, Page, PurgeReport, RecoveryReport, Stats};
 use crate::keys::MAX_QUEUE_NAME;
 use crate::log::LogEntry;
@@ -163,6 +163,7 @@ impl QueueBuilder {
             clock: self.clock,
             notify,
             registry: Registry::default(),
+            executions: Executions::default(),
             policy: self.policy,
             queue_policies: self.queue_policies,
             max_payload_bytes: self.max_payload_bytes,
@@ -184,6 +185,8 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) notify: Arc<Notify>,
     pub(crate) registry: Registry,
+    /// Executions running in this process (for [`Queue::cancel_running`]).
+    pub(crate) executions: Executions,
     policy: RetryPolicy,
     queue_policies: HashMap<String, RetryPolicy>,
     max_payload_bytes: usize,
@@ -780,4 +783,88 @@ pub(crate) fn validate_name(what: &'static str, name: &str) -> Result<()> {
         return bad("contains control characters");
     }
     Ok(())
+}
+
+// ----- operator controls (pause / resume, cancelling a running execution) -----------------
+
+impl Queue {
+    /// Pauses a queue: from the moment this returns, none of its tasks is claimed (they stay
+    /// `Pending`; nothing is charged) until [`resume`](Queue::resume). Executions already running
+    /// finish normally. The flag is durable: it survives a restart.
+    pub fn pause(&self, queue: &str) -> Result<()> {
+        self.set_paused(queue, true)
+    }
+
+    /// Resumes a paused queue; its due tasks are claimed again at once. Resuming a queue that
+    /// is not paused does nothing.
+    pub fn resume(&self, queue: &str) -> Result<()> {
+        self.set_paused(queue, false)?;
+        self.inner.notify.wake_all();
+        Ok(())
+    }
+
+    /// The queues that are paused, sorted.
+    pub fn paused_queues(&self) -> Vec<String> {
+        self.inner.backend.paused().into_iter().collect()
+    }
+
+    /// Whether `queue` is paused.
+    pub fn is_paused(&self, queue: &str) -> bool {
+        self.inner.backend.paused().contains(queue)
+    }
+
+    fn set_paused(&self, queue: &str, paused: bool) -> Result<()> {
+        validate_name("queue name", queue)?;
+        self.inner.backend.set_paused(queue, paused)
+    }
+
+    /// Cancels a `Running` task, cooperatively: its handler's
+    /// [`TaskContext::is_cancelled`] turns true, and the attempt ends `Cancelled` (whatever the
+    /// handler returns) when the handler returns or its timeout fires. Returns the task as it
+    /// is now (usually still `Running`; [`wait`](Queue::wait) for the end). If no execution of
+    /// it runs in this process (its pool stopped and gave up on it), the attempt is closed as
+    /// `Cancelled` at once. Like every finish, this is fenced by the attempt's lease: it can
+    /// never touch a later attempt. A task that is not `Running` gives
+    /// [`Error::InvalidState`]; use [`cancel`](Queue::cancel) for a `Pending` one.
+    ///
+    /// The request lives in memory until the attempt ends: if the process dies first, crash
+    /// recovery treats the attempt like any other interrupted one.
+    pub fn cancel_running(&self, id: TaskId) -> Result<TaskInfo> {
+        let task = self.get(id)?.ok_or(Error::NotFound(id))?;
+        if task.status != Status::Running {
+            return Err(Error::InvalidState {
+                id,
+                status: task.status,
+                op: "cancel_running",
+                expected: "RUNNING",
+            });
+        }
+        match self.inner.executions.request_cancel(id, task.attempts) {
+            CancelRequest::Flagged => Ok(task),
+            CancelRequest::TooLate => Err(Error::InvalidState {
+                id,
+                status: Status::Running,
+                op: "cancel_running",
+                expected: "still running (its handler already returned)",
+            }),
+            CancelRequest::NotRunningHere => {
+                match self.inner.backend.finish(
+                    id,
+                    task.lease,
+                    crate::commit::Outcome::Cancelled,
+                )? {
+                    crate::commit::Finished::Applied(t) => Ok(*t),
+                    crate::commit::Finished::Stale => {
+                        let now = self.get(id)?.ok_or(Error::NotFound(id))?;
+                        Err(Error::InvalidState {
+                            id,
+                            status: now.status,
+                            op: "cancel_running",
+                            expected: "RUNNING",
+                        })
+                    }
+                }
+            }
+        }
+    }
 }

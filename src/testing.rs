@@ -163,6 +163,7 @@ pub fn run_due(queue: &Queue) -> Result<RunReport> {
             outcome: match &outcome {
                 Outcome::Success(_) => Ok(()),
                 Outcome::Failure(e) => Err(e.clone()),
+                Outcome::Cancelled => Err(TaskError::permanent("cancelled", "cancelled")),
             },
         });
         let id = task.id;
@@ -231,6 +232,7 @@ impl Claimed {
             outcome: match &outcome {
                 Outcome::Success(_) => Ok(()),
                 Outcome::Failure(e) => Err(e.clone()),
+                Outcome::Cancelled => Err(TaskError::permanent("cancelled", "cancelled")),
             },
         };
         self.finish(outcome)?;

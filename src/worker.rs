@@ -23,7 +23,9 @@ use parking_lot::Mutex;
 use crate::backend::{ClaimRequest, FinishRequest};
 use crate::commit::{Finished, Outcome};
 use crate::error::{Error, Result};
-use crate::handler::{self, TaskContext, EXEC_DONE, EXEC_RUNNING, EXEC_TIMED_OUT};
+use crate::handler::{
+    self, TaskContext, EXEC_CANCEL_REQUESTED, EXEC_DONE, EXEC_RUNNING, EXEC_TIMED_OUT,
+};
 use crate::queue::Queue;
 use crate::shutdown::{self, Listener, ShutdownHandle, Signal};
 use crate::store::QueueSet;
@@ -499,6 +501,7 @@ impl Dispatcher {
             },
         );
         self.free -= 1;
+        self.queue.inner.executions.insert(ctx.clone());
         if let Some(tx) = &self.job_tx {
             let _ = tx.send(Job { task, ctx });
         }
@@ -516,33 +519,36 @@ impl Dispatcher {
             let Some(r) = self.running.get(&id) else {
                 continue;
             };
-            // Whoever flips the state first decides: the worker (finished in time) or us.
-            if r.ctx
-                .state
-                .compare_exchange(
-                    EXEC_RUNNING,
+            // Whoever flips the state first decides: the worker (finished in time) or us. An
+            // execution an operator asked to cancel ends `Cancelled` rather than timed out.
+            let to_timed_out = |from: u8| {
+                r.ctx.state.compare_exchange(
+                    from,
                     EXEC_TIMED_OUT,
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 )
-                .is_err()
-            {
-                continue;
-            }
+            };
+            let cancelled = match to_timed_out(EXEC_RUNNING) {
+                Ok(_) => false,
+                Err(EXEC_CANCEL_REQUESTED) if to_timed_out(EXEC_CANCEL_REQUESTED).is_ok() => true,
+                Err(_) => continue,
+            };
             let lease = r.lease;
             let limit = r.timeout.unwrap_or_default();
-            let error = TaskError::transient(
-                "timeout",
-                format!(
-                    "attempt {} exceeded its timeout of {limit:?}",
-                    r.ctx.attempt()
-                ),
-            );
-            let outcome = self
-                .queue
-                .inner
-                .backend
-                .finish(id, lease, Outcome::Failure(error));
+            let outcome = if cancelled {
+                Outcome::Cancelled
+            } else {
+                Outcome::Failure(TaskError::transient(
+                    "timeout",
+                    format!(
+                        "attempt {} exceeded its timeout of {limit:?}",
+                        r.ctx.attempt()
+                    ),
+                ))
+            };
+            self.queue.inner.executions.remove(&r.ctx);
+            let outcome = self.queue.inner.backend.finish(id, lease, outcome);
             if let Err(e) = outcome {
                 tracing::error!(task = %id, error = %e, "could not record a timeout");
             }
@@ -559,12 +565,22 @@ impl Dispatcher {
 
 fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<Done>) {
     for job in jobs {
-        let outcome = handler::execute(&queue.inner.registry, &job.task, &job.ctx);
-        let in_time = job
-            .ctx
-            .state
-            .compare_exchange(EXEC_RUNNING, EXEC_DONE, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
+        let mut outcome = handler::execute(&queue.inner.registry, &job.task, &job.ctx);
+        let to_done = |from: u8| {
+            job.ctx
+                .state
+                .compare_exchange(from, EXEC_DONE, Ordering::AcqRel, Ordering::Acquire)
+        };
+        let in_time = match to_done(EXEC_RUNNING) {
+            Ok(_) => true,
+            // An operator cancelled it while it ran: the attempt ends Cancelled, whatever it
+            // returned (unless the timeout watchdog closed it first).
+            Err(EXEC_CANCEL_REQUESTED) if to_done(EXEC_CANCEL_REQUESTED).is_ok() => {
+                outcome = Outcome::Cancelled;
+                true
+            }
+            Err(_) => false,
+        };
         let id = job.task.id;
         let lease = job.task.lease;
         let direct = |outcome: Outcome| queue.inner.backend.finish(id, lease, outcome);
@@ -591,6 +607,9 @@ fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<Done>) {
         } else {
             direct(outcome)
         };
+        // Only now (the outcome committed) may a cancel request fall back to closing the
+        // attempt in the store itself.
+        queue.inner.executions.remove(&job.ctx);
         match result {
             Ok(Finished::Applied(_)) => {}
             Ok(Finished::Stale) => {

@@ -13,7 +13,7 @@
 //! Every backend reports committed transitions to the shared [`Notify`](crate::events::Notify)
 //! (wake-ups, `wait`, subscriptions) only once they are durable.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crossbeam_channel::Sender;
 
@@ -86,7 +86,15 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// failure under the ordinary retry rule. Never touches an execution whose process is alive.
     fn rescue(&self) -> Result<RecoveryReport>;
 
+    /// Sets (`paused`) or clears a queue's durable pause flag, durably before it returns. A
+    /// paused queue's tasks are never claimed (they wait; nothing is charged) until it is
+    /// resumed.
+    fn set_paused(&self, queue: &str, paused: bool) -> Result<()>;
+
     // ----- reads ----------------------------------------------------------------------------
+
+    /// The paused queues (O(paused queues)).
+    fn paused(&self) -> BTreeSet<String>;
 
     /// One task.
     fn get(&self, id: TaskId) -> Result<Option<TaskInfo>>;

@@ -2,7 +2,7 @@
 //! writer (`commit.rs`), the only mutator, which validates each against the current record with
 //! the pure rules and makes each group durable once; reads go straight to the store.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -148,6 +148,19 @@ impl Backend for SledBackend {
             })?;
             Ok(rx)
         })
+    }
+
+    fn set_paused(&self, queue: &str, paused: bool) -> Result<()> {
+        let queue = queue.to_string();
+        self.call(|reply| Command::SetPaused {
+            queue,
+            paused,
+            reply,
+        })
+    }
+
+    fn paused(&self) -> BTreeSet<String> {
+        self.store.paused()
     }
 
     fn get(&self, id: TaskId) -> Result<Option<TaskInfo>> {

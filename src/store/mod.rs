@@ -2,7 +2,7 @@
 //! [`Store`]; `sled_store` is the one implementation today. A second backend (PostgreSQL, for
 //! users who outgrow one machine) would implement this trait and nothing else.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use crate::error::Result;
 use crate::inspect::{ConsistencyReport, ListFilter, Page};
@@ -80,4 +80,16 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn size_on_disk(&self) -> Result<u64>;
     /// Makes everything committed so far durable.
     fn sync(&self) -> Result<()>;
+    /// Sets or clears a queue's durable pause flag (written and made durable before it
+    /// returns). Only the commit writer calls it.
+    fn set_paused(&self, queue: &str, paused: bool) -> Result<()> {
+        let _ = (queue, paused);
+        Err(crate::error::Error::Storage(
+            "this store cannot pause queues".into(),
+        ))
+    }
+    /// The paused queues (kept in memory; O(paused queues)).
+    fn paused(&self) -> BTreeSet<String> {
+        BTreeSet::new()
+    }
 }

@@ -5,7 +5,7 @@
 //! loss; only `fsync` does. So [`SledStore::sync`] is `flush()` + `sync_all()` on sled's data
 //! file (+ any new blob files and their directory). It is the only place that makes data durable.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -41,6 +41,8 @@ pub(crate) struct SledStore {
     /// sled's data file, opened separately so we can `fsync` it.
     data_file: File,
     counters: Mutex<Counters>,
+    /// Paused queues, loaded at open and kept in step with the `q` keys.
+    paused: Mutex<BTreeSet<String>>,
     last_seq: Mutex<u64>,
     run_id: u64,
     synced_blobs: Mutex<HashSet<OsString>>,
@@ -218,6 +220,7 @@ impl SledStore {
             db,
             data_file,
             counters: Mutex::new(BTreeMap::new()),
+            paused: Mutex::new(BTreeSet::new()),
             last_seq: Mutex::new(0),
             run_id: 0,
             synced_blobs: Mutex::new(HashSet::new()),
@@ -257,6 +260,7 @@ impl SledStore {
         store.replay_write_ahead()?;
         *store.last_seq.lock() = store.read_meta_u64(keys::META_SEQ)?;
         store.load_counters()?;
+        store.load_paused()?;
         store.sync()?;
         // The watermark: this run's start is durable in sled. (For a format-1 store from before
         // the marker, this is where it gains one.)
@@ -320,6 +324,15 @@ impl SledStore {
             Some(bytes) => codec::decode(RecordKind::Meta, &bytes, &|| keys::describe(key)),
             None => Ok(0),
         }
+    }
+
+    fn load_paused(&self) -> Result<()> {
+        let mut set = BTreeSet::new();
+        for item in self.db.scan_prefix([keys::PAUSED]).keys() {
+            set.insert(keys::decode_paused(&item?)?);
+        }
+        *self.paused.lock() = set;
+        Ok(())
     }
 
     fn load_counters(&self) -> Result<()> {
@@ -596,14 +609,20 @@ impl SledStore {
         limit: usize,
         skip: &HashSet<TaskId>,
     ) -> Result<DueScan> {
+        let paused = self.paused.lock().clone();
         let names: Vec<String> = match queues {
-            QueueSet::Named(names) => names.clone(),
+            // A paused queue's tasks are not due: they wait, and nothing is charged.
+            QueueSet::Named(names) => names
+                .iter()
+                .filter(|q| !paused.contains(*q))
+                .cloned()
+                .collect(),
             // Only queues that have pending work, from the counters.
             QueueSet::All => self
                 .counters
                 .lock()
                 .iter()
-                .filter(|((_, s), n)| *s == Status::Pending && **n > 0)
+                .filter(|((q, s), n)| *s == Status::Pending && **n > 0 && !paused.contains(q))
                 .map(|((q, _), _)| q.clone())
                 .collect(),
         };
@@ -773,6 +792,31 @@ impl Store for SledStore {
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             e.in_dir(&self.dir)
         })
+    }
+
+    fn set_paused(&self, queue: &str, paused: bool) -> Result<()> {
+        let key = keys::paused(queue);
+        if paused {
+            let at = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0);
+            self.db.insert(key, &at.to_be_bytes())?;
+        } else {
+            self.db.remove(key)?;
+        }
+        self.sync()?;
+        let mut set = self.paused.lock();
+        if paused {
+            set.insert(queue.to_string());
+        } else {
+            set.remove(queue);
+        }
+        Ok(())
+    }
+
+    fn paused(&self) -> BTreeSet<String> {
+        self.paused.lock().clone()
     }
 }
 
