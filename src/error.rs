@@ -13,6 +13,18 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// An admin server (see `Queue::admin`) refused a request or could not be reached. Its
+    /// message is the server's, which for engine errors is the engine error's own message.
+    #[error("{message}")]
+    Remote {
+        /// The HTTP status (0 when the server could not be reached or answered garbage).
+        status: u16,
+        /// The machine-readable error code (`not_found`, `invalid_state`, `bad_request`, ...).
+        code: String,
+        /// What went wrong.
+        message: String,
+    },
+
     /// Another process holds the directory.
     #[error(
         "queue directory {path} is locked by another process; stop that process (only one \

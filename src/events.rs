@@ -23,6 +23,11 @@ pub struct TransitionEvent {
     pub queue: String,
     /// The error recorded by this transition, if it was a failure.
     pub error: Option<TaskError>,
+    /// When the task was due before this transition (its `next_run_at`): for a claim,
+    /// `entry.at - due_at` is the enqueue-to-start latency.
+    pub due_at: Option<crate::task::Timestamp>,
+    /// When the execution this transition ends started (for transitions out of `Running`).
+    pub started_at: Option<crate::task::Timestamp>,
 }
 
 /// A `wait` caller: its token (to remove it if it gives up) and its wake-up channel.
@@ -191,6 +196,12 @@ impl Notify {
                         kind: a.kind.clone(),
                         queue: a.queue.clone(),
                         error,
+                        due_at: ch.before.as_ref().map(|b| b.next_run_at),
+                        started_at: ch
+                            .before
+                            .as_ref()
+                            .filter(|b| b.status == Status::Running)
+                            .and_then(|b| b.started_at),
                     });
                 }
             }

@@ -106,6 +106,7 @@ mod commit;
 mod error;
 mod events;
 mod handler;
+mod histogram;
 mod inspect;
 #[doc(hidden)]
 pub mod keys;
@@ -120,6 +121,8 @@ mod task;
 pub mod testing;
 mod worker;
 
+#[cfg(feature = "admin")]
+pub mod admin;
 #[doc(hidden)]
 pub mod bench;
 #[doc(hidden)]

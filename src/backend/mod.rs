@@ -95,6 +95,12 @@ pub(crate) trait Backend: Send + Sync + 'static {
 
     /// The paused queues (O(paused queues)).
     fn paused(&self) -> BTreeSet<String>;
+    /// What the storage measures about its commits (group sizes, sync latency), if anything:
+    /// atomics it updates as it commits, read by the admin server's `/metrics`.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    fn commit_metrics(&self) -> Option<&crate::histogram::StoreMetrics> {
+        None
+    }
 
     /// One task.
     fn get(&self, id: TaskId) -> Result<Option<TaskInfo>>;

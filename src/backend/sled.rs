@@ -163,6 +163,10 @@ impl Backend for SledBackend {
         self.store.paused()
     }
 
+    fn commit_metrics(&self) -> Option<&crate::histogram::StoreMetrics> {
+        self.store.metrics()
+    }
+
     fn get(&self, id: TaskId) -> Result<Option<TaskInfo>> {
         self.store.get(id)
     }

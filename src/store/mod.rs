@@ -92,4 +92,9 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn paused(&self) -> BTreeSet<String> {
         BTreeSet::new()
     }
+    /// What the store measures about its commits (group sizes, sync latency), if anything.
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
+    fn metrics(&self) -> Option<&crate::histogram::StoreMetrics> {
+        None
+    }
 }

@@ -43,6 +43,8 @@ pub(crate) struct SledStore {
     counters: Mutex<Counters>,
     /// Paused queues, loaded at open and kept in step with the `q` keys.
     paused: Mutex<BTreeSet<String>>,
+    /// Commit group sizes and sync latency (atomics; read by the admin server's `/metrics`).
+    metrics: crate::histogram::StoreMetrics,
     last_seq: Mutex<u64>,
     run_id: u64,
     synced_blobs: Mutex<HashSet<OsString>>,
@@ -221,6 +223,7 @@ impl SledStore {
             data_file,
             counters: Mutex::new(BTreeMap::new()),
             paused: Mutex::new(BTreeSet::new()),
+            metrics: crate::histogram::StoreMetrics::default(),
             last_seq: Mutex::new(0),
             run_id: 0,
             synced_blobs: Mutex::new(HashSet::new()),
@@ -584,6 +587,7 @@ impl SledStore {
 
 impl SledStore {
     fn commit_inner(&self, changes: &[Change], last_seq: u64, durable: bool) -> Result<()> {
+        self.metrics.group_size.observe(changes.len() as f64);
         let (writes, counters) = self.write_set(changes, last_seq)?;
         self.apply_atomically(&writes.ops)?;
         *self.counters.lock() = counters;
@@ -720,9 +724,14 @@ impl SledStore {
     }
 
     fn sync_inner(&self) -> Result<()> {
+        let started = std::time::Instant::now();
         self.db.flush()?;
         self.data_file.sync_all()?;
-        self.sync_new_blobs()
+        let r = self.sync_new_blobs();
+        self.metrics
+            .sync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        r
     }
 }
 
@@ -792,6 +801,10 @@ impl Store for SledStore {
                 .store(true, std::sync::atomic::Ordering::SeqCst);
             e.in_dir(&self.dir)
         })
+    }
+
+    fn metrics(&self) -> Option<&crate::histogram::StoreMetrics> {
+        Some(&self.metrics)
     }
 
     fn set_paused(&self, queue: &str, paused: bool) -> Result<()> {
