@@ -324,7 +324,7 @@ struct OneBody {
 }
 
 fn parse_body<T: serde::de::DeserializeOwned + Default>(req: &Req) -> Result<T, Resp> {
-    if req.body.iter().all(u8::is_ascii_whitespace) {
+    if req.body.iter().all(u8::is_ascii_whitespace) || req.body.trim_ascii() == b"null" {
         return Ok(T::default());
     }
     serde_json::from_slice(&req.body).map_err(|e| {
@@ -471,6 +471,8 @@ struct PurgeBody {
     older_than: Option<String>,
     #[serde(default)]
     dry_run: bool,
+    /// With `dry_run`: how many of the tasks to return in full (default 100).
+    sample: Option<usize>,
 }
 
 fn purge(q: &Queue, req: &Req) -> Result<Value, Resp> {
@@ -486,35 +488,17 @@ fn purge(q: &Queue, req: &Req) -> Result<Value, Resp> {
     })?;
     let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
     if body.dry_run {
-        // Counts what would go, examining at most MAX_BULK finished tasks per state.
-        let cutoff = q.now().minus(age);
-        let mut matched = 0usize;
-        let mut exact = true;
-        for status in [Status::Completed, Status::Failed, Status::Cancelled] {
-            let mut f = ListFilter::new().status(status).limit(MAX_PAGE);
-            let mut seen = 0;
-            loop {
-                let p = engine(q.list(&f))?;
-                seen += p.tasks.len();
-                matched += p
-                    .tasks
-                    .iter()
-                    .filter(|t| t.finished_at.is_some_and(|at| at < cutoff))
-                    .count();
-                match p.next_cursor {
-                    Some(_) if seen >= MAX_BULK => {
-                        exact = false;
-                        break;
-                    }
-                    Some(c) => f.cursor = Some(c),
-                    None => break,
-                }
-            }
+        let sample = body.sample.unwrap_or(100);
+        if sample > MAX_PAGE {
+            return Err(bad("bad_body", format!("sample must be 0..={MAX_PAGE}")));
         }
+        let p = engine(q.purge_preview(age, sample))?;
         return Ok(json!({
             "dry_run": true,
-            "matched": matched,
-            "exact": exact,
+            "matched": p.tasks,
+            "cutoff": p.cutoff.to_string(),
+            "cutoff_ms": p.cutoff.0,
+            "sample": p.sample.iter().map(task_json).collect::<Vec<_>>(),
             "older_than": given,
             "older_than_ms": age_ms,
         }));

@@ -11,7 +11,9 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::inspect::{ConsistencyReport, CorruptEntry, ListFilter, Page, PurgeReport, Stats};
+use crate::inspect::{
+    ConsistencyReport, CorruptEntry, ListFilter, Page, PurgePreview, PurgeReport, Stats,
+};
 use crate::log::{Cause, LogEntry};
 use crate::retry::Backoff;
 use crate::task::{Status, TaskError, TaskId, TaskInfo, Timestamp};
@@ -290,13 +292,18 @@ impl Client {
 
     /// Re-queues a failed or cancelled task (`POST /api/v1/tasks/{id}/retry`).
     pub fn retry(&self, id: TaskId) -> Result<TaskInfo> {
-        task_from_json(&self.post_json(&format!("/api/v1/tasks/{id}/retry"), &Value::Null)?)
+        task_from_json(
+            &self.post_json(&format!("/api/v1/tasks/{id}/retry"), &serde_json::json!({}))?,
+        )
     }
 
     /// Cancels a pending task, or asks a running one to stop
     /// (`POST /api/v1/tasks/{id}/cancel`).
     pub fn cancel(&self, id: TaskId) -> Result<TaskInfo> {
-        task_from_json(&self.post_json(&format!("/api/v1/tasks/{id}/cancel"), &Value::Null)?)
+        task_from_json(&self.post_json(
+            &format!("/api/v1/tasks/{id}/cancel"),
+            &serde_json::json!({}),
+        )?)
     }
 
     /// Deletes finished tasks older than `age` (`POST /api/v1/purge`).
@@ -306,6 +313,26 @@ impl Client {
         Ok(PurgeReport {
             tasks_removed: usize::try_from(v["tasks_removed"].as_u64().unwrap_or(0))
                 .unwrap_or(usize::MAX),
+        })
+    }
+
+    /// What a purge of tasks finished more than `age` ago would remove, with the first
+    /// `sample` of them (`POST /api/v1/purge` with `dry_run`).
+    pub fn purge_preview(&self, age: Duration, sample: usize) -> Result<PurgePreview> {
+        let body = serde_json::json!({
+            "older_than": format!("{}ms", age.as_millis()),
+            "dry_run": true,
+            "sample": sample,
+        });
+        let v = self.post_json("/api/v1/purge", &body)?;
+        Ok(PurgePreview {
+            cutoff: ts(&v["cutoff_ms"], "cutoff_ms")?,
+            tasks: usize::try_from(v["matched"].as_u64().unwrap_or(0)).unwrap_or(usize::MAX),
+            sample: v["sample"]
+                .as_array()
+                .map(|a| a.iter().map(task_from_json).collect::<Result<Vec<_>>>())
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 

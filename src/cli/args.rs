@@ -64,6 +64,24 @@ pub enum Command {
     Check,
     /// Run the built-in benchmark in a temporary directory (--data is not used).
     Bench(BenchArgs),
+    /// Open a queue directory with no workers and serve its admin API, metrics and dashboard
+    /// (on DIR/admin/api.sock, and on TCP with --listen), until stopped.
+    Serve(ServeArgs),
+}
+
+/// `omniq serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Also listen on TCP at this address, e.g. 127.0.0.1:8080 (a non-loopback address needs
+    /// --token).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Bearer token required on TCP (also OMNIQ_ADMIN_TOKEN; at least 16 characters).
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Refuse every action (retry, cancel, purge, pause): for sharing the dashboard.
+    #[arg(long)]
+    pub read_only: bool,
 }
 
 /// `omniq demo`.

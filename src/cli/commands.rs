@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use omniq::bench::{BenchOptions, BenchReport};
-use omniq::{ListFilter, Queue, Status, TaskId, TaskInfo};
+use omniq::{ListFilter, Status, TaskId, TaskInfo};
 use serde_json::{json, Value};
 
 use super::args::{BenchArgs, ListArgs};
@@ -12,10 +12,11 @@ use super::output::{
     emit, emit_json, log_json, status_counts_json, status_str, task_json, truncate, ts, ts_opt,
     Table,
 };
+use super::remote::Target;
 use super::CliError;
 
 /// `omniq stats`.
-pub fn stats(queue: &Queue, json: bool) -> Result<ExitCode, CliError> {
+pub fn stats(queue: &Target, json: bool) -> Result<ExitCode, CliError> {
     let stats = queue.stats()?;
     if json {
         let by_queue: serde_json::Map<String, Value> = stats
@@ -68,7 +69,7 @@ pub fn stats(queue: &Queue, json: bool) -> Result<ExitCode, CliError> {
 
 /// `omniq list`.
 pub fn list(
-    queue: &Queue,
+    queue: &Target,
     json: bool,
     a: &ListArgs,
     status: Option<Status>,
@@ -160,7 +161,7 @@ fn list_row(t: &TaskInfo) -> Vec<String> {
     ]
 }
 
-fn get(queue: &Queue, id: TaskId) -> Result<TaskInfo, CliError> {
+fn get(queue: &Target, id: TaskId) -> Result<TaskInfo, CliError> {
     queue.get(id)?.ok_or_else(|| {
         CliError::Kind(
             "not_found",
@@ -173,7 +174,7 @@ fn get(queue: &Queue, id: TaskId) -> Result<TaskInfo, CliError> {
 }
 
 /// `omniq show ID`.
-pub fn show(queue: &Queue, json: bool, id: TaskId) -> Result<ExitCode, CliError> {
+pub fn show(queue: &Target, json: bool, id: TaskId) -> Result<ExitCode, CliError> {
     let t = get(queue, id)?;
     let history = queue.history(id)?;
     if json {
@@ -273,7 +274,7 @@ pub fn show(queue: &Queue, json: bool, id: TaskId) -> Result<ExitCode, CliError>
 }
 
 /// `omniq retry ID | --all-failed`.
-pub fn retry(queue: &Queue, json: bool, id: Option<TaskId>) -> Result<ExitCode, CliError> {
+pub fn retry(queue: &Target, json: bool, id: Option<TaskId>) -> Result<ExitCode, CliError> {
     let ids = match id {
         Some(id) => {
             get(queue, id)?;
@@ -302,7 +303,7 @@ pub fn retry(queue: &Queue, json: bool, id: Option<TaskId>) -> Result<ExitCode, 
     Ok(ExitCode::SUCCESS)
 }
 
-fn all_failed(queue: &Queue) -> Result<Vec<TaskId>, CliError> {
+fn all_failed(queue: &Target) -> Result<Vec<TaskId>, CliError> {
     let mut ids = Vec::new();
     let mut cursor = None;
     loop {
@@ -321,7 +322,7 @@ fn all_failed(queue: &Queue) -> Result<Vec<TaskId>, CliError> {
 }
 
 /// `omniq cancel ID`.
-pub fn cancel(queue: &Queue, json: bool, id: TaskId) -> Result<ExitCode, CliError> {
+pub fn cancel(queue: &Target, json: bool, id: TaskId) -> Result<ExitCode, CliError> {
     get(queue, id)?;
     let t = queue.cancel(id)?;
     if json {
@@ -372,7 +373,7 @@ fn age_words(d: Duration) -> String {
 
 /// `omniq purge --older-than DURATION [--dry-run]`.
 pub fn purge(
-    queue: &Queue,
+    queue: &Target,
     json: bool,
     given: &str,
     age: Duration,
@@ -434,7 +435,7 @@ pub fn purge(
 }
 
 /// `omniq check`: exit status 1 when a problem is found.
-pub fn check(queue: &Queue, json: bool) -> Result<ExitCode, CliError> {
+pub fn check(queue: &Target, json: bool) -> Result<ExitCode, CliError> {
     let report = queue.check_consistency()?;
     let ok = report.is_consistent();
     if json {

@@ -382,6 +382,8 @@ pub fn run(dir: &Path, json: bool, a: &DemoArgs) -> Result<ExitCode, CliError> {
         .open()?;
     let recovery = queue.recovery_report().clone();
     register(&queue, work_ms);
+    // While it runs, `omniq stats` (and every other command) reach it through its admin socket.
+    let _admin = super::serve::for_demo(&queue);
     // Subscribe before anything can change, so no transition of the workload is missed.
     let events = queue.subscribe();
 

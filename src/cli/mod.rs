@@ -6,12 +6,16 @@ mod args;
 mod commands;
 mod demo;
 mod output;
+mod remote;
+mod serve;
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
 use omniq::{Queue, Status, TaskId};
+
+use remote::Target;
 
 use args::{Cli, Command};
 
@@ -100,6 +104,7 @@ fn lib_error(e: omniq::Error, dir: &Path) -> (&'static str, String) {
         e @ E::Invalid { .. } => ("invalid_argument", e.to_string()),
         e @ E::Payload { .. } => ("payload", e.to_string()),
         e @ E::WaitTimeout { .. } => ("timeout", e.to_string()),
+        E::Remote { code, message, .. } => (remote::error_kind(&code), message),
         E::Storage(m) => (
             "storage",
             format!("storage error in {}: {m}", dir.display()),
@@ -206,6 +211,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CliError> {
             commands::purge(&open_existing(dir, json)?, json, older_than, age, *dry_run)
         }
         Command::Check => commands::check(&open_existing(dir, json)?, json),
+        Command::Serve(a) => serve::run(dir, json, a),
     }
 }
 
@@ -256,10 +262,19 @@ fn ensure_not_a_file(dir: &Path) -> Result<(), CliError> {
     ))
 }
 
+/// The queue directory a command works on: through its admin socket when a live process holds
+/// it and serves one (said on stderr), otherwise opened here (see `open_local`).
+fn open_existing(dir: &Path, json: bool) -> Result<Target, CliError> {
+    if let Some(remote) = remote::connect(dir) {
+        return Ok(remote);
+    }
+    open_local(dir, json).map(Target::Local)
+}
+
 /// Opens a queue directory that must already exist: commands that inspect or operate never
 /// create one, and never touch a directory that is not an omniq queue (the library refuses it
 /// before its storage engine sees it). Reports crash recovery done by this open on stderr.
-fn open_existing(dir: &Path, json: bool) -> Result<Queue, CliError> {
+fn open_local(dir: &Path, json: bool) -> Result<Queue, CliError> {
     let shown = dir.display();
     let no_queue = |why: &str| {
         CliError::Kind(
