@@ -24,6 +24,8 @@ pub(crate) fn handle(app: &App, req: &Req) -> Resp {
         "/tasks" => tasks(app, req),
         "/assets/app.css" => Resp::text(200, "text/css; charset=utf-8", CSS),
         "/assets/app.js" => Resp::text(200, "text/javascript; charset=utf-8", JS),
+        // Browsers ask for it on every page; there is none.
+        "/favicon.ico" => Resp::text(204, "image/x-icon", Vec::new()),
         p => match p.strip_prefix("/tasks/") {
             Some(id) => task(app, id),
             None => page(
