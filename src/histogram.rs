@@ -24,6 +24,7 @@ pub(crate) struct Histogram {
 
 /// A consistent-enough copy of a histogram for rendering.
 #[derive(Clone, Debug, Default)]
+#[cfg_attr(not(feature = "admin"), allow(dead_code))]
 pub(crate) struct Snapshot {
     /// (upper bound, cumulative count) per bucket, then `+Inf` is `count`.
     pub buckets: Vec<(f64, u64)>,
@@ -51,6 +52,7 @@ impl Histogram {
             .fetch_add((v * 1e6).round() as u64, Ordering::Relaxed);
     }
 
+    #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     pub(crate) fn snapshot(&self) -> Snapshot {
         let mut cumulative = 0;
         let buckets = self

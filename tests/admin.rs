@@ -354,6 +354,16 @@ fn actions_work_and_dry_runs_change_nothing() {
     assert!(f.q.check_consistency().unwrap().is_consistent());
 }
 
+/// method, target, headers, body, expected status, expected error code.
+type Case<'a> = (
+    &'a str,
+    String,
+    Vec<(&'a str, &'a str)>,
+    Vec<u8>,
+    u16,
+    &'a str,
+);
+
 #[test]
 fn bad_requests_get_a_clear_4xx_and_change_nothing() {
     let f = fixture();
@@ -365,7 +375,7 @@ fn bad_requests_get_a_clear_4xx_and_change_nothing() {
         let big = vec![b'x'; 70 * 1024];
         let long_url = format!("/api/v1/tasks?q={}", "a".repeat(5000));
         let long_name = format!("/api/v1/queues/{}/pause", "q".repeat(200));
-        let cases: Vec<(&str, String, Vec<(&str, &str)>, Vec<u8>, u16, &str)> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "GET",
                 format!("/api/v1/tasks/{unknown}"),
