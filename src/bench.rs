@@ -49,6 +49,10 @@ pub struct BenchOptions {
     pub workers: usize,
     /// Durability mode of the main rows. The `Group` and `Relaxed` comparison rows always run too.
     pub durability: Durability,
+    /// Serve the admin API during the lifecycle phase and load the dashboard's pages, its
+    /// metrics and stats through the socket once a second (feature `admin`), to show what an
+    /// operator watching the queue costs the workers.
+    pub poll_dashboard: bool,
 }
 
 /// One measured row: what it is, its value, and how it compares to a raw `fdatasync`.
@@ -138,6 +142,9 @@ pub struct BenchReport {
     pub relaxed_enqueue_with_workers_per_s: f64,
     /// Every row, in the order measured, with its label and its ratio to the raw row.
     pub rows: Vec<BenchRow>,
+    /// Dashboard polls (4 requests each) made during the lifecycle row (0 unless
+    /// `poll_dashboard`).
+    pub dashboard_polls: usize,
 }
 
 /// Most tasks per `enqueue_many` call.
@@ -485,19 +492,30 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
     );
     let pool = q.workers().concurrency(w).start()?;
     let events = q.subscribe();
+    let poller = if opts.poll_dashboard {
+        Some(DashboardPoller::start(&q)?)
+    } else {
+        None
+    };
     let lifecycle_per_s = {
         let t0 = Instant::now();
         enqueue_batches(&q, n)?;
         await_terminal(&events, n)?;
         rate(n, t0.elapsed())
     };
+    let dashboard_polls = poller.map(DashboardPoller::stop).transpose()?.unwrap_or(0);
     drop(events);
     rows.push(
         "lifecycle_per_s",
         format!(
             "lifecycle, {mode}, 1 producer, enqueue_many in {batches}, {workers} already running \
-             ({tasks}, first enqueue to {})",
-            completed_text(d)
+             ({tasks}, first enqueue to {}){}",
+            completed_text(d),
+            if opts.poll_dashboard {
+                ", dashboard polled every 1 s"
+            } else {
+                ""
+            }
         ),
         lifecycle_per_s,
         "tasks/s",
@@ -610,7 +628,76 @@ pub fn run(opts: &BenchOptions, progress: &mut dyn FnMut(&str)) -> Result<BenchR
         relaxed_enqueue_per_s,
         relaxed_enqueue_with_workers_per_s,
         rows: rows.rows,
+        dashboard_polls,
     })
+}
+
+/// Serves the admin API and, from a thread of its own, loads what an open dashboard loads
+/// (overview, task list, metrics, stats) once a second through the UNIX socket.
+#[cfg(feature = "admin")]
+struct DashboardPoller {
+    stop: crossbeam_channel::Sender<()>,
+    thread: std::thread::JoinHandle<Result<usize>>,
+    _server: crate::admin::AdminServer,
+}
+
+#[cfg(feature = "admin")]
+impl DashboardPoller {
+    fn start(q: &Queue) -> Result<DashboardPoller> {
+        let server = q.admin().serve()?;
+        let client = crate::admin::Client::new(server.endpoints()[0].clone());
+        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let thread = std::thread::Builder::new()
+            .name("omniq-bench-poller".into())
+            .spawn(move || {
+                let mut polls = 0;
+                loop {
+                    for target in ["/", "/tasks", "/metrics", "/api/v1/stats"] {
+                        let r = client.request("GET", target, &[], b"")?;
+                        if r.status != 200 {
+                            return Err(Error::Storage(format!(
+                                "dashboard poll of {target} answered {}",
+                                r.status
+                            )));
+                        }
+                    }
+                    polls += 1;
+                    match stop_rx.recv_timeout(Duration::from_secs(1)) {
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                        _ => return Ok(polls),
+                    }
+                }
+            })
+            .map_err(|e| Error::Storage(format!("cannot start the dashboard poller: {e}")))?;
+        Ok(DashboardPoller {
+            stop,
+            thread,
+            _server: server,
+        })
+    }
+
+    fn stop(self) -> Result<usize> {
+        drop(self.stop);
+        self.thread
+            .join()
+            .map_err(|_| Error::Storage("the dashboard poller panicked".into()))?
+    }
+}
+
+#[cfg(not(feature = "admin"))]
+struct DashboardPoller;
+
+#[cfg(not(feature = "admin"))]
+impl DashboardPoller {
+    fn start(_q: &Queue) -> Result<DashboardPoller> {
+        Err(Error::Invalid {
+            what: "bench",
+            reason: "polling the dashboard needs the `admin` feature".into(),
+        })
+    }
+    fn stop(self) -> Result<usize> {
+        Ok(0)
+    }
 }
 
 #[cfg(test)]
@@ -650,6 +737,7 @@ mod tests {
                 tasks: 30,
                 workers: 2,
                 durability: Durability::Group,
+                poll_dashboard: true,
             },
             &mut |l| lines.push(l.to_string()),
         )
@@ -674,6 +762,7 @@ mod tests {
                 "raw_fdatasync_after_per_s",
             ]
         );
+        assert!(r.dashboard_polls >= 1, "the dashboard was polled");
         // One progress line per row, each the row's label, value and ratio.
         assert_eq!(lines.len(), r.rows.len(), "{lines:?}");
         for (line, row) in lines.iter().zip(&r.rows) {
@@ -712,7 +801,7 @@ mod tests {
         assert_eq!(
             label("lifecycle_per_s"),
             "lifecycle, group, 1 producer, enqueue_many in 1 batch of 30, 2 workers already \
-             running (30 tasks, first enqueue to last durable Completed)"
+             running (30 tasks, first enqueue to last durable Completed), dashboard polled every 1 s"
         );
         assert_eq!(
             label("latency_p99_ms"),
@@ -759,6 +848,7 @@ mod tests {
                 tasks: 5,
                 workers: 1,
                 durability: Durability::Immediate,
+                poll_dashboard: false,
             },
             &mut |_| {},
         )
@@ -793,6 +883,7 @@ mod tests {
                 tasks: 0,
                 workers: 1,
                 durability: Durability::Group,
+                poll_dashboard: false,
             },
             &mut |_| {},
         );

@@ -145,6 +145,10 @@ pub struct BenchArgs {
     /// Durability mode of the main rows (the Group and Relaxed comparison rows always run).
     #[arg(long, value_enum, default_value_t = DurabilityArg::Group)]
     pub durability: DurabilityArg,
+    /// Serve the admin API during the lifecycle phase and poll the dashboard once a second
+    /// (to compare with a run without it).
+    #[arg(long)]
+    pub poll_dashboard: bool,
 }
 
 /// `--durability` values.

@@ -479,6 +479,7 @@ pub fn bench(json: bool, a: &BenchArgs) -> Result<ExitCode, CliError> {
         tasks: usize::try_from(a.tasks).unwrap_or(usize::MAX),
         workers: usize::try_from(a.workers).unwrap_or(usize::MAX),
         durability: a.durability.into(),
+        poll_dashboard: a.poll_dashboard,
     };
     let mut progress = |line: &str| {
         if !json {
