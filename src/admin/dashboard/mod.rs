@@ -169,8 +169,8 @@ fn overview(app: &App) -> Resp {
     let _ = write!(
         b,
         "<h2>Last hour</h2><section class=\"cards\">\
-<div class=\"card\"><span>completed / min</span><b>{:.1}</b></div>\
-<div class=\"card\"><span>failure rate</span><b>{:.1} %</b></div>\
+<div class=\"card\"><span>completed / min</span><b>{:.2}</b></div>\
+<div class=\"card\"><span>failed executions</span><b>{:.1} %</b></div>\
 <div class=\"card\"><span>mean enqueue-to-start</span><b>{:.1} ms</b></div>\
 <div class=\"card\"><span>started</span><b>{}</b></div></section>",
         f("throughput_per_minute"),
