@@ -766,3 +766,19 @@ fn cancelling_a_running_task_through_the_api_and_live_metrics() {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
 }
+
+#[test]
+fn the_server_does_not_keep_the_queue_open() {
+    let f = fixture();
+    let s = f.q.admin().serve().unwrap();
+    let c = Client::new(s.endpoints()[0].clone());
+    assert_eq!(c.stats().unwrap().total, 4);
+    let path = f.q.path().to_path_buf();
+    f.q.close().expect("closes while the admin server runs");
+    let r = get(&c, "/api/v1/stats");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json().unwrap()["error"]["code"], "closed");
+    // The directory is free again.
+    let q = Queue::open(&path).unwrap();
+    assert_eq!(q.stats().unwrap().total, 4);
+}

@@ -19,7 +19,7 @@ pub(crate) const MAX_BULK: usize = 10_000;
 /// Most tasks a text search examines per page.
 const MAX_SEARCH_SCAN: usize = 5_000;
 
-pub(crate) fn handle(app: &App, req: &Req) -> Resp {
+pub(crate) fn handle(app: &App<'_>, req: &Req) -> Resp {
     let rest = req.path.trim_start_matches("/api/v1");
     let segments: Vec<String> = match rest
         .split('/')
@@ -87,7 +87,7 @@ fn method_name(m: Method) -> &'static str {
     }
 }
 
-fn health(app: &App) -> Value {
+fn health(app: &App<'_>) -> Value {
     json!({
         "status": "ok",
         "version": env!("CARGO_PKG_VERSION"),

@@ -124,7 +124,8 @@ impl AdminBuilder {
 impl Queue {
     /// Configures the admin server (JSON API, Prometheus metrics, web dashboard) served by this
     /// process; see the [`admin`](crate::admin) module. The server runs until the returned
-    /// [`AdminServer`] is stopped or dropped.
+    /// [`AdminServer`] is stopped or dropped. It does not keep the queue open: once every
+    /// [`Queue`] handle is closed, it answers 503.
     ///
     /// ```
     /// # fn main() -> omniq::Result<()> {

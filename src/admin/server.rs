@@ -15,7 +15,7 @@ use super::client::Endpoint;
 use super::metrics::Metrics;
 use super::{api, dashboard, AdminBuilder};
 use crate::error::{Error, Result};
-use crate::queue::Queue;
+use crate::queue::{Queue, WeakQueue};
 
 /// Largest request body accepted (bulk actions carry at most 1,000 ids).
 pub(crate) const MAX_BODY: usize = 64 << 10;
@@ -29,13 +29,22 @@ const MAX_PARAM_LEN: usize = 512;
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                    connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-/// What every request handler can reach.
-pub(crate) struct App {
-    pub queue: Queue,
+/// What the server keeps. The queue is held weakly: a running admin server does not keep the
+/// directory open (`Queue::close` works while it runs; it then answers 503).
+pub(crate) struct Shared {
+    pub queue: WeakQueue,
     pub csrf: String,
     pub token: Option<String>,
     pub read_only: bool,
     pub metrics: Arc<Metrics>,
+}
+
+/// What every request handler can reach (the queue upgraded for the request).
+pub(crate) struct App<'a> {
+    pub queue: Queue,
+    pub csrf: &'a str,
+    pub read_only: bool,
+    pub metrics: &'a Metrics,
 }
 
 /// Which listener a request came through.
@@ -234,8 +243,8 @@ fn bind_unix(path: &Path, default_dir: bool) -> Result<tiny_http::Server> {
 
 pub(crate) fn start(b: AdminBuilder) -> Result<AdminServer> {
     let metrics = Metrics::start(&b.queue)?;
-    let app = Arc::new(App {
-        queue: b.queue.clone(),
+    let app = Arc::new(Shared {
+        queue: b.queue.downgrade(),
         csrf: random_hex(),
         token: b.token.clone(),
         read_only: b.read_only,
@@ -286,7 +295,7 @@ pub(crate) fn start(b: AdminBuilder) -> Result<AdminServer> {
     })
 }
 
-fn serve_loop(server: &tiny_http::Server, app: &App, via: Via, stop: &AtomicBool) {
+fn serve_loop(server: &tiny_http::Server, app: &Shared, via: Via, stop: &AtomicBool) {
     while !stop.load(Ordering::Acquire) {
         // `unblock` wakes a blocked thread at stop; the timeout is only a fallback.
         match server.recv_timeout(Duration::from_secs(1)) {
@@ -300,7 +309,7 @@ fn serve_loop(server: &tiny_http::Server, app: &App, via: Via, stop: &AtomicBool
     }
 }
 
-fn handle(app: &App, via: Via, mut rq: tiny_http::Request) {
+fn handle(app: &Shared, via: Via, mut rq: tiny_http::Request) {
     let resp = match process(app, via, &mut rq) {
         Ok(r) | Err(r) => r,
     };
@@ -348,7 +357,7 @@ fn cookie<'a>(rq: &'a tiny_http::Request, name: &str) -> Option<&'a str> {
 }
 
 /// Runs the generic checks, then the route. `Err` carries an early refusal.
-fn process(app: &App, via: Via, rq: &mut tiny_http::Request) -> Result<Resp, Resp> {
+fn process(app: &Shared, via: Via, rq: &mut tiny_http::Request) -> Result<Resp, Resp> {
     let url = rq.url().to_string();
     if url.len() > MAX_URL {
         return Err(Resp::error(
@@ -468,7 +477,20 @@ fn process(app: &App, via: Via, rq: &mut tiny_http::Request) -> Result<Resp, Res
         query,
         body,
     };
-    Ok(route(app, &req))
+    let Some(queue) = app.queue.upgrade() else {
+        return Err(Resp::error(
+            503,
+            "closed",
+            "the queue was closed; this admin server has nothing left to serve",
+        ));
+    };
+    let app = App {
+        queue,
+        csrf: &app.csrf,
+        read_only: app.read_only,
+        metrics: &app.metrics,
+    };
+    Ok(route(&app, &req))
 }
 
 fn login(query: &[(String, String)], token: &str) -> Resp {
@@ -489,7 +511,7 @@ fn login(query: &[(String, String)], token: &str) -> Resp {
     }
 }
 
-fn route(app: &App, req: &Req) -> Resp {
+fn route(app: &App<'_>, req: &Req) -> Resp {
     let path = req.path.as_str();
     if path == "/api/v1" || path.starts_with("/api/v1/") {
         return api::handle(app, req);

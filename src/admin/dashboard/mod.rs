@@ -14,7 +14,7 @@ use crate::task::{Status, TaskId, TaskInfo};
 const CSS: &str = include_str!("app.css");
 const JS: &str = include_str!("app.js");
 
-pub(crate) fn handle(app: &App, req: &Req) -> Resp {
+pub(crate) fn handle(app: &App<'_>, req: &Req) -> Resp {
     if req.method != Method::Get {
         return Resp::error(405, "method_not_allowed", "the dashboard only serves GET");
     }
@@ -68,7 +68,14 @@ fn url(s: &str) -> String {
         .collect()
 }
 
-fn page(app: &App, status: u16, title: &str, nav: &str, body: &str, refresh: Option<u32>) -> Resp {
+fn page(
+    app: &App<'_>,
+    status: u16,
+    title: &str,
+    nav: &str,
+    body: &str,
+    refresh: Option<u32>,
+) -> Resp {
     let link = |href: &str, name: &str| {
         let cls = if nav == name { " class=\"on\"" } else { "" };
         format!("<a href=\"{href}\"{cls}>{name}</a>")
@@ -91,7 +98,7 @@ fn page(app: &App, status: u16, title: &str, nav: &str, body: &str, refresh: Opt
 <script src=\"/assets/app.js\" defer></script></head>\
 <body{refresh}><header><strong>omniq</strong> <span class=\"dir\">{dir}</span> {mode}<nav>{o} {q} {t}</nav></header>\
 <div id=\"flash\" role=\"status\"></div><main><h1>{title}</h1>{body}</main></body></html>\n",
-            csrf = if app.read_only { "" } else { app.csrf.as_str() },
+            csrf = if app.read_only { "" } else { app.csrf },
             title = esc(title),
             dir = esc(&app.queue.path().display().to_string()),
             o = link("/", "Overview"),
@@ -101,7 +108,7 @@ fn page(app: &App, status: u16, title: &str, nav: &str, body: &str, refresh: Opt
     )
 }
 
-fn error_page(app: &App, e: &crate::Error) -> Resp {
+fn error_page(app: &App<'_>, e: &crate::Error) -> Resp {
     let r = Resp::from_error(e);
     page(
         app,
@@ -132,7 +139,7 @@ fn pill(s: Status) -> String {
 }
 
 /// An action button: the script confirms, then POSTs `body` to `url`.
-fn button(app: &App, label: &str, url_: &str, body: &str, confirm: &str, cls: &str) -> String {
+fn button(app: &App<'_>, label: &str, url_: &str, body: &str, confirm: &str, cls: &str) -> String {
     if app.read_only {
         return String::new();
     }
@@ -145,7 +152,7 @@ fn button(app: &App, label: &str, url_: &str, body: &str, confirm: &str, cls: &s
     )
 }
 
-fn overview(app: &App) -> Resp {
+fn overview(app: &App<'_>) -> Resp {
     let stats = match app.queue.stats() {
         Ok(s) => s,
         Err(e) => return error_page(app, &e),
@@ -228,7 +235,7 @@ fn chart(act: &Value) -> String {
     svg
 }
 
-fn queue_table(app: &App, stats: &crate::Stats, actions: bool) -> String {
+fn queue_table(app: &App<'_>, stats: &crate::Stats, actions: bool) -> String {
     let paused = app.queue.paused_queues();
     let mut names: Vec<&String> = stats.by_queue.keys().collect();
     for p in &paused {
@@ -322,7 +329,7 @@ fn queue_table(app: &App, stats: &crate::Stats, actions: bool) -> String {
     t
 }
 
-fn queues(app: &App) -> Resp {
+fn queues(app: &App<'_>) -> Resp {
     match app.queue.stats() {
         Ok(stats) => page(
             app,
@@ -336,7 +343,7 @@ fn queues(app: &App) -> Resp {
     }
 }
 
-fn tasks(app: &App, req: &Req) -> Resp {
+fn tasks(app: &App<'_>, req: &Req) -> Resp {
     let (filter, text) = match api::filter_from_query(req) {
         Ok(f) => f,
         Err(r) => {
@@ -495,7 +502,7 @@ fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|_| "?".into())
 }
 
-fn task(app: &App, id: &str) -> Resp {
+fn task(app: &App<'_>, id: &str) -> Resp {
     let Ok(id) = id.parse::<TaskId>() else {
         return page(
             app,
