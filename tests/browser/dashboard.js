@@ -43,6 +43,17 @@ async function main() {
     check(Number(failedCount) === 2, "two failed tasks on the overview, saw " + failedCount);
     await shot("overview");
 
+    // Purge from the overview, confirmed: nothing is that old, so nothing goes.
+    await page.fill("#purge-age", "1000d");
+    let purgeConfirm = "";
+    page.once("dialog", (d) => {
+      purgeConfirm = d.message();
+      d.accept();
+    });
+    await Promise.all([page.waitForEvent("load"), page.click("button.purge")]);
+    check(purgeConfirm.includes("older than 1000d"), "purge asked for confirmation: " + purgeConfirm);
+    check(Number(await page.textContent('.card.failed b')) === 2, "nothing purged");
+
     // Queues, with pause / resume behind a confirmation.
     await page.goto(base + "/queues");
     const row = page.locator('tr[data-queue="other"]');

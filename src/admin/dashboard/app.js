@@ -17,14 +17,22 @@
     var b = ev.target.closest("button[data-url]");
     if (!b) return;
     ev.preventDefault();
-    if (!window.confirm(b.getAttribute("data-confirm") || "Are you sure?")) return;
+    var body = b.getAttribute("data-body") || "{}";
+    var confirmText = b.getAttribute("data-confirm") || "Are you sure?";
+    var ageFrom = b.getAttribute("data-age-from");
+    if (ageFrom) {
+      var age = (document.getElementById(ageFrom) || {}).value || "";
+      body = JSON.stringify({ older_than: age });
+      confirmText = confirmText + " (older than " + age + ")";
+    }
+    if (!window.confirm(confirmText)) return;
     busy = true;
     b.disabled = true;
     fetch(b.getAttribute("data-url"), {
       method: "POST",
       credentials: "same-origin",
       headers: { "Content-Type": "application/json", "X-CSRF-Token": csrf },
-      body: b.getAttribute("data-body") || "{}"
+      body: body
     })
       .then(function (r) {
         return r.json().then(function (j) { return { ok: r.ok, body: j }; });
@@ -49,7 +57,8 @@
   var every = parseInt(document.body.getAttribute("data-refresh") || "0", 10);
   if (every > 0) {
     setInterval(function () {
-      if (!busy) window.location.reload();
+      var typing = document.activeElement && document.activeElement.tagName === "INPUT";
+      if (!busy && !typing) window.location.reload();
     }, every);
   }
 })();

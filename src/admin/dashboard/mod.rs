@@ -188,6 +188,23 @@ fn overview(app: &App<'_>) -> Resp {
     b.push_str(&chart(&act));
     b.push_str("<h2>Queues</h2>");
     b.push_str(&queue_table(app, &stats, false));
+    if !app.read_only {
+        let _ = write!(
+            b,
+            "<h2>Maintenance</h2><p class=\"purge\"><label>Purge finished tasks (and their history) older than \
+<input id=\"purge-age\" value=\"7d\" maxlength=\"32\" size=\"6\"></label> {}</p>",
+            button(
+                app,
+                "Purge",
+                "/api/v1/purge",
+                "{}",
+                "Delete every finished task older than the age given, with its history? This cannot be undone.",
+                "danger purge",
+            )
+            .replace("<button ", "<button data-age-from=\"purge-age\" ")
+        );
+    }
+    // The overview refreshes itself, except while an operator types in the purge box.
     page(app, 200, "Overview", "Overview", &b, Some(5000))
 }
 
