@@ -255,6 +255,40 @@ fn omniq_demo_serves_its_socket_while_it_runs() {
     let shown = remote_json(&d, &["show", &id]);
     assert_eq!(shown["id"], id);
     assert!(shown["history"].as_array().is_some_and(|h| !h.is_empty()));
+
+    // A running task can be cancelled through the socket: its handler is told, and the attempt
+    // ends CANCELLED. (Handlers run for 2.5-7.5 s; the CLI answers in milliseconds.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let running = loop {
+        let l = remote_json(&d, &["list", "--status", "running", "--limit", "1"]);
+        if let Some(id) = l["tasks"][0]["id"].as_str() {
+            break id.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no task started running"
+        );
+    };
+    let text = remote(&d, &["cancel", &running]);
+    assert!(text.contains("cancellation requested"), "{text}");
+    let status = loop {
+        let s = remote_json(&d, &["show", &running]);
+        let status = s["status"].as_str().unwrap().to_string();
+        if status != "RUNNING" || std::time::Instant::now() > deadline {
+            break s;
+        }
+    };
+    assert_eq!(status["status"], "CANCELLED", "{status}");
+    let last = status["history"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (last["from"].as_str(), last["cause"].as_str()),
+        (Some("RUNNING"), Some("cancelled"))
+    );
 }
 
 #[test]

@@ -327,6 +327,12 @@ pub fn cancel(queue: &Target, json: bool, id: TaskId) -> Result<ExitCode, CliErr
     let t = queue.cancel(id)?;
     if json {
         emit_json(&changed_json("cancel", false, 1, std::slice::from_ref(&t)))?;
+    } else if t.status == Status::Running {
+        // Only a live queue (through its admin socket) can cancel a running task: cooperatively.
+        emit(&format!(
+            "task {} is running: cancellation requested; its attempt ends CANCELLED when its handler returns or times out\n",
+            t.id
+        ))?;
     } else {
         emit(&format!("task {} cancelled\n", t.id))?;
     }
