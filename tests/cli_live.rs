@@ -239,7 +239,7 @@ fn omniq_demo_serves_its_socket_while_it_runs() {
             "--workers",
             "2",
             "--work-ms",
-            "2000",
+            "5000",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
