@@ -638,6 +638,17 @@ fn tcp_needs_a_token_off_loopback_and_checks_it() {
     assert_eq!(get(&wrong, "/api/v1/stats").status, 401);
     let right = Client::new(ep.clone()).token(token);
     assert_eq!(right.stats().unwrap(), f.q.stats().unwrap());
+    // An action with a valid CSRF token but a wrong (or no) bearer token changes nothing.
+    let before = snapshot(&f.q);
+    let csrf = csrf(&right);
+    let target = format!("/api/v1/tasks/{}/retry", f.failed);
+    for c in [&wrong, &anon] {
+        let r = c
+            .request("POST", &target, &[("X-CSRF-Token", &csrf)], b"{}")
+            .unwrap();
+        assert_eq!(r.status, 401, "{}", r.text());
+    }
+    assert_eq!(snapshot(&f.q), before);
     // Browsers log in once; the cookie then works.
     let r = get(&anon, &format!("/login?token={token}"));
     assert_eq!(r.status, 303);
