@@ -793,3 +793,29 @@ fn the_server_does_not_keep_the_queue_open() {
     let q = Queue::open(&path).unwrap();
     assert_eq!(q.stats().unwrap().total, 4);
 }
+
+#[test]
+fn a_stalled_client_blocks_neither_other_requests_nor_stop() {
+    use std::io::Write;
+    let f = fixture();
+    let s = f.q.admin().serve().unwrap();
+    let path = s.unix_socket_path().unwrap().to_path_buf();
+    // Promises a 60,000-byte body (under the limit, so it is read) and sends one byte.
+    let mut stalled = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    stalled
+        .write_all(
+            b"POST /api/v1/purge HTTP/1.1\r\nHost: localhost\r\nContent-Length: 60000\r\n\r\n{",
+        )
+        .unwrap();
+    let c = Client::new(s.endpoints()[0].clone());
+    assert_eq!(c.stats().unwrap().total, 4, "another thread still answers");
+    let t0 = std::time::Instant::now();
+    s.stop();
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "stop gave up on the stalled request after its grace period: {:?}",
+        t0.elapsed()
+    );
+    assert!(!path.exists());
+    drop(stalled);
+}

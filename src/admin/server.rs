@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -147,10 +146,16 @@ pub struct AdminServer {
     endpoints: Vec<Endpoint>,
     servers: Vec<Arc<tiny_http::Server>>,
     threads: Vec<JoinHandle<()>>,
+    /// Each request thread sends one message here as it exits (so `stop` can bound its wait).
+    exited: crossbeam_channel::Receiver<()>,
     stop: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
     unix_path: Option<PathBuf>,
 }
+
+/// How long `stop` waits for requests being handled (a client that stalls mid-request must not
+/// hold up the application's shutdown: its thread is left to finish on its own).
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl AdminServer {
     /// Where it listens: the UNIX socket first (if any), then TCP (with the actual port).
@@ -171,7 +176,8 @@ impl AdminServer {
         })
     }
 
-    /// Stops listening, waits for requests being handled, and removes the socket file.
+    /// Stops listening, waits (up to 5 s) for requests being handled, and removes the socket
+    /// file.
     pub fn stop(mut self) {
         self.shutdown();
     }
@@ -183,8 +189,23 @@ impl AdminServer {
                 s.unblock();
             }
         }
+        let deadline = std::time::Instant::now() + STOP_GRACE;
+        let mut left = self.threads.len();
+        while left > 0 {
+            let wait = deadline.saturating_duration_since(std::time::Instant::now());
+            if self.exited.recv_timeout(wait).is_err() {
+                tracing::warn!(
+                    threads = left,
+                    "admin server: requests still being handled after {STOP_GRACE:?}; leaving them to finish"
+                );
+                break;
+            }
+            left -= 1;
+        }
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
         self.metrics.stop();
         // Dropping the servers closes the listeners (tiny_http removes its socket file).
@@ -271,6 +292,7 @@ pub(crate) fn start(b: AdminBuilder) -> Result<AdminServer> {
         endpoints.push(Endpoint::Tcp(actual));
     }
     let stop = Arc::new(AtomicBool::new(false));
+    let (exited_tx, exited) = crossbeam_channel::unbounded::<()>();
     let mut threads = Vec::new();
     for (server, via) in &listeners {
         for _ in 0..b.threads {
@@ -278,9 +300,13 @@ pub(crate) fn start(b: AdminBuilder) -> Result<AdminServer> {
             let app = app.clone();
             let stop = stop.clone();
             let via = *via;
+            let exited = exited_tx.clone();
             let t = std::thread::Builder::new()
                 .name("omniq-admin".into())
-                .spawn(move || serve_loop(&server, &app, via, &stop))
+                .spawn(move || {
+                    serve_loop(&server, &app, via, &stop);
+                    let _ = exited.send(());
+                })
                 .map_err(|e| storage("cannot start a thread", e))?;
             threads.push(t);
         }
@@ -289,6 +315,7 @@ pub(crate) fn start(b: AdminBuilder) -> Result<AdminServer> {
         endpoints,
         servers: listeners.into_iter().map(|(s, _)| s).collect(),
         threads,
+        exited,
         stop,
         metrics,
         unix_path: b.unix,
@@ -296,11 +323,11 @@ pub(crate) fn start(b: AdminBuilder) -> Result<AdminServer> {
 }
 
 fn serve_loop(server: &tiny_http::Server, app: &Shared, via: Via, stop: &AtomicBool) {
+    // Blocks until a request arrives (an idle server uses no CPU); `AdminServer::stop` sets
+    // `stop` and then queues one `unblock` per thread, which makes `recv` return an error.
     while !stop.load(Ordering::Acquire) {
-        // `unblock` wakes a blocked thread at stop; the timeout is only a fallback.
-        match server.recv_timeout(Duration::from_secs(1)) {
-            Ok(Some(rq)) => handle(app, via, rq),
-            Ok(None) => {}
+        match server.recv() {
+            Ok(rq) => handle(app, via, rq),
             Err(_) if stop.load(Ordering::Acquire) => return,
             Err(e) => {
                 tracing::debug!(error = %e, "admin server: receiving a request failed");
