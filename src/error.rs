@@ -193,6 +193,37 @@ pub enum Error {
     /// The queue has been closed (its writer thread has stopped).
     #[error("the queue is closed")]
     Closed,
+
+    /// A PostgreSQL schema was migrated by a newer omniq than this build (feature `postgres`).
+    #[error(
+        "PostgreSQL schema {schema} is at omniq schema version {found}, but this build of omniq \
+         knows version {supported} at most; upgrade omniq to use it"
+    )]
+    SchemaTooNew {
+        /// The database and schema, as `database/schema`.
+        schema: String,
+        /// The version recorded in the schema's `omniq_schema` table.
+        found: u32,
+        /// The newest version this build knows.
+        supported: u32,
+    },
+
+    /// This process lost its PostgreSQL session (feature `postgres`): the node row and
+    /// advisory lock that mark it alive are gone, so other processes rescue its executions.
+    /// It claims nothing any more; finishes of executions it still runs are accepted only while
+    /// no rescuer has charged them (the lease fences them). Reconnect with a new backend.
+    #[error(
+        "node {node} lost its PostgreSQL session on {schema} ({reason}); it no longer claims \
+         tasks, and its running executions are rescued by the other processes"
+    )]
+    SessionLost {
+        /// The database and schema, as `database/schema`.
+        schema: String,
+        /// The node id this process had.
+        node: u64,
+        /// What happened.
+        reason: String,
+    },
 }
 
 fn damaged_message(path: Option<&std::path::Path>, detail: &str) -> String {
@@ -218,6 +249,15 @@ impl Error {
             Error::Damaged { path, detail } => Error::Damaged {
                 path: path.clone(),
                 detail: detail.clone(),
+            },
+            Error::SessionLost {
+                schema,
+                node,
+                reason,
+            } => Error::SessionLost {
+                schema: schema.clone(),
+                node: *node,
+                reason: reason.clone(),
             },
             other => Error::Storage(other.to_string()),
         }

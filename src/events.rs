@@ -90,6 +90,20 @@ impl Notify {
         (token, rx)
     }
 
+    /// Wakes every `wait` caller, so that each re-reads its task. For backends whose tasks can
+    /// finish in another process (PostgreSQL): this process sees no local commit then, only a
+    /// notification or its fallback poll. The waiters are removed, as [`after_commit`]
+    /// removes those of finished tasks; a caller whose task is not finished registers again.
+    ///
+    /// [`after_commit`]: Notify::after_commit
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn wake_waiters(&self) {
+        let all = std::mem::take(&mut *self.waiters.lock());
+        for (_, w) in all.into_values().flatten() {
+            let _ = w.try_send(());
+        }
+    }
+
     /// Forgets a waiter that gave up.
     pub(crate) fn remove_waiter(&self, id: TaskId, token: u64) {
         let mut w = self.waiters.lock();

@@ -125,6 +125,18 @@ mod worker;
 pub mod admin;
 #[doc(hidden)]
 pub mod bench;
+
+/// The PostgreSQL backend (feature `postgres`, on by default): schema migrations and the
+/// backend's options. Several processes share one queue in one database schema; see the
+/// repository's `ARCHITECTURE.md` for the claim, fencing, notification and rescue protocol.
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    #[doc(hidden)]
+    pub use crate::backend::postgres::harness;
+    pub use crate::backend::postgres::{
+        migrate, Liveness, MigrateReport, PgOptions, SCHEMA_VERSION,
+    };
+}
 #[doc(hidden)]
 pub mod fuzzing;
 

@@ -24,6 +24,8 @@ use crate::log::LogEntry;
 use crate::store::QueueSet;
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
+#[cfg(feature = "postgres")]
+pub(crate) mod postgres;
 pub(crate) mod sled;
 
 /// A reply channel: the backend sends exactly one message on it once the operation is durable

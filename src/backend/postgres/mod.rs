@@ -1,0 +1,418 @@
+//! The PostgreSQL backend (feature `postgres`): several processes, on one or more machines,
+//! share one queue in one database schema (design.md section 7).
+//!
+//! - **Transitions in SQL, rules in Rust.** A claim is one statement (a CTE picks due pending
+//!   rows `FOR UPDATE SKIP LOCKED` from a partial index, an `UPDATE` moves them to running with
+//!   `attempts + 1` and a new lease). A finish, cancel, retry or rescue reads the row, asks the
+//!   pure rules of `lifecycle.rs` (so `retry.rs`) for the next record, and writes it fenced by
+//!   lease and state (`WHERE id = $1 AND lease = $2 AND state = $3`). Each transition writes its
+//!   log row and its counter deltas in the same transaction, and nothing is answered before
+//!   `COMMIT` returns (with `synchronous_commit = on`, set on every connection).
+//! - **Wake-ups.** Local listeners hear every commit at once ([`Notify::after_commit`]); other
+//!   processes hear a `NOTIFY`, at most one per queue per `notify_interval` (every notifying
+//!   commit takes a global lock in PostgreSQL), sent after the commit by a notifier thread, and
+//!   poll every `poll_interval` in case one is missed.
+//! - **Exact rescue** (`rescue.rs`): each process is a node row, alive while its session holds
+//!   an advisory lock on it ([`Liveness::SessionLock`]) or, behind poolers that break session
+//!   state, while its heartbeat is fresh ([`Liveness::Heartbeat`]).
+//!
+//! [`Notify::after_commit`]: crate::events::Notify::after_commit
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::backend::{Backend, ClaimRequest, DueSummary, FinishRequest};
+use crate::clock::Clock;
+use crate::commit::BackoffTable;
+use crate::error::{Error, Result};
+use crate::events::Notify;
+use crate::inspect::{ConsistencyReport, ListFilter, Page, RecoveryReport};
+use crate::log::LogEntry;
+use crate::retry::JitterSource;
+use crate::store::QueueSet;
+use crate::task::{Status, TaskId, TaskInfo, Timestamp};
+
+#[doc(hidden)]
+pub mod harness;
+mod node;
+mod ops;
+mod pool;
+mod rescue;
+mod rows;
+pub(crate) mod schema;
+
+pub use schema::{MigrateReport, SCHEMA_VERSION};
+
+/// How other processes tell whether this one is alive (see the crate's `ARCHITECTURE.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// The default: the node's session holds a session-level advisory lock on its node row. A
+    /// node is dead as soon as its lock can be taken (its session ended: process killed,
+    /// connection cut, `pg_terminate_backend`). A node whose session lives on but whose
+    /// heartbeat is older than `dead_after` (a stopped or wedged process) has its session
+    /// terminated by the rescuer, which makes it dead the same way: never rescued while it
+    /// can still act.
+    SessionLock,
+    /// For transaction-mode poolers (PgBouncer and the like), which do not keep session state:
+    /// a node is dead when its heartbeat is older than `dead_after`. A live node's
+    /// heartbeat thread refreshes it every `heartbeat_interval`, so `dead_after` must exceed
+    /// that by the longest pause a live process may have; a node that finds its row gone
+    /// stops claiming.
+    Heartbeat,
+}
+
+/// Options of the PostgreSQL backend.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// The schema holding the queue's tables (created by migration). Default `"omniq"`.
+    pub schema: String,
+    /// Connections for transitions and reads (default 4). The node session and the notifier
+    /// use one more each.
+    pub pool_size: usize,
+    /// How liveness is decided (default [`Liveness::SessionLock`]).
+    pub liveness: Liveness,
+    /// How often the node's heartbeat is written (default 1 s).
+    pub heartbeat_interval: Duration,
+    /// A heartbeat older than this marks a node dead (heartbeat mode) or wedged (session-lock
+    /// mode). Default 30 s.
+    pub dead_after: Duration,
+    /// How often this process looks for dead nodes' executions (default 1 s): an orphan is
+    /// rescued within `rescue_interval` of its node's session ending (session-lock mode), or of
+    /// its heartbeat passing `dead_after` (heartbeat mode).
+    pub rescue_interval: Duration,
+    /// Fallback poll when no notification arrives (default 5 s).
+    pub poll_interval: Duration,
+    /// At most one `NOTIFY` per queue per this interval (default 20 ms).
+    pub notify_interval: Duration,
+    /// Terminal tasks older than this are deleted with their history by every node's retention
+    /// pass (default 7 days; `None` keeps everything).
+    pub retention: Option<Duration>,
+    /// Migrate the schema at connect when it is older than this build (default true). With
+    /// `false`, an older schema is refused: run `omniq migrate` first.
+    pub auto_migrate: bool,
+    /// Bound on connecting and on waiting for a free pooled connection (default 10 s).
+    pub connect_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> PgOptions {
+        PgOptions {
+            schema: "omniq".into(),
+            pool_size: 4,
+            liveness: Liveness::SessionLock,
+            heartbeat_interval: Duration::from_secs(1),
+            dead_after: Duration::from_secs(30),
+            rescue_interval: Duration::from_secs(1),
+            poll_interval: Duration::from_secs(5),
+            notify_interval: Duration::from_millis(20),
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            auto_migrate: true,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the queue lives: connection settings, database and schema.
+#[derive(Clone)]
+pub(crate) struct Target {
+    pub config: postgres::Config,
+    pub database: String,
+    pub schema: String,
+}
+
+impl Target {
+    pub(crate) fn parse(url: &str, schema: &str, connect_timeout: Duration) -> Result<Target> {
+        let mut config = postgres::Config::from_str(url).map_err(|e| Error::Invalid {
+            what: "PostgreSQL connection string",
+            reason: e.to_string(),
+        })?;
+        if schema.is_empty() || schema.len() > 63 {
+            return Err(Error::Invalid {
+                what: "PostgreSQL schema name",
+                reason: format!("{schema:?} must be 1 to 63 bytes long"),
+            });
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(connect_timeout);
+        }
+        config.application_name("omniq");
+        let database = config
+            .get_dbname()
+            .or(config.get_user())
+            .unwrap_or("(default)")
+            .to_string();
+        Ok(Target {
+            config,
+            database,
+            schema: schema.to_string(),
+        })
+    }
+
+    /// `database/schema`, for messages.
+    pub(crate) fn label(&self) -> String {
+        format!("{}/{}", self.database, self.schema)
+    }
+
+    /// The LISTEN/NOTIFY channel of this schema.
+    pub(crate) fn channel(&self) -> String {
+        format!("omniq:{}", self.schema)
+    }
+
+    /// A new connection whose `search_path` is the schema, with synchronous commits.
+    pub(crate) fn connect(&self) -> Result<postgres::Client> {
+        let mut client = self
+            .config
+            .connect(postgres::NoTls)
+            .map_err(pg_error(self, "connect"))?;
+        client
+            .batch_execute(&format!(
+                "SET search_path TO {}; SET synchronous_commit TO on",
+                quote_ident(&self.schema)
+            ))
+            .map_err(pg_error(self, "set up the session"))?;
+        Ok(client)
+    }
+}
+
+/// `"name"`, quoted for SQL.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Maps a driver error to [`Error::Storage`] naming the database, the schema and the step.
+pub(crate) fn pg_error<'a>(target: &'a Target, what: &'a str) -> impl Fn(postgres::Error) -> Error + 'a {
+    move |e| Error::Storage(format!("PostgreSQL {}: cannot {what}: {}", target.label(), describe(&e)))
+}
+
+pub(crate) fn describe(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} ({})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(&format!("; {d}"));
+            }
+            s
+        }
+        None => {
+            let mut s = e.to_string();
+            let mut src = std::error::Error::source(e);
+            while let Some(inner) = src {
+                s.push_str(&format!(": {inner}"));
+                src = inner.source();
+            }
+            s
+        }
+    }
+}
+
+/// Applies the schema migrations to `options.schema` of the database at `url`.
+pub fn migrate(url: &str, options: &PgOptions) -> Result<MigrateReport> {
+    let target = Target::parse(url, &options.schema, options.connect_timeout)?;
+    let mut client = target.connect()?;
+    schema::migrate(&mut client, &target)
+}
+
+/// State shared by the backend's callers and its threads.
+pub(crate) struct Shared {
+    pub target: Target,
+    pub options: PgOptions,
+    pub pool: pool::Pool,
+    pub notify: Arc<Notify>,
+    pub clock: Arc<dyn Clock>,
+    pub jitter: Mutex<Box<dyn JitterSource>>,
+    pub backoff: BackoffTable,
+    /// This process's node id.
+    pub node: u64,
+    /// The node's session process id on the server (what `pg_terminate_backend` takes).
+    pub session_pid: i32,
+    /// Why the node's session was lost, once it was.
+    pub lost: Mutex<Option<String>>,
+    pub stopping: AtomicBool,
+    /// Queues to `NOTIFY` about (sent by the notifier thread, throttled).
+    pub to_notify: crossbeam_channel::Sender<node::Signal>,
+}
+
+impl Shared {
+    pub(crate) fn session_lost(&self) -> Option<Error> {
+        self.lost.lock().as_ref().map(|reason| Error::SessionLost {
+            schema: self.target.label(),
+            node: self.node,
+            reason: reason.clone(),
+        })
+    }
+
+    pub(crate) fn mark_lost(&self, reason: String) {
+        let mut lost = self.lost.lock();
+        if lost.is_none() {
+            tracing::error!(node = self.node, schema = %self.target.label(), %reason, "lost the PostgreSQL session: no more claims");
+            *lost = Some(reason);
+        }
+        drop(lost);
+        // Dispatchers try to claim, and learn.
+        self.notify.wake_all();
+    }
+}
+
+/// The PostgreSQL implementation of [`Backend`].
+pub(crate) struct PgBackend {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl PgBackend {
+    /// Connects (migrating the schema if allowed), registers this process as a node, and starts
+    /// its session thread (listen, heartbeat, rescue, retention) and notifier thread.
+    pub(crate) fn connect(
+        url: &str,
+        options: PgOptions,
+        notify: Arc<Notify>,
+        clock: Arc<dyn Clock>,
+        jitter: Box<dyn JitterSource>,
+        backoff: BackoffTable,
+    ) -> Result<PgBackend> {
+        let target = Target::parse(url, &options.schema, options.connect_timeout)?;
+        let mut session = target.connect()?;
+        let found = schema::version(&mut session, &target)?;
+        if found > SCHEMA_VERSION {
+            return Err(schema::too_new(&target, found));
+        }
+        if found < SCHEMA_VERSION {
+            if !options.auto_migrate {
+                return Err(Error::Storage(format!(
+                    "PostgreSQL {}: schema version {found} is older than this build's \
+                     {SCHEMA_VERSION}; run `omniq migrate --url ... --schema {}` first",
+                    target.label(),
+                    target.schema
+                )));
+            }
+            schema::migrate(&mut session, &target)?;
+        }
+        let (node, session_pid) = node::register(&mut session, &target, options.liveness)?;
+        let pool = pool::Pool::new(target.clone(), options.pool_size, options.connect_timeout);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            target,
+            options,
+            pool,
+            notify,
+            clock,
+            jitter: Mutex::new(jitter),
+            backoff,
+            node,
+            session_pid,
+            lost: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            to_notify: tx,
+        });
+        let threads = node::spawn(&shared, session, rx)?;
+        Ok(PgBackend {
+            shared,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    pub(crate) fn node_id(&self) -> u64 {
+        self.shared.node
+    }
+
+    pub(crate) fn session_pid(&self) -> i32 {
+        self.shared.session_pid
+    }
+
+    pub(crate) fn is_lost(&self) -> bool {
+        self.shared.lost.lock().is_some()
+    }
+
+    fn stop_threads(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock());
+        if threads.is_empty() {
+            return;
+        }
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        node::wake_session(&self.shared);
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for PgBackend {
+    fn drop(&mut self) {
+        self.stop_threads();
+    }
+}
+
+impl Backend for PgBackend {
+    fn insert(&self, tasks: Vec<TaskInfo>) -> Result<()> {
+        ops::insert(&self.shared, tasks)
+    }
+
+    fn submit(&self, finishes: Vec<FinishRequest>, claim: Option<ClaimRequest>) -> Result<()> {
+        ops::submit(&self.shared, finishes, claim);
+        Ok(())
+    }
+
+    fn cancel(&self, id: TaskId) -> Result<TaskInfo> {
+        ops::cancel(&self.shared, id)
+    }
+
+    fn retry(&self, id: TaskId) -> Result<TaskInfo> {
+        ops::retry(&self.shared, id)
+    }
+
+    fn purge(&self, cutoff: Timestamp, limit: usize) -> Result<usize> {
+        ops::purge(&self.shared, cutoff, limit)
+    }
+
+    fn rescue(&self) -> Result<RecoveryReport> {
+        rescue::rescue(&self.shared)
+    }
+
+    fn get(&self, id: TaskId) -> Result<Option<TaskInfo>> {
+        ops::get(&self.shared, id)
+    }
+
+    fn list(&self, filter: &ListFilter) -> Result<Page> {
+        ops::list(&self.shared, filter)
+    }
+
+    fn history(&self, id: TaskId) -> Result<Vec<LogEntry>> {
+        ops::history(&self.shared, id)
+    }
+
+    fn counts(&self) -> Result<BTreeMap<(String, Status), u64>> {
+        ops::counts(&self.shared)
+    }
+
+    fn due_summary(&self, queues: &QueueSet, now: Timestamp, limit: usize) -> Result<DueSummary> {
+        ops::due_summary(&self.shared, queues, now, limit)
+    }
+
+    fn finished_before(&self, cutoff: Timestamp, limit: usize) -> Result<Vec<TaskId>> {
+        ops::finished_before(&self.shared, cutoff, limit)
+    }
+
+    fn check(&self) -> Result<ConsistencyReport> {
+        ops::check(&self.shared)
+    }
+
+    fn size_on_disk(&self) -> Result<u64> {
+        ops::size_on_disk(&self.shared)
+    }
+
+    fn sync(&self) -> Result<()> {
+        // Every write was answered after its COMMIT (synchronous_commit = on).
+        Ok(())
+    }
+
+    fn shut_down(&self) -> Result<()> {
+        self.stop_threads();
+        node::unregister(&self.shared)
+    }
+}

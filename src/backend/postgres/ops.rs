@@ -1,0 +1,919 @@
+//! Transitions and reads in SQL. Every transition: read the row (locked), apply the pure rule
+//! from `lifecycle.rs`, write the result fenced by lease and state, write its log row and
+//! counter deltas, all in one transaction; reply after `COMMIT`; then tell local listeners
+//! ([`Notify::after_commit`](crate::events::Notify::after_commit)) and, throttled, the other
+//! processes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use postgres::Transaction;
+
+use super::node::Signal;
+use super::rows::{
+    log_cols, log_from_row, parse_state, state_name, task_cols, task_from_row, to_i32, to_i64,
+    to_json, TaskParams,
+};
+use super::{pg_error, Shared};
+use crate::backend::{ClaimRequest, DueSummary, FinishRequest};
+use crate::commit::{Finished, Outcome};
+use crate::error::{Error, Result};
+use crate::inspect::{ConsistencyReport, CorruptEntry, ListFilter, Page};
+use crate::lifecycle::{self, Refusal};
+use crate::log::{Cause, LogEntry};
+use crate::retry::Backoff;
+use crate::store::{Change, QueueSet};
+use crate::task::{Status, TaskId, TaskInfo, Timestamp};
+
+const READ_FOR_UPDATE: &str = concat!(
+    "SELECT ",
+    task_cols!(),
+    " FROM omniq_tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"
+);
+
+/// The fence: the row is written only if it still has the lease and state the rule saw.
+const UPDATE_FENCED: &str = "UPDATE omniq_tasks SET state = $3, attempts = $4, run_at = $5, \
+     started_at = $6, finished_at = $7, result = $8, last_error = $9, errors = $10, node = $11, \
+     lease = $12 WHERE id = $1 AND lease = $2 AND state = $13";
+
+const INSERT_TASK: &str = concat!(
+    "INSERT INTO omniq_tasks (",
+    task_cols!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+);
+
+/// The claim: one statement. The CTE picks at most `$3` due pending rows in claim order from
+/// the partial index, skipping rows other transactions hold; the UPDATE moves exactly those to
+/// running, counts the attempt and draws a new lease.
+macro_rules! claim_sql {
+    ($queue_filter:literal) => {
+        concat!(
+            "WITH due AS (SELECT id AS due_id, lease AS old_lease, started_at AS old_started \
+             FROM omniq_tasks WHERE state = 'pending' AND run_at <= $1",
+            $queue_filter,
+            " ORDER BY priority DESC, run_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             UPDATE omniq_tasks SET state = 'running', attempts = attempts + 1, started_at = $1, \
+             lease = nextval('omniq_lease_seq'), node = $4 FROM due WHERE id = due.due_id \
+             RETURNING old_lease, old_started, ",
+            task_cols!()
+        )
+    };
+}
+const CLAIM_ANY: &str = claim_sql!(" AND $2::text[] IS NULL");
+const CLAIM_QUEUES: &str = claim_sql!(" AND queue = ANY($2)");
+
+/// This node still counts as alive: its row exists (a rescuer deletes it before charging its
+/// executions). `FOR KEY SHARE` makes a rescuer's delete wait for this claim's commit.
+const NODE_ALIVE: &str = "SELECT 1 FROM omniq_nodes WHERE id = $1 FOR KEY SHARE";
+
+const INSERT_LOG: &str = "INSERT INTO omniq_log (task_id, from_state, to_state, attempt, cause, \
+     at, run_id) SELECT t, f, s, a, c, w, r FROM unnest($1::uuid[], $2::text[], $3::text[], \
+     $4::int4[], $5::jsonb[], $6::int8[], $7::int8[]) WITH ORDINALITY AS u(t, f, s, a, c, w, r, o) \
+     ORDER BY o RETURNING seq";
+
+/// Counter deltas, in (queue, state) order so that concurrent transactions lock counter rows
+/// in the same order; each connection writes its own shard.
+const ADD_COUNTS: &str = "INSERT INTO omniq_counts (queue, state, shard, n) \
+     SELECT q, s, pg_backend_pid() % 16, d FROM unnest($1::text[], $2::text[], $3::int8[]) \
+     AS u(q, s, d) ORDER BY q, s \
+     ON CONFLICT (queue, state, shard) DO UPDATE SET n = omniq_counts.n + EXCLUDED.n";
+
+/// The transitions of one transaction, and what to tell once it commits.
+#[derive(Default)]
+pub(crate) struct Batch {
+    changes: Vec<Change>,
+    deltas: BTreeMap<(String, &'static str), i64>,
+    signals: BTreeSet<Signal>,
+}
+
+impl Batch {
+    /// Records a transition already written to its row (the log row comes in [`Batch::write`]).
+    pub(crate) fn record(
+        &mut self,
+        sh: &Shared,
+        before: Option<TaskInfo>,
+        after: Option<TaskInfo>,
+        cause: Option<Cause>,
+        now: Timestamp,
+    ) {
+        if let Some(b) = &before {
+            *self
+                .deltas
+                .entry((b.queue.clone(), state_name(b.status)))
+                .or_default() -= 1;
+        }
+        match &after {
+            Some(a) => {
+                *self
+                    .deltas
+                    .entry((a.queue.clone(), state_name(a.status)))
+                    .or_default() += 1;
+                if a.status == Status::Pending {
+                    self.signals.insert(Signal::Work(a.queue.clone()));
+                } else if a.status.is_terminal() {
+                    self.signals.insert(Signal::Done(a.queue.clone()));
+                }
+            }
+            None => {
+                if let Some(b) = &before {
+                    self.signals.insert(Signal::Done(b.queue.clone()));
+                }
+            }
+        }
+        let log = match (&after, cause) {
+            (Some(a), Some(cause)) => Some(LogEntry {
+                seq: 0,
+                task_id: a.id,
+                from: before.as_ref().map(|b| b.status),
+                to: a.status,
+                attempt: a.attempts,
+                cause,
+                at: now,
+                run_id: sh.node,
+            }),
+            _ => None,
+        };
+        self.changes.push(Change { before, after, log });
+    }
+
+    /// Writes the log rows (filling in their sequence numbers) and the counter deltas.
+    pub(crate) fn write(&mut self, sh: &Shared, tx: &mut Transaction<'_>) -> Result<()> {
+        let t = &sh.target;
+        let entries: Vec<&LogEntry> = self.changes.iter().filter_map(|c| c.log.as_ref()).collect();
+        if !entries.is_empty() {
+            let ids: Vec<uuid::Uuid> = entries.iter().map(|e| e.task_id.0).collect();
+            let from: Vec<Option<&str>> = entries.iter().map(|e| e.from.map(state_name)).collect();
+            let to: Vec<&str> = entries.iter().map(|e| state_name(e.to)).collect();
+            let attempt: Vec<i32> = entries.iter().map(|e| to_i32(e.attempt)).collect();
+            let cause = entries
+                .iter()
+                .map(|e| to_json("log cause", &e.cause))
+                .collect::<Result<Vec<_>>>()?;
+            let at: Vec<i64> = entries.iter().map(|e| to_i64(e.at.0)).collect();
+            let run: Vec<i64> = entries.iter().map(|e| to_i64(e.run_id)).collect();
+            let rows = tx
+                .query(INSERT_LOG, &[&ids, &from, &to, &attempt, &cause, &at, &run])
+                .map_err(pg_error(t, "write the transition log"))?;
+            let mut seqs = rows
+                .iter()
+                .map(|r| r.try_get::<_, i64>(0))
+                .collect::<std::result::Result<Vec<i64>, _>>()
+                .map_err(pg_error(t, "read the log sequence numbers"))?;
+            seqs.sort_unstable();
+            if seqs.len() != entries.len() {
+                return Err(Error::Storage(format!(
+                    "PostgreSQL {}: wrote {} log rows but got {} sequence numbers back",
+                    t.label(),
+                    entries.len(),
+                    seqs.len()
+                )));
+            }
+            let mut seqs = seqs.into_iter();
+            for c in &mut self.changes {
+                if let (Some(log), Some(seq)) = (c.log.as_mut(), seqs.next()) {
+                    log.seq = u64::try_from(seq).unwrap_or(0);
+                }
+            }
+        }
+        self.deltas.retain(|_, d| *d != 0);
+        if !self.deltas.is_empty() {
+            let queues: Vec<&str> = self.deltas.keys().map(|(q, _)| q.as_str()).collect();
+            let states: Vec<&str> = self.deltas.keys().map(|(_, s)| *s).collect();
+            let deltas: Vec<i64> = self.deltas.values().copied().collect();
+            tx.execute(ADD_COUNTS, &[&queues, &states, &deltas])
+                .map_err(pg_error(t, "update the task counters"))?;
+        }
+        Ok(())
+    }
+
+    /// After COMMIT: local listeners at once, other processes through the notifier.
+    pub(crate) fn publish(self, sh: &Shared) {
+        if self.changes.is_empty() {
+            return;
+        }
+        sh.notify.after_commit(&self.changes);
+        for s in self.signals {
+            let _ = sh.to_notify.send(s);
+        }
+    }
+}
+
+/// The backoff of a task: its own, else its queue's, else the default.
+fn backoff_for(sh: &Shared, t: &TaskInfo) -> Backoff {
+    t.backoff
+        .or_else(|| sh.backoff.per_queue.get(&t.queue).copied())
+        .unwrap_or(sh.backoff.default)
+}
+
+fn refusal_to_error(id: TaskId, op: &'static str, expected: &'static str, r: Refusal) -> Error {
+    match r {
+        Refusal::WrongState(status) => Error::InvalidState {
+            id,
+            status,
+            op,
+            expected,
+        },
+        Refusal::NotDue => Error::InvalidState {
+            id,
+            status: Status::Pending,
+            op,
+            expected: "due",
+        },
+        Refusal::Stale => Error::InvalidState {
+            id,
+            status: Status::Running,
+            op,
+            expected: "held by this execution",
+        },
+    }
+}
+
+/// Writes `next` over `rec`, fenced: it must still have `rec`'s lease and state. We hold the
+/// row lock, so a miss means the database and this code disagree: an error, not a skip.
+pub(crate) fn update_fenced(
+    sh: &Shared,
+    tx: &mut Transaction<'_>,
+    rec: &TaskInfo,
+    next: &TaskInfo,
+) -> Result<()> {
+    let p = TaskParams::new(next, None)?;
+    let old_lease = to_i64(rec.lease);
+    let old_state = state_name(rec.status);
+    let node = if next.status == Status::Running {
+        Some(to_i64(sh.node))
+    } else {
+        None
+    };
+    let n = tx
+        .execute(
+            UPDATE_FENCED,
+            &[
+                &p.id,
+                &old_lease,
+                &p.state,
+                &p.attempts,
+                &p.run_at,
+                &p.started_at,
+                &p.finished_at,
+                &p.result,
+                &p.last_error,
+                &p.errors,
+                &node,
+                &p.lease,
+                &old_state,
+            ],
+        )
+        .map_err(pg_error(&sh.target, "write a transition"))?;
+    if n != 1 {
+        return Err(Error::Storage(format!(
+            "PostgreSQL {}: task {} changed under its row lock (expected {} with lease {})",
+            sh.target.label(),
+            rec.id,
+            rec.status,
+            rec.lease
+        )));
+    }
+    Ok(())
+}
+
+/// Reads and locks `ids` (in id order, so concurrent transactions cannot deadlock on them).
+pub(crate) fn lock_rows(
+    sh: &Shared,
+    tx: &mut Transaction<'_>,
+    ids: &[TaskId],
+) -> Result<HashMap<TaskId, Result<TaskInfo>>> {
+    let mut uuids: Vec<uuid::Uuid> = ids.iter().map(|i| i.0).collect();
+    uuids.sort_unstable();
+    uuids.dedup();
+    let rows = tx
+        .query(READ_FOR_UPDATE, &[&uuids])
+        .map_err(pg_error(&sh.target, "read tasks"))?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let id: uuid::Uuid = row
+            .try_get("id")
+            .map_err(pg_error(&sh.target, "read a task id"))?;
+        out.insert(TaskId(id), task_from_row(row, &sh.target));
+    }
+    Ok(out)
+}
+
+type FinishReply = crate::backend::Reply<Finished>;
+
+/// Finishes, then a claim, in one transaction; each reply once it committed.
+pub(crate) fn submit(sh: &Shared, finishes: Vec<FinishRequest>, claim: Option<ClaimRequest>) {
+    let mut work = Vec::with_capacity(finishes.len());
+    let mut replies: Vec<FinishReply> = Vec::with_capacity(finishes.len());
+    for f in finishes {
+        work.push((f.id, f.lease, f.outcome));
+        replies.push(f.reply);
+    }
+    let (claim_args, claim_reply) = match claim {
+        Some(c) => (Some((c.queues, c.n, c.now)), Some(c.reply)),
+        None => (None, None),
+    };
+    match run_submit(sh, work, claim_args) {
+        Ok((results, claimed, batch)) => {
+            batch.publish(sh);
+            for (reply, r) in replies.into_iter().zip(results) {
+                let _ = reply.send(r);
+            }
+            if let (Some(reply), Some(c)) = (claim_reply, claimed) {
+                let _ = reply.send(c);
+            }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.duplicate()));
+            }
+            if let Some(reply) = claim_reply {
+                let _ = reply.send(Err(e.duplicate()));
+            }
+        }
+    }
+}
+
+type Submitted = (Vec<Result<Finished>>, Option<Result<Vec<TaskInfo>>>, Batch);
+
+fn run_submit(
+    sh: &Shared,
+    work: Vec<(TaskId, u64, Outcome)>,
+    claim: Option<(QueueSet, usize, Timestamp)>,
+) -> Result<Submitted> {
+    let t = &sh.target;
+    let mut conn = sh.pool.get()?;
+    let claim_stmt = match &claim {
+        Some((QueueSet::All, ..)) => Some(conn.prepared(CLAIM_ANY)),
+        Some((QueueSet::Named(_), ..)) => Some(conn.prepared(CLAIM_QUEUES)),
+        None => None,
+    }
+    .transpose()
+    .map_err(pg_error(t, "prepare the claim"))?;
+    let mut tx = conn
+        .transaction()
+        .map_err(pg_error(t, "begin a transaction"))?;
+    // A claim first checks that this node is still registered (see NODE_ALIVE), before the
+    // finishes lock task rows: a rescuer deleting the node row never waits on a task row lock
+    // held by this transaction, so the two cannot deadlock.
+    let alive = match &claim {
+        Some(_) if sh.session_lost().is_none() => tx
+            .query_opt(NODE_ALIVE, &[&to_i64(sh.node)])
+            .map_err(pg_error(t, "check this node's row"))?
+            .is_some(),
+        _ => false,
+    };
+    let now = sh.clock.now();
+    let mut batch = Batch::default();
+    let mut results = Vec::with_capacity(work.len());
+    if !work.is_empty() {
+        let ids: Vec<TaskId> = work.iter().map(|w| w.0).collect();
+        let mut current = lock_rows(sh, &mut tx, &ids)?;
+        for (id, lease, outcome) in work {
+            let rec = match current.get(&id) {
+                None => {
+                    results.push(Err(Error::NotFound(id)));
+                    continue;
+                }
+                Some(Err(e)) => {
+                    results.push(Err(e.duplicate()));
+                    continue;
+                }
+                Some(Ok(rec)) => rec.clone(),
+            };
+            let step = match outcome {
+                Outcome::Success(bytes) => lifecycle::succeed(&rec, lease, bytes, now),
+                Outcome::Failure(err) => {
+                    let b = backoff_for(sh, &rec);
+                    let unit = sh.jitter.lock().unit();
+                    lifecycle::fail(&rec, lease, err, now, &b, unit)
+                }
+            };
+            results.push(match step {
+                Ok((next, cause)) => {
+                    update_fenced(sh, &mut tx, &rec, &next)?;
+                    current.insert(id, Ok(next.clone()));
+                    batch.record(sh, Some(rec), Some(next.clone()), Some(cause), now);
+                    Ok(Finished::Applied(Box::new(next)))
+                }
+                Err(Refusal::Stale) | Err(Refusal::WrongState(_)) => Ok(Finished::Stale),
+                Err(r) => Err(refusal_to_error(id, "finish", "running", r)),
+            });
+        }
+    }
+    let claimed = match (claim, claim_stmt) {
+        (Some((queues, n, due_by)), Some(stmt)) => {
+            Some(claim_in(
+                sh, &mut tx, &stmt, &queues, n, due_by, now, alive, &mut batch,
+            )?)
+        }
+        _ => None,
+    };
+    batch.write(sh, &mut tx)?;
+    tx.commit().map_err(pg_error(t, "commit"))?;
+    Ok((results, claimed, batch))
+}
+
+/// The claim inside a transaction. `Ok(Err(_))` refuses the claim alone (session lost); the
+/// finishes of the same transaction still commit.
+#[allow(clippy::too_many_arguments)]
+fn claim_in(
+    sh: &Shared,
+    tx: &mut Transaction<'_>,
+    stmt: &postgres::Statement,
+    queues: &QueueSet,
+    n: usize,
+    due_by: Timestamp,
+    now: Timestamp,
+    alive: bool,
+    batch: &mut Batch,
+) -> Result<Result<Vec<TaskInfo>>> {
+    let t = &sh.target;
+    if let Some(e) = sh.session_lost() {
+        return Ok(Err(e));
+    }
+    if n == 0 {
+        return Ok(Ok(Vec::new()));
+    }
+    if !alive {
+        sh.mark_lost("its node row was deleted: another process found it dead".into());
+        return Ok(Err(sh.session_lost().unwrap_or(Error::Closed)));
+    }
+    let node = to_i64(sh.node);
+    // Claimed at the later of the claimer's idea of now and the backend's clock, as the sled
+    // writer does (the rule then checks the task is due by that time).
+    let claim_at = due_by.max(now);
+    let names: Option<Vec<String>> = match queues {
+        QueueSet::All => None,
+        QueueSet::Named(v) => Some(v.clone()),
+    };
+    let limit = i64::try_from(n).unwrap_or(i64::MAX);
+    let rows = tx
+        .query(stmt, &[&to_i64(claim_at.0), &names, &limit, &node])
+        .map_err(pg_error(t, "claim due tasks"))?;
+    let mut claimed = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let after_db = task_from_row(row, t)?;
+        let old_lease: i64 = row
+            .try_get("old_lease")
+            .map_err(pg_error(t, "read a claimed task"))?;
+        let old_started: Option<i64> = row
+            .try_get("old_started")
+            .map_err(pg_error(t, "read a claimed task"))?;
+        let mut before = after_db.clone();
+        before.status = Status::Pending;
+        before.attempts = after_db.attempts.saturating_sub(1);
+        before.lease = u64::try_from(old_lease).unwrap_or(0);
+        before.started_at = old_started.and_then(|s| u64::try_from(s).ok()).map(Timestamp);
+        // The SQL did the rule's work; check it agrees with the rule, exactly.
+        let (after, cause) = lifecycle::claim(&before, claim_at, after_db.lease).map_err(|r| {
+            Error::Storage(format!(
+                "PostgreSQL {}: claimed task {} that the rules refuse to claim ({r:?})",
+                t.label(),
+                before.id
+            ))
+        })?;
+        if after != after_db {
+            return Err(Error::Storage(format!(
+                "PostgreSQL {}: the claim of task {} disagrees with the rules",
+                t.label(),
+                before.id
+            )));
+        }
+        batch.record(sh, Some(before), Some(after.clone()), Some(cause), claim_at);
+        claimed.push(after);
+    }
+    // Best first, as the statement picked them (RETURNING does not keep that order).
+    claimed.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.next_run_at.cmp(&b.next_run_at))
+            .then(a.id.cmp(&b.id))
+    });
+    Ok(Ok(claimed))
+}
+
+/// New pending tasks, all or none.
+pub(crate) fn insert(sh: &Shared, tasks: Vec<TaskInfo>) -> Result<()> {
+    if tasks.is_empty() {
+        return Ok(());
+    }
+    let t = &sh.target;
+    if let Some(bad) = tasks.iter().find(|x| x.status != Status::Pending) {
+        return Err(Error::Invalid {
+            what: "new task",
+            reason: format!("task {} is {}, not PENDING", bad.id, bad.status),
+        });
+    }
+    let mut conn = sh.pool.get()?;
+    let stmt = conn
+        .prepared(INSERT_TASK)
+        .map_err(pg_error(t, "prepare the insert"))?;
+    let mut tx = conn
+        .transaction()
+        .map_err(pg_error(t, "begin a transaction"))?;
+    let now = sh.clock.now();
+    let mut batch = Batch::default();
+    for task in tasks {
+        let p = TaskParams::new(&task, None)?;
+        tx.execute(&stmt, &p.all())
+            .map_err(pg_error(t, "insert a task"))?;
+        batch.record(sh, None, Some(task), Some(Cause::Enqueued), now);
+    }
+    batch.write(sh, &mut tx)?;
+    tx.commit().map_err(pg_error(t, "commit"))?;
+    batch.publish(sh);
+    Ok(())
+}
+
+type Rule = fn(&TaskInfo, Timestamp) -> std::result::Result<(TaskInfo, Cause), Refusal>;
+
+fn one_transition(
+    sh: &Shared,
+    id: TaskId,
+    rule: Rule,
+    op: &'static str,
+    expected: &'static str,
+) -> Result<TaskInfo> {
+    let t = &sh.target;
+    let mut conn = sh.pool.get()?;
+    let mut tx = conn
+        .transaction()
+        .map_err(pg_error(t, "begin a transaction"))?;
+    let now = sh.clock.now();
+    let rec = lock_rows(sh, &mut tx, &[id])?
+        .remove(&id)
+        .ok_or(Error::NotFound(id))??;
+    let (next, cause) = rule(&rec, now).map_err(|r| refusal_to_error(id, op, expected, r))?;
+    update_fenced(sh, &mut tx, &rec, &next)?;
+    let mut batch = Batch::default();
+    batch.record(sh, Some(rec), Some(next.clone()), Some(cause), now);
+    batch.write(sh, &mut tx)?;
+    tx.commit().map_err(pg_error(t, "commit"))?;
+    batch.publish(sh);
+    Ok(next)
+}
+
+pub(crate) fn cancel(sh: &Shared, id: TaskId) -> Result<TaskInfo> {
+    one_transition(sh, id, lifecycle::cancel, "cancel", "PENDING")
+}
+
+pub(crate) fn retry(sh: &Shared, id: TaskId) -> Result<TaskInfo> {
+    one_transition(
+        sh,
+        id,
+        lifecycle::manual_retry,
+        "retry",
+        "FAILED or CANCELLED",
+    )
+}
+
+const PURGE: &str = concat!(
+    "WITH victims AS (SELECT id AS victim FROM omniq_tasks \
+     WHERE state IN ('completed', 'failed', 'cancelled') AND finished_at < $1 \
+     ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+     DELETE FROM omniq_tasks USING victims WHERE id = victims.victim RETURNING ",
+    task_cols!()
+);
+
+/// Deletes up to `limit` terminal tasks finished before `cutoff`, with their log rows.
+pub(crate) fn purge(sh: &Shared, cutoff: Timestamp, limit: usize) -> Result<usize> {
+    let t = &sh.target;
+    let mut conn = sh.pool.get()?;
+    let mut tx = conn
+        .transaction()
+        .map_err(pg_error(t, "begin a transaction"))?;
+    let rows = tx
+        .query(
+            PURGE,
+            &[
+                &to_i64(cutoff.0),
+                &i64::try_from(limit).unwrap_or(i64::MAX),
+            ],
+        )
+        .map_err(pg_error(t, "delete finished tasks"))?;
+    let now = sh.clock.now();
+    let mut batch = Batch::default();
+    let mut ids = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let rec = task_from_row(row, t)?;
+        ids.push(rec.id.0);
+        batch.record(sh, Some(rec), None, None, now);
+    }
+    if !ids.is_empty() {
+        tx.execute("DELETE FROM omniq_log WHERE task_id = ANY($1)", &[&ids])
+            .map_err(pg_error(t, "delete finished tasks' history"))?;
+    }
+    batch.write(sh, &mut tx)?;
+    tx.commit().map_err(pg_error(t, "commit"))?;
+    batch.publish(sh);
+    Ok(ids.len())
+}
+
+// ----- reads ------------------------------------------------------------------------------
+
+const GET: &str = concat!("SELECT ", task_cols!(), " FROM omniq_tasks WHERE id = $1");
+
+pub(crate) fn get(sh: &Shared, id: TaskId) -> Result<Option<TaskInfo>> {
+    let t = &sh.target;
+    let mut conn = sh.pool.get()?;
+    let stmt = conn.prepared(GET).map_err(pg_error(t, "prepare a read"))?;
+    let row = conn
+        .query_opt(&stmt, &[&id.0])
+        .map_err(pg_error(t, "read a task"))?;
+    row.map(|r| task_from_row(&r, t)).transpose()
+}
+
+const LIST: &str = concat!(
+    "SELECT ",
+    task_cols!(),
+    " FROM omniq_tasks WHERE ($1::text IS NULL OR state = $1) \
+     AND ($2::text IS NULL OR queue = $2) AND ($3::text IS NULL OR kind = $3) \
+     AND ($4::uuid IS NULL OR id < $4) ORDER BY id DESC LIMIT $5"
+);
+
+pub(crate) fn list(sh: &Shared, filter: &ListFilter) -> Result<Page> {
+    let t = &sh.target;
+    let limit = filter.effective_limit();
+    let mut conn = sh.pool.get()?;
+    let rows = conn
+        .query(
+            LIST,
+            &[
+                &filter.status.map(state_name),
+                &filter.queue,
+                &filter.kind,
+                &filter.cursor.map(|c| c.0),
+                &i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX),
+            ],
+        )
+        .map_err(pg_error(t, "list tasks"))?;
+    let mut page = Page {
+        tasks: Vec::new(),
+        next_cursor: None,
+        corrupt: Vec::new(),
+    };
+    for (i, row) in rows.iter().enumerate() {
+        if i == limit {
+            break;
+        }
+        let id: Option<uuid::Uuid> = row.try_get("id").ok();
+        match task_from_row(row, t) {
+            Ok(task) => page.tasks.push(task),
+            Err(e) => page.corrupt.push(CorruptEntry {
+                key: format!(
+                    "{}.omniq_tasks id={}",
+                    t.label(),
+                    id.map(|i| i.to_string()).unwrap_or_default()
+                ),
+                reason: e.to_string(),
+            }),
+        }
+        if i + 1 == limit && rows.len() > limit {
+            page.next_cursor = id.map(TaskId);
+        }
+    }
+    Ok(page)
+}
+
+const HISTORY: &str = concat!(
+    "SELECT ",
+    log_cols!(),
+    " FROM omniq_log WHERE task_id = $1 ORDER BY seq"
+);
+
+pub(crate) fn history(sh: &Shared, id: TaskId) -> Result<Vec<LogEntry>> {
+    let t = &sh.target;
+    let mut conn = sh.pool.get()?;
+    let rows = conn
+        .query(HISTORY, &[&id.0])
+        .map_err(pg_error(t, "read a task's history"))?;
+    rows.iter().map(|r| log_from_row(r, t)).collect()
+}
+
+pub(crate) fn counts(sh: &Shared) -> Result<BTreeMap<(String, Status), u64>> {
+    let t = &sh.target;
+    let mut conn = sh.pool.get()?;
+    let rows = conn
+        .query(
+            "SELECT queue, state, sum(n)::bigint FROM omniq_counts GROUP BY queue, state \
+             HAVING sum(n) <> 0",
+            &[],
+        )
+        .map_err(pg_error(t, "read the task counters"))?;
+    let mut out = BTreeMap::new();
+    for row in &rows {
+        let bad = |reason: String| Error::Corrupt {
+            what: "task counter",
+            key: format!("{}.omniq_counts", t.label()),
+            reason,
+        };
+        let queue: String = row.try_get(0).map_err(|e| bad(e.to_string()))?;
+        let state: &str = row.try_get(1).map_err(|e| bad(e.to_string()))?;
+        let n: i64 = row.try_get(2).map_err(|e| bad(e.to_string()))?;
+        let status =
+            parse_state(state).ok_or_else(|| bad(format!("unknown state {state:?}")))?;
+        let n = u64::try_from(n)
+            .map_err(|_| bad(format!("negative count {n} for {queue}/{state}")))?;
+        out.insert((queue, status), n);
+    }
+    Ok(out)
+}
+
+pub(crate) fn due_summary(
+    sh: &Shared,
+    queues: &QueueSet,
+    now: Timestamp,
+    limit: usize,
+) -> Result<DueSummary> {
+    let t = &sh.target;
+    let names: Option<Vec<String>> = match queues {
+        QueueSet::All => None,
+        QueueSet::Named(v) => Some(v.clone()),
+    };
+    let mut conn = sh.pool.get()?;
+    let row = conn
+        .query_one(
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM omniq_tasks WHERE state = 'pending' \
+             AND run_at <= $1 AND ($2::text[] IS NULL OR queue = ANY($2)) LIMIT $3) d), \
+             (SELECT min(run_at) FROM omniq_tasks WHERE state = 'pending' AND run_at > $1 \
+             AND ($2::text[] IS NULL OR queue = ANY($2)))",
+            &[
+                &to_i64(now.0),
+                &names,
+                &i64::try_from(limit).unwrap_or(i64::MAX),
+            ],
+        )
+        .map_err(pg_error(t, "look for due tasks"))?;
+    let ready: i64 = row.try_get(0).map_err(pg_error(t, "look for due tasks"))?;
+    let next: Option<i64> = row.try_get(1).map_err(pg_error(t, "look for due tasks"))?;
+    Ok(DueSummary {
+        ready: usize::try_from(ready).unwrap_or(0),
+        next_wake: next.and_then(|n| u64::try_from(n).ok()).map(Timestamp),
+    })
+}
+
+pub(crate) fn finished_before(sh: &Shared, cutoff: Timestamp, limit: usize) -> Result<Vec<TaskId>> {
+    let t = &sh.target;
+    let mut conn = sh.pool.get()?;
+    let rows = conn
+        .query(
+            "SELECT id FROM omniq_tasks WHERE state IN ('completed', 'failed', 'cancelled') \
+             AND finished_at < $1 ORDER BY finished_at, id LIMIT $2",
+            &[
+                &to_i64(cutoff.0),
+                &i64::try_from(limit).unwrap_or(i64::MAX),
+            ],
+        )
+        .map_err(pg_error(t, "list finished tasks"))?;
+    rows.iter()
+        .map(|r| {
+            r.try_get::<_, uuid::Uuid>(0)
+                .map(TaskId)
+                .map_err(pg_error(t, "list finished tasks"))
+        })
+        .collect()
+}
+
+/// Every invariant between rows, counters and the log, by full scans (an operator's tool).
+pub(crate) fn check(sh: &Shared) -> Result<ConsistencyReport> {
+    let t = &sh.target;
+    let mut conn = sh.pool.get()?;
+    // One snapshot for every query.
+    let mut tx = conn
+        .build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .map_err(pg_error(t, "begin a read"))?;
+    let mut report = ConsistencyReport::default();
+    let q = |tx: &mut Transaction<'_>, sql: &str| {
+        tx.query(sql, &[])
+            .map_err(pg_error(t, "check consistency"))
+    };
+    let rows = q(&mut tx, concat!("SELECT ", task_cols!(), " FROM omniq_tasks"))?;
+    let mut actual: BTreeMap<(String, Status), u64> = BTreeMap::new();
+    for row in &rows {
+        report.tasks += 1;
+        match task_from_row(row, t) {
+            Ok(task) => {
+                *actual.entry((task.queue.clone(), task.status)).or_default() += 1;
+                let node: Option<i64> = row.try_get("node").unwrap_or(None);
+                if task.status == Status::Running && (node.is_none() || task.lease == 0) {
+                    report
+                        .problems
+                        .push(format!("task {} is RUNNING without a node or lease", task.id));
+                }
+                if task.status != Status::Running && node.is_some() {
+                    report
+                        .problems
+                        .push(format!("task {} is {} but names a node", task.id, task.status));
+                }
+                if task.status.is_terminal() != task.finished_at.is_some() {
+                    report.problems.push(format!(
+                        "task {} is {} with finished_at {:?}",
+                        task.id, task.status, task.finished_at
+                    ));
+                }
+                if task.attempts > task.max_retries.saturating_add(1) {
+                    report.problems.push(format!(
+                        "task {} ran {} times, more than max_retries + 1 = {}",
+                        task.id,
+                        task.attempts,
+                        task.max_retries.saturating_add(1)
+                    ));
+                }
+            }
+            Err(e) => report.problems.push(e.to_string()),
+        }
+    }
+    let counted = {
+        let rows = q(
+            &mut tx,
+            "SELECT queue, state, sum(n)::bigint FROM omniq_counts GROUP BY queue, state",
+        )?;
+        let mut m = BTreeMap::new();
+        for row in &rows {
+            let queue: String = row.try_get(0).map_err(pg_error(t, "read counters"))?;
+            let state: String = row.try_get(1).map_err(pg_error(t, "read counters"))?;
+            let n: i64 = row.try_get(2).map_err(pg_error(t, "read counters"))?;
+            match parse_state(&state) {
+                Some(s) => {
+                    m.insert((queue, s), n);
+                }
+                None => report
+                    .problems
+                    .push(format!("counter for unknown state {state:?} on queue {queue}")),
+            }
+        }
+        m
+    };
+    let keys: BTreeSet<&(String, Status)> = actual.keys().chain(counted.keys()).collect();
+    for k in keys {
+        let a = actual.get(k).copied().unwrap_or(0);
+        let c = counted.get(k).copied().unwrap_or(0);
+        if i64::try_from(a).ok() != Some(c) {
+            report.problems.push(format!(
+                "counter for queue {} state {} says {c}, the table holds {a}",
+                k.0, k.1
+            ));
+        }
+    }
+    let logs = q(&mut tx, "SELECT count(*) FROM omniq_log")?;
+    let n: i64 = logs
+        .first()
+        .map(|r| r.try_get(0))
+        .transpose()
+        .map_err(pg_error(t, "count log rows"))?
+        .unwrap_or(0);
+    report.log_entries = usize::try_from(n).unwrap_or(0);
+    // The latest log row of each task names its state.
+    let rows = q(
+        &mut tx,
+        "SELECT t.id::text, t.state, l.to_state FROM omniq_tasks t LEFT JOIN LATERAL \
+         (SELECT to_state FROM omniq_log WHERE task_id = t.id ORDER BY seq DESC LIMIT 1) l \
+         ON true WHERE l.to_state IS DISTINCT FROM t.state LIMIT 100",
+    )?;
+    for row in &rows {
+        let id: String = row.try_get(0).unwrap_or_default();
+        let state: String = row.try_get(1).unwrap_or_default();
+        let last: Option<String> = row.try_get(2).unwrap_or(None);
+        report.problems.push(format!(
+            "task {id} is {state} but its last log row says {}",
+            last.as_deref().unwrap_or("nothing")
+        ));
+    }
+    // Attempts equal the claims logged since the last manual retry.
+    let rows = q(
+        &mut tx,
+        "SELECT t.id::text, t.attempts, (SELECT count(*) FROM omniq_log l WHERE l.task_id = t.id \
+         AND l.cause = '\"Claimed\"'::jsonb AND l.seq > coalesce((SELECT max(seq) FROM omniq_log m \
+         WHERE m.task_id = t.id AND m.cause = '\"ManualRetry\"'::jsonb), 0)) AS claims \
+         FROM omniq_tasks t",
+    )?;
+    for row in &rows {
+        let attempts: i32 = row.try_get(1).unwrap_or(-1);
+        let claims: i64 = row.try_get(2).unwrap_or(-1);
+        if i64::from(attempts) != claims {
+            let id: String = row.try_get(0).unwrap_or_default();
+            report.problems.push(format!(
+                "task {id} has attempts = {attempts} but {claims} claim(s) in its log"
+            ));
+        }
+    }
+    tx.commit().map_err(pg_error(t, "end the read"))?;
+    Ok(report)
+}
+
+pub(crate) fn size_on_disk(sh: &Shared) -> Result<u64> {
+    let t = &sh.target;
+    let mut conn = sh.pool.get()?;
+    let row = conn
+        .query_one(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'S')",
+            &[],
+        )
+        .map_err(pg_error(t, "measure the schema"))?;
+    let n: i64 = row.try_get(0).map_err(pg_error(t, "measure the schema"))?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
