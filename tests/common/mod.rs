@@ -56,3 +56,6 @@ pub fn quiet_panics(prefix: &'static str) {
         }));
     });
 }
+
+#[cfg(feature = "postgres")]
+pub mod pg;

@@ -21,6 +21,7 @@ use crate::task::{Status, TaskError, TaskId, TaskInfo, Timestamp};
 
 /// What a finish did.
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum FinishResult {
     /// Recorded: the task as it now is.
     Applied(TaskInfo),
@@ -93,7 +94,12 @@ impl PgHarness {
     }
 
     /// Claims up to `n` tasks due at `now` (`queues: None` = all queues).
-    pub fn claim(&self, queues: Option<&[&str]>, n: usize, now: Timestamp) -> Result<Vec<TaskInfo>> {
+    pub fn claim(
+        &self,
+        queues: Option<&[&str]>,
+        n: usize,
+        now: Timestamp,
+    ) -> Result<Vec<TaskInfo>> {
         self.backend.claim(queue_set(queues), n, now)
     }
 
@@ -247,7 +253,13 @@ impl PgHarness {
 }
 
 /// A new pending task (fresh time-ordered id) with JSON payload `{"n": n}`.
-pub fn new_task(queue: &str, priority: i8, run_at: Timestamp, max_retries: u32, n: u64) -> TaskInfo {
+pub fn new_task(
+    queue: &str,
+    priority: i8,
+    run_at: Timestamp,
+    max_retries: u32,
+    n: u64,
+) -> TaskInfo {
     TaskInfo {
         id: TaskId::generate(),
         kind: "test".into(),

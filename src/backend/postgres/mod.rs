@@ -186,8 +186,17 @@ pub(crate) fn quote_ident(name: &str) -> String {
 }
 
 /// Maps a driver error to [`Error::Storage`] naming the database, the schema and the step.
-pub(crate) fn pg_error<'a>(target: &'a Target, what: &'a str) -> impl Fn(postgres::Error) -> Error + 'a {
-    move |e| Error::Storage(format!("PostgreSQL {}: cannot {what}: {}", target.label(), describe(&e)))
+pub(crate) fn pg_error<'a>(
+    target: &'a Target,
+    what: &'a str,
+) -> impl Fn(postgres::Error) -> Error + 'a {
+    move |e| {
+        Error::Storage(format!(
+            "PostgreSQL {}: cannot {what}: {}",
+            target.label(),
+            describe(&e)
+        ))
+    }
 }
 
 pub(crate) fn describe(e: &postgres::Error) -> String {

@@ -129,11 +129,8 @@ pub(crate) fn unregister(sh: &Shared) -> Result<()> {
         return Ok(());
     }
     let mut conn = sh.pool.get()?;
-    conn.execute(
-        "DELETE FROM omniq_nodes WHERE id = $1",
-        &[&to_i64(sh.node)],
-    )
-    .map_err(pg_error(&sh.target, "unregister this node"))?;
+    conn.execute("DELETE FROM omniq_nodes WHERE id = $1", &[&to_i64(sh.node)])
+        .map_err(pg_error(&sh.target, "unregister this node"))?;
     Ok(())
 }
 
@@ -234,7 +231,7 @@ fn run_session(sh: &Arc<Shared>, mut client: Client) {
                 let cutoff = sh.clock.now().minus(age);
                 for _ in 0..10 {
                     match super::ops::purge(sh, cutoff, 1000) {
-                        Ok(n) if n == 1000 => continue,
+                        Ok(1000) => continue,
                         Ok(n) => {
                             if n > 0 {
                                 tracing::info!(removed = n, "retention purge");
@@ -265,7 +262,9 @@ fn run_notifier(sh: &Arc<Shared>, rx: Receiver<Signal>) {
         let got = match (stop, next_due) {
             (true, _) => Err(RecvTimeoutError::Timeout),
             (false, Some(at)) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
-            (false, None) if pending.is_empty() => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            (false, None) if pending.is_empty() => {
+                rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            }
             (false, None) => Err(RecvTimeoutError::Timeout),
         };
         match got {

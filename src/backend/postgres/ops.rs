@@ -400,11 +400,9 @@ fn run_submit(
         }
     }
     let claimed = match (claim, claim_stmt) {
-        (Some((queues, n, due_by)), Some(stmt)) => {
-            Some(claim_in(
-                sh, &mut tx, &stmt, &queues, n, due_by, now, alive, &mut batch,
-            )?)
-        }
+        (Some((queues, n, due_by)), Some(stmt)) => Some(claim_in(
+            sh, &mut tx, &stmt, &queues, n, due_by, now, alive, &mut batch,
+        )?),
         _ => None,
     };
     batch.write(sh, &mut tx)?;
@@ -462,7 +460,9 @@ fn claim_in(
         before.status = Status::Pending;
         before.attempts = after_db.attempts.saturating_sub(1);
         before.lease = u64::try_from(old_lease).unwrap_or(0);
-        before.started_at = old_started.and_then(|s| u64::try_from(s).ok()).map(Timestamp);
+        before.started_at = old_started
+            .and_then(|s| u64::try_from(s).ok())
+            .map(Timestamp);
         // The SQL did the rule's work; check it agrees with the rule, exactly.
         let (after, cause) = lifecycle::claim(&before, claim_at, after_db.lease).map_err(|r| {
             Error::Storage(format!(
@@ -584,10 +584,7 @@ pub(crate) fn purge(sh: &Shared, cutoff: Timestamp, limit: usize) -> Result<usiz
     let rows = tx
         .query(
             PURGE,
-            &[
-                &to_i64(cutoff.0),
-                &i64::try_from(limit).unwrap_or(i64::MAX),
-            ],
+            &[&to_i64(cutoff.0), &i64::try_from(limit).unwrap_or(i64::MAX)],
         )
         .map_err(pg_error(t, "delete finished tasks"))?;
     let now = sh.clock.now();
@@ -709,10 +706,9 @@ pub(crate) fn counts(sh: &Shared) -> Result<BTreeMap<(String, Status), u64>> {
         let queue: String = row.try_get(0).map_err(|e| bad(e.to_string()))?;
         let state: &str = row.try_get(1).map_err(|e| bad(e.to_string()))?;
         let n: i64 = row.try_get(2).map_err(|e| bad(e.to_string()))?;
-        let status =
-            parse_state(state).ok_or_else(|| bad(format!("unknown state {state:?}")))?;
-        let n = u64::try_from(n)
-            .map_err(|_| bad(format!("negative count {n} for {queue}/{state}")))?;
+        let status = parse_state(state).ok_or_else(|| bad(format!("unknown state {state:?}")))?;
+        let n =
+            u64::try_from(n).map_err(|_| bad(format!("negative count {n} for {queue}/{state}")))?;
         out.insert((queue, status), n);
     }
     Ok(out)
@@ -758,10 +754,7 @@ pub(crate) fn finished_before(sh: &Shared, cutoff: Timestamp, limit: usize) -> R
         .query(
             "SELECT id FROM omniq_tasks WHERE state IN ('completed', 'failed', 'cancelled') \
              AND finished_at < $1 ORDER BY finished_at, id LIMIT $2",
-            &[
-                &to_i64(cutoff.0),
-                &i64::try_from(limit).unwrap_or(i64::MAX),
-            ],
+            &[&to_i64(cutoff.0), &i64::try_from(limit).unwrap_or(i64::MAX)],
         )
         .map_err(pg_error(t, "list finished tasks"))?;
     rows.iter()
@@ -786,10 +779,12 @@ pub(crate) fn check(sh: &Shared) -> Result<ConsistencyReport> {
         .map_err(pg_error(t, "begin a read"))?;
     let mut report = ConsistencyReport::default();
     let q = |tx: &mut Transaction<'_>, sql: &str| {
-        tx.query(sql, &[])
-            .map_err(pg_error(t, "check consistency"))
+        tx.query(sql, &[]).map_err(pg_error(t, "check consistency"))
     };
-    let rows = q(&mut tx, concat!("SELECT ", task_cols!(), " FROM omniq_tasks"))?;
+    let rows = q(
+        &mut tx,
+        concat!("SELECT ", task_cols!(), " FROM omniq_tasks"),
+    )?;
     let mut actual: BTreeMap<(String, Status), u64> = BTreeMap::new();
     for row in &rows {
         report.tasks += 1;
@@ -798,14 +793,16 @@ pub(crate) fn check(sh: &Shared) -> Result<ConsistencyReport> {
                 *actual.entry((task.queue.clone(), task.status)).or_default() += 1;
                 let node: Option<i64> = row.try_get("node").unwrap_or(None);
                 if task.status == Status::Running && (node.is_none() || task.lease == 0) {
-                    report
-                        .problems
-                        .push(format!("task {} is RUNNING without a node or lease", task.id));
+                    report.problems.push(format!(
+                        "task {} is RUNNING without a node or lease",
+                        task.id
+                    ));
                 }
                 if task.status != Status::Running && node.is_some() {
-                    report
-                        .problems
-                        .push(format!("task {} is {} but names a node", task.id, task.status));
+                    report.problems.push(format!(
+                        "task {} is {} but names a node",
+                        task.id, task.status
+                    ));
                 }
                 if task.status.is_terminal() != task.finished_at.is_some() {
                     report.problems.push(format!(
@@ -839,9 +836,9 @@ pub(crate) fn check(sh: &Shared) -> Result<ConsistencyReport> {
                 Some(s) => {
                     m.insert((queue, s), n);
                 }
-                None => report
-                    .problems
-                    .push(format!("counter for unknown state {state:?} on queue {queue}")),
+                None => report.problems.push(format!(
+                    "counter for unknown state {state:?} on queue {queue}"
+                )),
             }
         }
         m

@@ -115,11 +115,16 @@ pub(crate) struct Pooled<'a> {
 
 impl Pooled<'_> {
     fn conn(&mut self) -> &mut Conn {
-        self.conn.as_mut().unwrap_or_else(|| unreachable!("a Pooled holds its connection until drop"))
+        self.conn
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("a Pooled holds its connection until drop"))
     }
 
     /// `sql` prepared on this connection (once per connection).
-    pub(crate) fn prepared(&mut self, sql: &'static str) -> std::result::Result<Statement, postgres::Error> {
+    pub(crate) fn prepared(
+        &mut self,
+        sql: &'static str,
+    ) -> std::result::Result<Statement, postgres::Error> {
         let conn = self.conn();
         if let Some(s) = conn.prepared.get(sql) {
             return Ok(s.clone());
@@ -133,7 +138,11 @@ impl Pooled<'_> {
 impl Deref for Pooled<'_> {
     type Target = Client;
     fn deref(&self) -> &Client {
-        &self.conn.as_ref().unwrap_or_else(|| unreachable!("a Pooled holds its connection until drop")).client
+        &self
+            .conn
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("a Pooled holds its connection until drop"))
+            .client
     }
 }
 

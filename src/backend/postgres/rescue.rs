@@ -66,36 +66,35 @@ pub(crate) fn rescue(sh: &Shared) -> Result<RecoveryReport> {
         let session_pid: i32 = row.try_get(1).map_err(pg_error(t, "list nodes"))?;
         let liveness: String = row.try_get(2).map_err(pg_error(t, "list nodes"))?;
         let age: f64 = row.try_get(3).map_err(pg_error(t, "list nodes"))?;
-        let mut tx = conn
-            .transaction()
-            .map_err(pg_error(t, "begin a rescue"))?;
-        let reason = if liveness == "session_lock" {
-            let key = i32::try_from(id).unwrap_or(i32::MAX);
-            let free: bool = tx
-                .query_one(
-                    "SELECT pg_try_advisory_xact_lock(hashtext(current_schema()), $1)",
-                    &[&key],
-                )
-                .and_then(|r| r.try_get(0))
-                .map_err(pg_error(t, "test a node's lock"))?;
-            if free {
-                Some("its database session ended".to_string())
-            } else {
-                if age > dead_after {
-                    tracing::warn!(node = id, session_pid, heartbeat_age_s = age,
+        let mut tx = conn.transaction().map_err(pg_error(t, "begin a rescue"))?;
+        let reason =
+            if liveness == "session_lock" {
+                let key = i32::try_from(id).unwrap_or(i32::MAX);
+                let free: bool = tx
+                    .query_one(
+                        "SELECT pg_try_advisory_xact_lock(hashtext(current_schema()), $1)",
+                        &[&key],
+                    )
+                    .and_then(|r| r.try_get(0))
+                    .map_err(pg_error(t, "test a node's lock"))?;
+                if free {
+                    Some("its database session ended".to_string())
+                } else {
+                    if age > dead_after {
+                        tracing::warn!(node = id, session_pid, heartbeat_age_s = age,
                         "node holds its lock but its heartbeat is stale: terminating its session");
-                    tx.execute("SELECT pg_terminate_backend($1, 5000)", &[&session_pid])
-                        .map_err(pg_error(t, "terminate a wedged node's session"))?;
+                        tx.execute("SELECT pg_terminate_backend($1, 5000)", &[&session_pid])
+                            .map_err(pg_error(t, "terminate a wedged node's session"))?;
+                    }
+                    None
                 }
+            } else if age > dead_after {
+                Some(format!(
+                    "its heartbeat is {age:.1} s old, over the {dead_after:.1} s bound"
+                ))
+            } else {
                 None
-            }
-        } else if age > dead_after {
-            Some(format!(
-                "its heartbeat is {age:.1} s old, over the {dead_after:.1} s bound"
-            ))
-        } else {
-            None
-        };
+            };
         let Some(reason) = reason else {
             tx.rollback().map_err(pg_error(t, "end a rescue"))?;
             continue;
@@ -107,9 +106,7 @@ pub(crate) fn rescue(sh: &Shared) -> Result<RecoveryReport> {
         tracing::warn!(node = id, %reason, "removed a dead node");
         batch.publish(sh);
     }
-    let mut tx = conn
-        .transaction()
-        .map_err(pg_error(t, "begin a rescue"))?;
+    let mut tx = conn.transaction().map_err(pg_error(t, "begin a rescue"))?;
     let batch = charge(
         sh,
         &mut tx,

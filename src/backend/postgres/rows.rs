@@ -114,7 +114,12 @@ impl Decoder<'_> {
 /// Decodes a row holding the task columns.
 pub(crate) fn task_from_row(row: &Row, target: &Target) -> Result<TaskInfo> {
     let id: uuid::Uuid = row.try_get("id").map_err(|e| {
-        corrupt(target, "task row", "omniq_tasks".into(), format!("column id: {e}"))
+        corrupt(
+            target,
+            "task row",
+            "omniq_tasks".into(),
+            format!("column id: {e}"),
+        )
     })?;
     let d = Decoder {
         row,
@@ -149,7 +154,12 @@ pub(crate) fn task_from_row(row: &Row, target: &Target) -> Result<TaskInfo> {
 /// Decodes a row holding the log columns.
 pub(crate) fn log_from_row(row: &Row, target: &Target) -> Result<LogEntry> {
     let seq: i64 = row.try_get("seq").map_err(|e| {
-        corrupt(target, "log row", "omniq_log".into(), format!("column seq: {e}"))
+        corrupt(
+            target,
+            "log row",
+            "omniq_log".into(),
+            format!("column seq: {e}"),
+        )
     })?;
     let d = Decoder {
         row,
@@ -160,7 +170,9 @@ pub(crate) fn log_from_row(row: &Row, target: &Target) -> Result<LogEntry> {
     let from: Option<&str> = d.get("from_state")?;
     let from = match from {
         None => None,
-        Some(s) => Some(parse_state(s).ok_or_else(|| d.fail("from_state", format!("unknown state {s:?}")))?),
+        Some(s) => Some(
+            parse_state(s).ok_or_else(|| d.fail("from_state", format!("unknown state {s:?}")))?,
+        ),
     };
     let task: uuid::Uuid = d.get("task_id")?;
     Ok(LogEntry {
@@ -224,7 +236,11 @@ impl TaskParams {
             started_at: t.started_at.map(|x| to_i64(x.0)),
             finished_at: t.finished_at.map(|x| to_i64(x.0)),
             timeout_ms: t.timeout_ms.map(to_i64),
-            backoff: t.backoff.as_ref().map(|b| to_json("backoff", b)).transpose()?,
+            backoff: t
+                .backoff
+                .as_ref()
+                .map(|b| to_json("backoff", b))
+                .transpose()?,
             result: t.result.clone(),
             last_error: t
                 .last_error
