@@ -98,8 +98,6 @@
 
 #![deny(unsafe_code, missing_docs)]
 
-// Until the engine calls the seam (the sled port), only the PostgreSQL backend implements it.
-#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 mod backend;
 mod clock;
 #[doc(hidden)]
