@@ -60,9 +60,36 @@ pub struct QueueBuilder {
     max_payload_bytes: usize,
     retention: Option<Duration>,
     purge_interval: Duration,
+    /// `Some`: the queue lives in PostgreSQL (feature `postgres`), not in `path`.
+    #[cfg(feature = "postgres")]
+    postgres: Option<(String, crate::backend::postgres::PgOptions)>,
 }
 
 impl QueueBuilder {
+    /// Puts the queue in PostgreSQL at `url` (a `postgres://` URL or `key=value` string)
+    /// instead of a directory: several processes, on one or more machines, then share it, each
+    /// running its own workers (feature `postgres`). The schema is migrated at open unless
+    /// [`PgOptions::auto_migrate`](crate::postgres::PgOptions::auto_migrate) is off. Every
+    /// write is acknowledged after its `COMMIT` (synchronous commit), whatever
+    /// [`durability`](QueueBuilder::durability) says; `retention`, when set, replaces the
+    /// backend's default of 7 days.
+    #[cfg(feature = "postgres")]
+    pub fn postgres(self, url: impl Into<String>) -> Self {
+        self.postgres_with(url, crate::backend::postgres::PgOptions::default())
+    }
+
+    /// [`postgres`](QueueBuilder::postgres) with options (schema, pool size, liveness mode,
+    /// heartbeat and rescue intervals...).
+    #[cfg(feature = "postgres")]
+    pub fn postgres_with(
+        mut self,
+        url: impl Into<String>,
+        options: crate::backend::postgres::PgOptions,
+    ) -> Self {
+        self.postgres = Some((url.into(), options));
+        self
+    }
+
     /// How writes are made durable (default [`Durability::Group`]).
     pub fn durability(mut self, d: Durability) -> Self {
         self.durability = d;
@@ -122,9 +149,7 @@ impl QueueBuilder {
 
     /// Opens (creating if needed) the directory, recovers tasks orphaned by a previous process,
     /// and returns the queue. Fails with [`Error::Locked`] if another process holds it.
-    pub fn open(self) -> Result<Queue> {
-        // sled's lock cannot tell this process from another; this registry can.
-        let registration = OpenHere::register(&self.path)?;
+    pub fn open(mut self) -> Result<Queue> {
         let notify = Arc::new(Notify::default());
         let backoff = BackoffTable {
             default: self.policy.backoff,
@@ -134,6 +159,26 @@ impl QueueBuilder {
                 .map(|(q, p)| (q.clone(), p.backoff))
                 .collect(),
         };
+        #[cfg(feature = "postgres")]
+        if let Some((url, mut options)) = self.postgres.take() {
+            if self.retention.is_some() {
+                options.retention = self.retention.take();
+            }
+            let backend = crate::backend::postgres::PgBackend::connect(
+                &url,
+                options,
+                notify.clone(),
+                self.clock.clone(),
+                self.jitter
+                    .take()
+                    .unwrap_or_else(|| Box::new(RandomJitter::from_entropy())),
+                backoff,
+            )?;
+            // Several queues of one process may share a schema: each is its own node.
+            return self.finish_open(Box::new(backend), notify, OpenHere { key: None });
+        }
+        // sled's lock cannot tell this process from another; this registry can.
+        let registration = OpenHere::register(&self.path)?;
         let backend = SledBackend::open(
             &self.path,
             &SledOptions {
@@ -148,18 +193,28 @@ impl QueueBuilder {
                 clock: self.clock.clone(),
                 jitter: self
                     .jitter
+                    .take()
                     .unwrap_or_else(|| Box::new(RandomJitter::from_entropy())),
                 backoff,
                 durability: self.durability,
             },
             notify.clone(),
         )?;
+        self.finish_open(Box::new(backend), notify, registration)
+    }
+
+    fn finish_open(
+        self,
+        backend: Box<dyn Backend>,
+        notify: Arc<Notify>,
+        registration: OpenHere,
+    ) -> Result<Queue> {
         // Rescue runs before the queue is returned, so no worker can claim first.
         let report = backend.rescue()?;
         let (janitor_stop, janitor_rx) = crossbeam_channel::bounded::<()>(0);
         let inner = Arc::new(Inner {
             path: self.path,
-            backend: Box::new(backend),
+            backend,
             clock: self.clock,
             notify,
             registry: Registry::default(),
@@ -352,7 +407,23 @@ impl Queue {
             max_payload_bytes: 256 << 10,
             retention: None,
             purge_interval: Duration::from_secs(60),
+            #[cfg(feature = "postgres")]
+            postgres: None,
         }
+    }
+
+    /// Starts configuring a queue in PostgreSQL at `url` (feature `postgres`): the same as
+    /// `Queue::builder(..).postgres(url)`. [`Queue::path`] then names the database and schema.
+    ///
+    /// ```no_run
+    /// # fn main() -> omniq::Result<()> {
+    /// let queue = omniq::Queue::postgres("host=127.0.0.1 user=postgres dbname=app").open()?;
+    /// # let _ = queue; Ok(()) }
+    /// ```
+    #[cfg(feature = "postgres")]
+    pub fn postgres(url: &str) -> QueueBuilder {
+        let label = crate::backend::postgres::PgOptions::default().schema;
+        Queue::builder(format!("postgresql:{label}")).postgres(url)
     }
 
     /// The directory this queue lives in.

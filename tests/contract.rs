@@ -47,6 +47,18 @@ impl Harness for Sled {
     }
 }
 
+/// A throwaway PostgreSQL schema (feature `postgres`). A "crash" is a queue handle dropped
+/// while a task is claimed: its node leaves, and the next open's rescue charges the orphan.
+#[cfg(feature = "postgres")]
+struct Pg(common::pg::PgSchema);
+
+#[cfg(feature = "postgres")]
+impl Harness for Pg {
+    fn builder(&self) -> QueueBuilder {
+        Queue::postgres(&self.0.url).postgres_with(&self.0.url, self.0.options())
+    }
+}
+
 /// The options every contract test runs with: a manual clock, seeded jitter, backoff of
 /// 1 s .. 60 s ±25 % (the tutorial's table).
 fn configure(b: QueueBuilder, clock: &ManualClock) -> QueueBuilder {
@@ -560,3 +572,12 @@ macro_rules! contract_suite {
 }
 
 contract_suite!(sled, Sled::new());
+// Skipped (the test returns) only when the server is unreachable and CI is unset.
+#[cfg(feature = "postgres")]
+contract_suite!(
+    postgres,
+    match common::pg::PgSchema::new("contract") {
+        Some(s) => Pg(s),
+        None => return,
+    }
+);

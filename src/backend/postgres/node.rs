@@ -139,7 +139,9 @@ fn run_session(sh: &Arc<Shared>, mut client: Client) {
     let start = Instant::now();
     let mut next_beat = start + o.heartbeat_interval;
     let mut next_poll = start + o.poll_interval;
-    let mut next_rescue = start;
+    // The queue runs the first rescue itself at open (and reports it); this thread's passes
+    // follow every `rescue_interval`.
+    let mut next_rescue = start + o.rescue_interval;
     let mut next_purge = start + o.rescue_interval;
     let me = sh.node.to_string();
     while !sh.stopping.load(Ordering::SeqCst) {
