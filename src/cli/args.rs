@@ -67,6 +67,17 @@ pub enum Command {
     /// Open a queue directory with no workers and serve its admin API, metrics and dashboard
     /// (on DIR/admin/api.sock, and on TCP with --listen), until stopped.
     Serve(ServeArgs),
+    /// Create or upgrade the PostgreSQL schema of a queue (--data is not used). Refuses a
+    /// schema migrated by a newer omniq.
+    #[cfg(feature = "postgres")]
+    Migrate {
+        /// The database: a postgres:// URL or a "host=... user=... dbname=..." string.
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The schema holding the queue's tables.
+        #[arg(long, value_name = "NAME", default_value = "omniq")]
+        schema: String,
+    },
 }
 
 /// `omniq serve`.

@@ -516,3 +516,24 @@ fn bench_table(r: &BenchReport) -> String {
         t.render()
     )
 }
+
+/// `omniq migrate`: brings a PostgreSQL schema to this build's version.
+#[cfg(feature = "postgres")]
+pub fn migrate(json: bool, url: &str, schema: &str) -> Result<ExitCode, CliError> {
+    let options = omniq::postgres::PgOptions {
+        schema: schema.to_string(),
+        ..Default::default()
+    };
+    let r = omniq::postgres::migrate(url, &options)?;
+    if json {
+        emit_json(&json!({ "schema": schema, "from": r.from, "to": r.to }))?;
+    } else if r.from == r.to {
+        emit(&format!("schema {schema} is at version {} already\n", r.to))?;
+    } else {
+        emit(&format!(
+            "schema {schema} migrated from version {} to {}\n",
+            r.from, r.to
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

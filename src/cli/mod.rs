@@ -212,6 +212,8 @@ fn run(cli: &Cli) -> Result<ExitCode, CliError> {
         }
         Command::Check => commands::check(&open_existing(dir, json)?, json),
         Command::Serve(a) => serve::run(dir, json, a),
+        #[cfg(feature = "postgres")]
+        Command::Migrate { url, schema } => commands::migrate(json, url, schema),
     }
 }
 
