@@ -771,3 +771,114 @@ fn list_pages_newest_first_with_filters() {
     assert!(node.size_on_disk().unwrap() > 0);
     node.shut_down().unwrap();
 }
+
+/// A `Queue` whose database session is cut (`pg_terminate_backend`) while a handler runs:
+/// another process's rescuer charges the execution a crash, the cut process claims nothing
+/// more (new work runs elsewhere), and its handler's late success is fenced.
+#[test]
+fn a_queue_whose_session_is_cut_stops_claiming_and_its_late_finish_is_fenced() {
+    let mut s = schema!("session_cut");
+    let mut opts = s.options();
+    opts.rescue_interval = Duration::from_millis(100);
+    opts.poll_interval = Duration::from_millis(200);
+    let url = s.url.clone();
+    let open = |opts: omniq::postgres::PgOptions| {
+        omniq::Queue::postgres(&url)
+            .postgres_with(&url, opts)
+            .retry_policy(omniq::RetryPolicy {
+                max_retries: 3,
+                backoff: omniq::Backoff::new(
+                    Duration::from_secs(3600),
+                    Duration::from_secs(3600),
+                    0.0,
+                ),
+            })
+            .open()
+            .expect("open")
+    };
+    let cut = open(opts.clone());
+    let cut_node: i64 = s.rows("SELECT max(id) FROM omniq_nodes", &[])[0].get(0);
+    let (started_tx, started) = crossbeam_channel::bounded::<u32>(4);
+    let (release_tx, release) = crossbeam_channel::bounded::<()>(4);
+    let ran_on_cut = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = ran_on_cut.clone();
+    cut.register_fn(
+        "blocker",
+        move |_v: serde_json::Value, ctx: &omniq::TaskContext| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = started_tx.send(ctx.attempt());
+            let _ = release.recv_timeout(Duration::from_secs(30));
+            Ok::<_, TaskError>(serde_json::json!("late"))
+        },
+    );
+    let pool = cut.workers().concurrency(2).start().unwrap();
+    let id = cut
+        .enqueue_json(
+            "blocker",
+            &serde_json::json!({}),
+            omniq::EnqueueOptions::new(),
+        )
+        .unwrap();
+    assert_eq!(started.recv_timeout(Duration::from_secs(10)).unwrap(), 1);
+
+    // The rescuer, in "another process" (its own node), with a handler that does not block.
+    let other = open(opts);
+    other.register_fn(
+        "blocker",
+        |_v: serde_json::Value, _ctx: &omniq::TaskContext| {
+            Ok::<_, TaskError>(serde_json::json!("elsewhere"))
+        },
+    );
+    let pid: i32 = s.rows(
+        "SELECT session_pid FROM omniq_nodes WHERE id = $1",
+        &[&cut_node],
+    )[0]
+    .get(0);
+    assert!(s.rows("SELECT pg_terminate_backend($1, 5000)", &[&pid])[0].get::<_, bool>(0));
+
+    // Rescued as a crash by the other node's background rescuer.
+    assert!(eventually(Duration::from_secs(10), || {
+        other
+            .get(id)
+            .unwrap()
+            .is_some_and(|t| t.status == Status::Pending)
+    }));
+    let t = other.get(id).unwrap().unwrap();
+    assert_eq!(t.last_error.as_ref().unwrap().error_type, "crash");
+    assert_eq!(t.attempts, 1);
+    // The cut handler now finishes: fenced, nothing changes.
+    release_tx.send(()).unwrap();
+    let report = pool.stop();
+    assert_eq!(report.abandoned, 0);
+    let after = other.get(id).unwrap().unwrap();
+    assert_eq!(
+        after.status,
+        Status::Pending,
+        "the late finish of a rescued attempt was applied"
+    );
+    assert!(!other
+        .history(id)
+        .unwrap()
+        .iter()
+        .any(|e| e.cause == Cause::Succeeded));
+
+    // New work runs only elsewhere: the cut process claims nothing any more (its pooled
+    // connections still work, so it can still enqueue).
+    let cut_pool = cut.workers().concurrency(2).start().unwrap();
+    let other_pool = other.workers().concurrency(1).start().unwrap();
+    let more = cut
+        .enqueue_json(
+            "blocker",
+            &serde_json::json!({}),
+            omniq::EnqueueOptions::new(),
+        )
+        .unwrap();
+    let done = other.wait(more, Duration::from_secs(10)).unwrap();
+    assert_eq!(
+        done.result::<String>().unwrap().as_deref(),
+        Some("elsewhere")
+    );
+    assert_eq!(ran_on_cut.load(std::sync::atomic::Ordering::SeqCst), 1);
+    cut_pool.stop();
+    other_pool.stop();
+}
