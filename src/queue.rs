@@ -422,8 +422,15 @@ impl Queue {
     /// ```
     #[cfg(feature = "postgres")]
     pub fn postgres(url: &str) -> QueueBuilder {
-        let label = crate::backend::postgres::PgOptions::default().schema;
-        Queue::builder(format!("postgresql:{label}")).postgres(url)
+        Queue::postgres_with(url, crate::backend::postgres::PgOptions::default())
+    }
+
+    /// [`Queue::postgres`] with options (schema, pool size, liveness mode, intervals,
+    /// retention).
+    #[cfg(feature = "postgres")]
+    pub fn postgres_with(url: &str, options: crate::backend::postgres::PgOptions) -> QueueBuilder {
+        let label = format!("postgresql:{}", options.schema);
+        Queue::builder(label).postgres_with(url, options)
     }
 
     /// The directory this queue lives in.

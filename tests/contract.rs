@@ -55,7 +55,7 @@ struct Pg(common::pg::PgSchema);
 #[cfg(feature = "postgres")]
 impl Harness for Pg {
     fn builder(&self) -> QueueBuilder {
-        Queue::postgres(&self.0.url).postgres_with(&self.0.url, self.0.options())
+        Queue::postgres_with(&self.0.url, self.0.options())
     }
 }
 

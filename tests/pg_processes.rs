@@ -62,8 +62,7 @@ fn options(schema: &str) -> PgOptions {
 }
 
 fn open_queue(url: &str, schema: &str) -> Queue {
-    Queue::postgres(url)
-        .postgres_with(url, options(schema))
+    Queue::postgres_with(url, options(schema))
         .retry_policy(RetryPolicy {
             max_retries: MAX_RETRIES,
             backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(100), 0.25),

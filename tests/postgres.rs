@@ -783,8 +783,7 @@ fn a_queue_whose_session_is_cut_stops_claiming_and_its_late_finish_is_fenced() {
     opts.poll_interval = Duration::from_millis(200);
     let url = s.url.clone();
     let open = |opts: omniq::postgres::PgOptions| {
-        omniq::Queue::postgres(&url)
-            .postgres_with(&url, opts)
+        omniq::Queue::postgres_with(&url, opts)
             .retry_policy(omniq::RetryPolicy {
                 max_retries: 3,
                 backoff: omniq::Backoff::new(
