@@ -4,9 +4,10 @@
 //! ([`Notify::after_commit`](crate::events::Notify::after_commit)) and, throttled, the other
 //! processes.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
-use postgres::Transaction;
+use postgres::{Statement, Transaction};
 
 use super::node::Signal;
 use super::rows::{
@@ -30,10 +31,17 @@ const READ_FOR_UPDATE: &str = concat!(
     " FROM omniq_tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE"
 );
 
-/// The fence: the row is written only if it still has the lease and state the rule saw.
-const UPDATE_FENCED: &str = "UPDATE omniq_tasks SET state = $3, attempts = $4, run_at = $5, \
-     started_at = $6, finished_at = $7, result = $8, last_error = $9, errors = $10, node = $11, \
-     lease = $12 WHERE id = $1 AND lease = $2 AND state = $13";
+/// The fence: each row is written only if it still has the lease and state the rule saw. One
+/// statement for every transition of a transaction.
+const UPDATE_FENCED: &str = "UPDATE omniq_tasks t SET state = u.state, attempts = u.attempts, \
+     run_at = u.run_at, started_at = u.started_at, finished_at = u.finished_at, \
+     result = u.result, last_error = u.last_error, errors = u.errors, node = u.node, \
+     lease = u.lease \
+     FROM unnest($1::uuid[], $2::int8[], $3::text[], $4::int4[], $5::int8[], $6::int8[], \
+     $7::int8[], $8::bytea[], $9::jsonb[], $10::jsonb[], $11::int8[], $12::int8[], $13::text[]) \
+     AS u(id, old_lease, state, attempts, run_at, started_at, finished_at, result, last_error, \
+     errors, node, lease, old_state) \
+     WHERE t.id = u.id AND t.lease = u.old_lease AND t.state = u.old_state RETURNING t.id";
 
 const INSERT_TASK: &str = concat!(
     "INSERT INTO omniq_tasks (",
@@ -77,15 +85,150 @@ const ADD_COUNTS: &str = "INSERT INTO omniq_counts (queue, state, shard, n) \
      AS u(q, s, d) ORDER BY q, s \
      ON CONFLICT (queue, state, shard) DO UPDATE SET n = omniq_counts.n + EXCLUDED.n";
 
+/// The statements of the transition path, prepared once per pooled connection (an unprepared
+/// query costs an extra round trip each time).
+pub(crate) struct Stmts {
+    read_for_update: Statement,
+    update_fenced: Statement,
+    insert_log: Statement,
+    add_counts: Statement,
+    node_alive: Statement,
+    claim_any: Statement,
+    claim_queues: Statement,
+    pub(crate) insert_task: Statement,
+}
+
+impl Stmts {
+    pub(crate) fn prepare(c: &mut postgres::Client) -> std::result::Result<Stmts, postgres::Error> {
+        Ok(Stmts {
+            read_for_update: c.prepare(READ_FOR_UPDATE)?,
+            update_fenced: c.prepare(UPDATE_FENCED)?,
+            insert_log: c.prepare(INSERT_LOG)?,
+            add_counts: c.prepare(ADD_COUNTS)?,
+            node_alive: c.prepare(NODE_ALIVE)?,
+            claim_any: c.prepare(CLAIM_ANY)?,
+            claim_queues: c.prepare(CLAIM_QUEUES)?,
+            insert_task: c.prepare(INSERT_TASK)?,
+        })
+    }
+}
+
+/// A fenced row write waiting for [`Batch::flush`].
+struct Update {
+    /// The row as read (its lease and state are the fence).
+    old_lease: i64,
+    old_state: &'static str,
+    next: TaskInfo,
+}
+
 /// The transitions of one transaction, and what to tell once it commits.
-#[derive(Default)]
 pub(crate) struct Batch {
+    stmts: Arc<Stmts>,
     changes: Vec<Change>,
     deltas: BTreeMap<(String, &'static str), i64>,
     signals: BTreeSet<Signal>,
+    /// Fenced row writes not yet sent, by task (a second transition of the same task in one
+    /// transaction replaces the new values and keeps the first fence).
+    updates: Vec<Update>,
+    update_index: HashMap<TaskId, usize>,
 }
 
 impl Batch {
+    pub(crate) fn new(stmts: Arc<Stmts>) -> Batch {
+        Batch {
+            stmts,
+            changes: Vec::new(),
+            deltas: BTreeMap::new(),
+            signals: BTreeSet::new(),
+            updates: Vec::new(),
+            update_index: HashMap::new(),
+        }
+    }
+
+    /// Queues the write of `next` over `rec`, fenced by `rec`'s lease and state.
+    pub(crate) fn update(&mut self, rec: &TaskInfo, next: &TaskInfo) {
+        match self.update_index.get(&rec.id) {
+            Some(&i) => self.updates[i].next = next.clone(),
+            None => {
+                self.update_index.insert(rec.id, self.updates.len());
+                self.updates.push(Update {
+                    old_lease: to_i64(rec.lease),
+                    old_state: state_name(rec.status),
+                    next: next.clone(),
+                });
+            }
+        }
+    }
+
+    /// Sends the queued row writes in one statement. We hold every row's lock, so a row the
+    /// fence refuses means the database and this code disagree: an error, not a skip.
+    pub(crate) fn flush(&mut self, sh: &Shared, tx: &mut Transaction<'_>) -> Result<()> {
+        if self.updates.is_empty() {
+            return Ok(());
+        }
+        let updates = std::mem::take(&mut self.updates);
+        self.update_index.clear();
+        let mut ids = Vec::with_capacity(updates.len());
+        let (mut old_lease, mut state, mut attempts, mut run_at) = (vec![], vec![], vec![], vec![]);
+        let (mut started, mut finished, mut result, mut last_error) =
+            (vec![], vec![], vec![], vec![]);
+        let (mut errors, mut node, mut lease, mut old_state) = (vec![], vec![], vec![], vec![]);
+        for u in &updates {
+            let p = TaskParams::new(&u.next, None)?;
+            ids.push(p.id);
+            old_lease.push(u.old_lease);
+            state.push(p.state);
+            attempts.push(p.attempts);
+            run_at.push(p.run_at);
+            started.push(p.started_at);
+            finished.push(p.finished_at);
+            result.push(p.result);
+            last_error.push(p.last_error);
+            errors.push(p.errors);
+            node.push(if u.next.status == Status::Running {
+                Some(to_i64(sh.node))
+            } else {
+                None
+            });
+            lease.push(p.lease);
+            old_state.push(u.old_state);
+        }
+        let rows = tx
+            .query(
+                &self.stmts.update_fenced,
+                &[
+                    &ids,
+                    &old_lease,
+                    &state,
+                    &attempts,
+                    &run_at,
+                    &started,
+                    &finished,
+                    &result,
+                    &last_error,
+                    &errors,
+                    &node,
+                    &lease,
+                    &old_state,
+                ],
+            )
+            .map_err(pg_error(&sh.target, "write transitions"))?;
+        if rows.len() != updates.len() {
+            let written: HashSet<uuid::Uuid> =
+                rows.iter().filter_map(|r| r.try_get(0).ok()).collect();
+            let missed = updates
+                .iter()
+                .find(|u| !written.contains(&u.next.id.0))
+                .map(|u| u.next.id.to_string())
+                .unwrap_or_default();
+            return Err(Error::Storage(format!(
+                "PostgreSQL {}: task {missed} changed under its row lock",
+                sh.target.label()
+            )));
+        }
+        Ok(())
+    }
+
     /// Records a transition already written to its row (the log row comes in [`Batch::write`]).
     pub(crate) fn record(
         &mut self,
@@ -135,8 +278,10 @@ impl Batch {
         self.changes.push(Change { before, after, log });
     }
 
-    /// Writes the log rows (filling in their sequence numbers) and the counter deltas.
+    /// Writes the queued rows, the log rows (filling in their sequence numbers) and the counter
+    /// deltas.
     pub(crate) fn write(&mut self, sh: &Shared, tx: &mut Transaction<'_>) -> Result<()> {
+        self.flush(sh, tx)?;
         let t = &sh.target;
         let entries: Vec<&LogEntry> = self.changes.iter().filter_map(|c| c.log.as_ref()).collect();
         if !entries.is_empty() {
@@ -151,7 +296,10 @@ impl Batch {
             let at: Vec<i64> = entries.iter().map(|e| to_i64(e.at.0)).collect();
             let run: Vec<i64> = entries.iter().map(|e| to_i64(e.run_id)).collect();
             let rows = tx
-                .query(INSERT_LOG, &[&ids, &from, &to, &attempt, &cause, &at, &run])
+                .query(
+                    &self.stmts.insert_log,
+                    &[&ids, &from, &to, &attempt, &cause, &at, &run],
+                )
                 .map_err(pg_error(t, "write the transition log"))?;
             let mut seqs = rows
                 .iter()
@@ -179,7 +327,7 @@ impl Batch {
             let queues: Vec<&str> = self.deltas.keys().map(|(q, _)| q.as_str()).collect();
             let states: Vec<&str> = self.deltas.keys().map(|(_, s)| *s).collect();
             let deltas: Vec<i64> = self.deltas.values().copied().collect();
-            tx.execute(ADD_COUNTS, &[&queues, &states, &deltas])
+            tx.execute(&self.stmts.add_counts, &[&queues, &states, &deltas])
                 .map_err(pg_error(t, "update the task counters"))?;
         }
         Ok(())
@@ -227,65 +375,18 @@ fn refusal_to_error(id: TaskId, op: &'static str, expected: &'static str, r: Ref
     }
 }
 
-/// Writes `next` over `rec`, fenced: it must still have `rec`'s lease and state. We hold the
-/// row lock, so a miss means the database and this code disagree: an error, not a skip.
-pub(crate) fn update_fenced(
-    sh: &Shared,
-    tx: &mut Transaction<'_>,
-    rec: &TaskInfo,
-    next: &TaskInfo,
-) -> Result<()> {
-    let p = TaskParams::new(next, None)?;
-    let old_lease = to_i64(rec.lease);
-    let old_state = state_name(rec.status);
-    let node = if next.status == Status::Running {
-        Some(to_i64(sh.node))
-    } else {
-        None
-    };
-    let n = tx
-        .execute(
-            UPDATE_FENCED,
-            &[
-                &p.id,
-                &old_lease,
-                &p.state,
-                &p.attempts,
-                &p.run_at,
-                &p.started_at,
-                &p.finished_at,
-                &p.result,
-                &p.last_error,
-                &p.errors,
-                &node,
-                &p.lease,
-                &old_state,
-            ],
-        )
-        .map_err(pg_error(&sh.target, "write a transition"))?;
-    if n != 1 {
-        return Err(Error::Storage(format!(
-            "PostgreSQL {}: task {} changed under its row lock (expected {} with lease {})",
-            sh.target.label(),
-            rec.id,
-            rec.status,
-            rec.lease
-        )));
-    }
-    Ok(())
-}
-
 /// Reads and locks `ids` (in id order, so concurrent transactions cannot deadlock on them).
 pub(crate) fn lock_rows(
     sh: &Shared,
     tx: &mut Transaction<'_>,
+    stmts: &Stmts,
     ids: &[TaskId],
 ) -> Result<HashMap<TaskId, Result<TaskInfo>>> {
     let mut uuids: Vec<uuid::Uuid> = ids.iter().map(|i| i.0).collect();
     uuids.sort_unstable();
     uuids.dedup();
     let rows = tx
-        .query(READ_FOR_UPDATE, &[&uuids])
+        .query(&stmts.read_for_update, &[&uuids])
         .map_err(pg_error(&sh.target, "read tasks"))?;
     let mut out = HashMap::with_capacity(rows.len());
     for row in &rows {
@@ -341,13 +442,7 @@ fn run_submit(
 ) -> Result<Submitted> {
     let t = &sh.target;
     let mut conn = sh.pool.get()?;
-    let claim_stmt = match &claim {
-        Some((QueueSet::All, ..)) => Some(conn.prepared(CLAIM_ANY)),
-        Some((QueueSet::Named(_), ..)) => Some(conn.prepared(CLAIM_QUEUES)),
-        None => None,
-    }
-    .transpose()
-    .map_err(pg_error(t, "prepare the claim"))?;
+    let stmts = conn.stmts().map_err(pg_error(t, "prepare statements"))?;
     let mut tx = conn
         .transaction()
         .map_err(pg_error(t, "begin a transaction"))?;
@@ -356,17 +451,17 @@ fn run_submit(
     // held by this transaction, so the two cannot deadlock.
     let alive = match &claim {
         Some(_) if sh.session_lost().is_none() => tx
-            .query_opt(NODE_ALIVE, &[&to_i64(sh.node)])
+            .query_opt(&stmts.node_alive, &[&to_i64(sh.node)])
             .map_err(pg_error(t, "check this node's row"))?
             .is_some(),
         _ => false,
     };
     let now = sh.clock.now();
-    let mut batch = Batch::default();
+    let mut batch = Batch::new(stmts.clone());
     let mut results = Vec::with_capacity(work.len());
     if !work.is_empty() {
         let ids: Vec<TaskId> = work.iter().map(|w| w.0).collect();
-        let mut current = lock_rows(sh, &mut tx, &ids)?;
+        let mut current = lock_rows(sh, &mut tx, &stmts, &ids)?;
         for (id, lease, outcome) in work {
             let rec = match current.get(&id) {
                 None => {
@@ -389,7 +484,7 @@ fn run_submit(
             };
             results.push(match step {
                 Ok((next, cause)) => {
-                    update_fenced(sh, &mut tx, &rec, &next)?;
+                    batch.update(&rec, &next);
                     current.insert(id, Ok(next.clone()));
                     batch.record(sh, Some(rec), Some(next.clone()), Some(cause), now);
                     Ok(Finished::Applied(Box::new(next)))
@@ -399,11 +494,20 @@ fn run_submit(
             });
         }
     }
-    let claimed = match (claim, claim_stmt) {
-        (Some((queues, n, due_by)), Some(stmt)) => Some(claim_in(
-            sh, &mut tx, &stmt, &queues, n, due_by, now, alive, &mut batch,
-        )?),
-        _ => None,
+    // The finishes' rows are written before the claim looks for due work (a retried task
+    // with no backoff is claimable in the same transaction, as with the sled writer).
+    batch.flush(sh, &mut tx)?;
+    let claimed = match claim {
+        Some((queues, n, due_by)) => {
+            let stmt = match queues {
+                QueueSet::All => &stmts.claim_any,
+                QueueSet::Named(_) => &stmts.claim_queues,
+            };
+            Some(claim_in(
+                sh, &mut tx, stmt, &queues, n, due_by, now, alive, &mut batch,
+            )?)
+        }
+        None => None,
     };
     batch.write(sh, &mut tx)?;
     tx.commit().map_err(pg_error(t, "commit"))?;
@@ -504,17 +608,15 @@ pub(crate) fn insert(sh: &Shared, tasks: Vec<TaskInfo>) -> Result<()> {
         });
     }
     let mut conn = sh.pool.get()?;
-    let stmt = conn
-        .prepared(INSERT_TASK)
-        .map_err(pg_error(t, "prepare the insert"))?;
+    let stmts = conn.stmts().map_err(pg_error(t, "prepare statements"))?;
     let mut tx = conn
         .transaction()
         .map_err(pg_error(t, "begin a transaction"))?;
     let now = sh.clock.now();
-    let mut batch = Batch::default();
+    let mut batch = Batch::new(stmts.clone());
     for task in tasks {
         let p = TaskParams::new(&task, None)?;
-        tx.execute(&stmt, &p.all())
+        tx.execute(&stmts.insert_task, &p.all())
             .map_err(pg_error(t, "insert a task"))?;
         batch.record(sh, None, Some(task), Some(Cause::Enqueued), now);
     }
@@ -535,16 +637,17 @@ fn one_transition(
 ) -> Result<TaskInfo> {
     let t = &sh.target;
     let mut conn = sh.pool.get()?;
+    let stmts = conn.stmts().map_err(pg_error(t, "prepare statements"))?;
     let mut tx = conn
         .transaction()
         .map_err(pg_error(t, "begin a transaction"))?;
     let now = sh.clock.now();
-    let rec = lock_rows(sh, &mut tx, &[id])?
+    let rec = lock_rows(sh, &mut tx, &stmts, &[id])?
         .remove(&id)
         .ok_or(Error::NotFound(id))??;
     let (next, cause) = rule(&rec, now).map_err(|r| refusal_to_error(id, op, expected, r))?;
-    update_fenced(sh, &mut tx, &rec, &next)?;
-    let mut batch = Batch::default();
+    let mut batch = Batch::new(stmts.clone());
+    batch.update(&rec, &next);
     batch.record(sh, Some(rec), Some(next.clone()), Some(cause), now);
     batch.write(sh, &mut tx)?;
     tx.commit().map_err(pg_error(t, "commit"))?;
@@ -578,6 +681,7 @@ const PURGE: &str = concat!(
 pub(crate) fn purge(sh: &Shared, cutoff: Timestamp, limit: usize) -> Result<usize> {
     let t = &sh.target;
     let mut conn = sh.pool.get()?;
+    let stmts = conn.stmts().map_err(pg_error(t, "prepare statements"))?;
     let mut tx = conn
         .transaction()
         .map_err(pg_error(t, "begin a transaction"))?;
@@ -588,7 +692,7 @@ pub(crate) fn purge(sh: &Shared, cutoff: Timestamp, limit: usize) -> Result<usiz
         )
         .map_err(pg_error(t, "delete finished tasks"))?;
     let now = sh.clock.now();
-    let mut batch = Batch::default();
+    let mut batch = Batch::new(stmts);
     let mut ids = Vec::with_capacity(rows.len());
     for row in &rows {
         let rec = task_from_row(row, t)?;

@@ -9,10 +9,12 @@ use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex};
 use postgres::{Client, Statement};
 
+use super::ops::Stmts;
 use super::Target;
 use crate::error::{Error, Result};
 
@@ -28,6 +30,7 @@ pub(crate) struct Pool {
 struct Conn {
     client: Client,
     prepared: HashMap<&'static str, Statement>,
+    stmts: Option<Arc<Stmts>>,
 }
 
 struct State {
@@ -74,6 +77,7 @@ impl Pool {
                         conn: Some(Conn {
                             client,
                             prepared: HashMap::new(),
+                            stmts: None,
                         }),
                     }),
                     Err(e) => {
@@ -118,6 +122,17 @@ impl Pooled<'_> {
         self.conn
             .as_mut()
             .unwrap_or_else(|| unreachable!("a Pooled holds its connection until drop"))
+    }
+
+    /// The transition statements, prepared on this connection (once per connection).
+    pub(crate) fn stmts(&mut self) -> std::result::Result<Arc<Stmts>, postgres::Error> {
+        let conn = self.conn();
+        if let Some(s) = &conn.stmts {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(Stmts::prepare(&mut conn.client)?);
+        conn.stmts = Some(s.clone());
+        Ok(s)
     }
 
     /// `sql` prepared on this connection (once per connection).

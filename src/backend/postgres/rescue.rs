@@ -15,11 +15,12 @@
 //! running tasks whose node row is missing altogether (a rescuer that crashed half-way cannot
 //! leave any: its transaction rolled back; but an operator may delete rows) are rescued too.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use postgres::Transaction;
 
-use super::ops::{update_fenced, Batch};
+use super::ops::{Batch, Stmts};
 use super::rows::{task_cols, task_from_row, to_i64};
 use super::{pg_error, Shared};
 use crate::error::{Error, Result};
@@ -58,6 +59,7 @@ pub(crate) fn rescue(sh: &Shared) -> Result<RecoveryReport> {
     let t = &sh.target;
     let dead_after = sh.options.dead_after.as_secs_f64();
     let mut conn = sh.pool.get()?;
+    let stmts = conn.stmts().map_err(pg_error(t, "prepare statements"))?;
     let nodes = conn
         .query(NODES, &[&to_i64(sh.node)])
         .map_err(pg_error(t, "list nodes"))?;
@@ -101,7 +103,15 @@ pub(crate) fn rescue(sh: &Shared) -> Result<RecoveryReport> {
         };
         tx.execute("DELETE FROM omniq_nodes WHERE id = $1", &[&id])
             .map_err(pg_error(t, "remove a dead node"))?;
-        let batch = charge(sh, &mut tx, RUNNING_OF_NODE, Some(id), &reason, &mut report)?;
+        let batch = charge(
+            sh,
+            &mut tx,
+            &stmts,
+            RUNNING_OF_NODE,
+            Some(id),
+            &reason,
+            &mut report,
+        )?;
         tx.commit().map_err(pg_error(t, "commit a rescue"))?;
         tracing::warn!(node = id, %reason, "removed a dead node");
         batch.publish(sh);
@@ -110,6 +120,7 @@ pub(crate) fn rescue(sh: &Shared) -> Result<RecoveryReport> {
     let batch = charge(
         sh,
         &mut tx,
+        &stmts,
         RUNNING_WITHOUT_NODE,
         None,
         "its node is no longer registered",
@@ -133,6 +144,7 @@ pub(crate) fn rescue(sh: &Shared) -> Result<RecoveryReport> {
 fn charge(
     sh: &Shared,
     tx: &mut Transaction<'_>,
+    stmts: &Arc<Stmts>,
     query: &str,
     node: Option<i64>,
     reason: &str,
@@ -145,7 +157,7 @@ fn charge(
     }
     .map_err(pg_error(t, "find orphaned executions"))?;
     let now = sh.clock.now();
-    let mut batch = Batch::default();
+    let mut batch = Batch::new(stmts.clone());
     for row in &rows {
         let rec = match task_from_row(row, t) {
             Ok(r) => r,
@@ -179,7 +191,7 @@ fn charge(
         let Ok((next, cause)) = lifecycle::fail(&rec, rec.lease, error, now, &backoff, unit) else {
             continue;
         };
-        update_fenced(sh, tx, &rec, &next)?;
+        batch.update(&rec, &next);
         report.recovered += 1;
         if next.status == Status::Pending {
             report.requeued += 1;
