@@ -881,3 +881,111 @@ fn a_queue_whose_session_is_cut_stops_claiming_and_its_late_finish_is_fenced() {
     cut_pool.stop();
     other_pool.stop();
 }
+
+#[test]
+fn an_insert_is_all_or_none() {
+    let s = schema!("insert_atomic");
+    let clock = clock();
+    let node = s.node(s.options(), &clock);
+    let first = new_task("q", 0, clock.now(), 3, 1);
+    node.insert(vec![first.clone()]).unwrap();
+    let fresh = new_task("q", 0, clock.now(), 3, 2);
+    // The second batch repeats an existing id: nothing of it is stored.
+    let e = node.insert(vec![fresh.clone(), first.clone()]).unwrap_err();
+    assert!(
+        e.to_string().contains(&s.schema),
+        "the error names the schema: {e}"
+    );
+    assert_eq!(node.get(fresh.id).unwrap(), None);
+    assert!(node.history(fresh.id).unwrap().is_empty());
+    assert_eq!(
+        node.counts()
+            .unwrap()
+            .get(&("q".to_string(), Status::Pending)),
+        Some(&1)
+    );
+    node.shut_down().unwrap();
+}
+
+/// A burst of commits on one queue sends at most one NOTIFY per `notify_interval` (each
+/// notifying commit takes a cluster-wide lock), and the last of the burst is not dropped.
+#[test]
+fn notifications_are_throttled_per_queue_without_dropping_the_last() {
+    let mut s = schema!("notify_throttle");
+    let clock = clock();
+    let mut opts = s.options();
+    opts.notify_interval = Duration::from_millis(300);
+    let node = s.node(opts, &clock);
+    let channel = format!("omniq:{}", s.schema);
+    s.admin
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let burst = 40;
+    for i in 0..burst {
+        node.insert(vec![new_task("q", 0, clock.now(), 3, i)])
+            .unwrap();
+    }
+    let burst_took = started.elapsed();
+    // Collect for the burst plus two intervals: the trailing notification must arrive.
+    let mut payloads = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_millis(700);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let mut notes = s.admin.notifications();
+        let mut it = notes.timeout_iter(left);
+        use postgres::fallible_iterator::FallibleIterator;
+        match it.next().unwrap() {
+            Some(n) => payloads.push(n.payload().to_string()),
+            None => break,
+        }
+    }
+    let work: Vec<&String> = payloads.iter().filter(|p| p.contains(":w:q")).collect();
+    let allowed = (burst_took.as_millis() / 300) as usize + 2;
+    assert!(!work.is_empty(), "no notification at all");
+    assert!(
+        work.len() <= allowed,
+        "{} notifications for {burst} commits in {burst_took:?} (at most {allowed})",
+        work.len()
+    );
+    node.shut_down().unwrap();
+}
+
+#[cfg(feature = "cli")]
+#[test]
+fn omniq_migrate_creates_upgrades_and_refuses_a_newer_schema() {
+    let mut s = schema!("cli_migrate");
+    let url = s.url.clone();
+    let name = s.schema.clone();
+    let run = |schema: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_omniq"))
+            .args(["migrate", "--json", "--url", &url, "--schema", schema])
+            .output()
+            .unwrap()
+    };
+    let out = run(&name);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["from"].as_u64(), v["to"].as_u64()),
+        (Some(0), Some(SCHEMA_VERSION as u64))
+    );
+    let out = run(&name);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["from"].as_u64(), Some(SCHEMA_VERSION as u64));
+    s.execute("INSERT INTO omniq_schema (version) VALUES (99)", &[]);
+    let out = run(&name);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("version 99") && err.contains("upgrade omniq"),
+        "{err}"
+    );
+}
