@@ -29,7 +29,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use omniq::postgres::PgOptions;
+use omniq::postgres::{Liveness, PgOptions};
 use omniq::{
     Backoff, Cause, EnqueueOptions, Queue, RetryPolicy, Status, TaskContext, TaskError, TaskId,
 };
@@ -40,17 +40,21 @@ use rand::{Rng, SeedableRng};
 const CHILD_ENV: &str = "OMNIQ_PG_CHILD";
 const SCHEMA_ENV: &str = "OMNIQ_PG_CHILD_SCHEMA";
 const SIDE_ENV: &str = "OMNIQ_PG_CHILD_SIDE";
+const LIVENESS_ENV: &str = "OMNIQ_PG_CHILD_LIVENESS";
 const TASKS: usize = 300;
 const MAX_RETRIES: u32 = 3;
 /// Each worker looks for dead nodes this often.
 const RESCUE_INTERVAL: Duration = Duration::from_millis(300);
-/// The bound asserted: a dead node's executions are all rescued within this of its death
-/// (the rescue interval plus room for a machine shared with other builds).
-const RESCUE_BOUND: Duration = Duration::from_secs(5);
+/// Heartbeat mode: a node whose heartbeat is older than this is dead.
+const DEAD_AFTER: Duration = Duration::from_secs(4);
+/// Room for a machine shared with other builds, on top of what the configuration promises.
+const SLACK: Duration = Duration::from_secs(4);
 
-fn options(schema: &str) -> PgOptions {
+fn options(schema: &str, liveness: Liveness) -> PgOptions {
     PgOptions {
         schema: schema.into(),
+        liveness,
+        dead_after: DEAD_AFTER,
         pool_size: 3,
         heartbeat_interval: Duration::from_millis(200),
         rescue_interval: RESCUE_INTERVAL,
@@ -61,8 +65,8 @@ fn options(schema: &str) -> PgOptions {
     }
 }
 
-fn open_queue(url: &str, schema: &str) -> Queue {
-    Queue::postgres_with(url, options(schema))
+fn open_queue(url: &str, schema: &str, liveness: Liveness) -> Queue {
+    Queue::postgres_with(url, options(schema, liveness))
         .retry_policy(RetryPolicy {
             max_retries: MAX_RETRIES,
             backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(100), 0.25),
@@ -96,7 +100,11 @@ fn pg_child() {
     let side = Arc::new(Mutex::new(append(Path::new(
         &std::env::var(SIDE_ENV).expect("side file"),
     ))));
-    let queue = open_queue(&url, &schema);
+    let liveness = match std::env::var(LIVENESS_ENV).as_deref() {
+        Ok("heartbeat") => Liveness::Heartbeat,
+        _ => Liveness::SessionLock,
+    };
+    let queue = open_queue(&url, &schema, liveness);
     if role == "producer" {
         for n in 0..TASKS {
             let id = queue
@@ -144,10 +152,17 @@ struct Worker {
     side: PathBuf,
 }
 
-fn spawn(role: &str, schema: &str, side: &Path) -> Child {
+fn spawn(role: &str, schema: &str, side: &Path, liveness: Liveness) -> Child {
     Command::new(std::env::current_exe().expect("current_exe"))
         .args(["--exact", "pg_child", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, role)
+        .env(
+            LIVENESS_ENV,
+            match liveness {
+                Liveness::Heartbeat => "heartbeat",
+                Liveness::SessionLock => "session_lock",
+            },
+        )
         .env(SCHEMA_ENV, schema)
         .env(SIDE_ENV, side)
         .stdout(Stdio::null())
@@ -170,31 +185,53 @@ fn node_of(path: &Path) -> Option<i64> {
         .find_map(|l| l.strip_prefix("node ").and_then(|n| n.parse().ok()))
 }
 
+/// Session-lock liveness: a killed node is dead as soon as its session ends.
 #[test]
 fn three_workers_and_a_producer_survive_sigkill_with_exact_rescue() {
+    kill_loop(
+        Liveness::SessionLock,
+        "OMNIQ_PG_KILL_CYCLES",
+        12,
+        RESCUE_INTERVAL + SLACK,
+    );
+}
+
+/// Heartbeat-only liveness (for poolers): a killed node is dead once its heartbeat is older
+/// than `DEAD_AFTER`, and live nodes (heartbeat every 200 ms) never are.
+#[test]
+fn heartbeat_mode_workers_survive_sigkill_with_exact_rescue() {
+    kill_loop(
+        Liveness::Heartbeat,
+        "OMNIQ_PG_HEARTBEAT_KILL_CYCLES",
+        4,
+        DEAD_AFTER + RESCUE_INTERVAL + SLACK,
+    );
+}
+
+fn kill_loop(liveness: Liveness, cycles_env: &str, default_cycles: usize, bound: Duration) {
     let Some(mut s) = common::pg::PgSchema::new("processes") else {
         return;
     };
-    omniq::postgres::migrate(&s.url, &options(&s.schema)).expect("migrate");
+    omniq::postgres::migrate(&s.url, &options(&s.schema, liveness)).expect("migrate");
     let seed: u64 = std::env::var("OMNIQ_PG_KILL_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| rand::rng().random());
-    let cycles: usize = std::env::var("OMNIQ_PG_KILL_CYCLES")
+    let cycles: usize = std::env::var(cycles_env)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(12);
-    println!("OMNIQ_PG_KILL_SEED={seed} OMNIQ_PG_KILL_CYCLES={cycles}");
+        .unwrap_or(default_cycles);
+    println!("{liveness:?}: OMNIQ_PG_KILL_SEED={seed} {cycles_env}={cycles}");
     let mut rng = StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().expect("tempdir");
     let producer_side = dir.path().join("producer");
-    let mut producer = spawn("producer", &s.schema, &producer_side);
+    let mut producer = spawn("producer", &s.schema, &producer_side, liveness);
     let mut generation = 0;
     let mut new_worker = |schema: &str| {
         generation += 1;
         let side = dir.path().join(format!("worker-{generation}"));
         Worker {
-            child: spawn("worker", schema, &side),
+            child: spawn("worker", schema, &side, liveness),
             side,
         }
     };
@@ -215,7 +252,7 @@ fn three_workers_and_a_producer_survive_sigkill_with_exact_rescue() {
             killed.insert(node);
             // Every execution of the dead node is rescued within the bound (by the others).
             let mut rescued_in = None;
-            while died.elapsed() < RESCUE_BOUND * 2 {
+            while died.elapsed() < bound * 2 {
                 let left: i64 = s.rows(
                     "SELECT count(*) FROM omniq_tasks WHERE state = 'running' AND node = $1",
                     &[&node],
@@ -230,12 +267,12 @@ fn three_workers_and_a_producer_survive_sigkill_with_exact_rescue() {
             let took = rescued_in.unwrap_or_else(|| {
                 panic!(
                     "cycle {cycle} (seed {seed}): node {node}'s executions not rescued within {:?}",
-                    RESCUE_BOUND * 2
+                    bound * 2
                 )
             });
             assert!(
-                took <= RESCUE_BOUND,
-                "cycle {cycle} (seed {seed}): node {node} rescued after {took:?}, over {RESCUE_BOUND:?}"
+                took <= bound,
+                "cycle {cycle} (seed {seed}): node {node} rescued after {took:?}, over {bound:?}"
             );
             slowest = slowest.max(took);
         }
@@ -252,7 +289,7 @@ fn three_workers_and_a_producer_survive_sigkill_with_exact_rescue() {
     assert_eq!(acked.len(), TASKS);
 
     // Every task finishes (the surviving workers run them).
-    let check = open_queue(&s.url, &s.schema);
+    let check = open_queue(&s.url, &s.schema, liveness);
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let stats = check.stats().expect("stats");
@@ -350,7 +387,7 @@ fn three_workers_and_a_producer_survive_sigkill_with_exact_rescue() {
     let report = check.check_consistency().expect("check");
     assert!(report.is_consistent(), "seed {seed}: {:?}", report.problems);
     println!(
-        "{cycles} kills of {} known nodes, {crashes} crash charge(s), slowest rescue {slowest:?}",
+        "{liveness:?}: {cycles} kills of {} known nodes, {crashes} crash charge(s), slowest rescue {slowest:?}",
         killed.len()
     );
     drop(check);
