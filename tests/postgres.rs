@@ -989,3 +989,78 @@ fn omniq_migrate_creates_upgrades_and_refuses_a_newer_schema() {
         "{err}"
     );
 }
+
+/// A pause set by one process holds for every process: none claims the queue's tasks (nothing
+/// is charged) and due counts leave them out, until it is resumed.
+#[test]
+fn a_pause_holds_across_processes_until_resumed() {
+    let s = schema!("pause");
+    let clock = clock();
+    let a = s.node(s.options(), &clock);
+    let b = s.node(s.options(), &clock);
+    let paused_task = new_task("mail", 0, clock.now(), 3, 1);
+    let other = new_task("other", 0, clock.now(), 3, 2);
+    a.insert(vec![paused_task.clone(), other.clone()]).unwrap();
+    a.set_paused("mail", true).unwrap();
+    assert!(
+        b.paused().contains("mail"),
+        "another process sees the pause"
+    );
+    assert_eq!(b.due_summary(None, clock.now(), 10).unwrap().0, 1);
+    let claimed = b.claim(None, 10, clock.now()).unwrap();
+    assert_eq!(
+        claimed.iter().map(|t| t.id).collect::<Vec<_>>(),
+        vec![other.id]
+    );
+    let waiting = b.get(paused_task.id).unwrap().unwrap();
+    assert_eq!((waiting.status, waiting.attempts), (Status::Pending, 0));
+    b.set_paused("mail", false).unwrap();
+    assert!(a.paused().is_empty());
+    let claimed = a.claim(Some(&["mail"]), 10, clock.now()).unwrap();
+    assert_eq!(claimed.len(), 1);
+    a.shut_down().unwrap();
+    b.shut_down().unwrap();
+}
+
+/// `cancel_running` from a process that does not run the execution closes the attempt as
+/// `Cancelled` at once (fenced by its lease); the running process's late result is fenced.
+#[test]
+fn cancel_running_from_another_process_is_fenced() {
+    let s = schema!("cancel_running");
+    let url = s.url.clone();
+    let open = |opts: omniq::postgres::PgOptions| {
+        omniq::Queue::postgres_with(&url, opts)
+            .open()
+            .expect("open")
+    };
+    let runner = open(s.options());
+    let (started_tx, started) = crossbeam_channel::bounded::<()>(1);
+    let (release_tx, release) = crossbeam_channel::bounded::<()>(1);
+    runner.register_fn(
+        "slow",
+        move |_v: serde_json::Value, _ctx: &omniq::TaskContext| {
+            let _ = started_tx.send(());
+            let _ = release.recv_timeout(Duration::from_secs(30));
+            Ok::<_, TaskError>(serde_json::json!("done"))
+        },
+    );
+    let pool = runner.workers().concurrency(1).start().unwrap();
+    let id = runner
+        .enqueue_json("slow", &serde_json::json!({}), omniq::EnqueueOptions::new())
+        .unwrap();
+    started.recv_timeout(Duration::from_secs(10)).unwrap();
+    let operator = open(s.options());
+    let cancelled = operator.cancel_running(id).unwrap();
+    assert_eq!(cancelled.status, Status::Cancelled);
+    assert_eq!(cancelled.attempts, 1);
+    release_tx.send(()).unwrap();
+    pool.stop();
+    let t = operator.get(id).unwrap().unwrap();
+    assert_eq!(t.status, Status::Cancelled, "the late result was applied");
+    assert!(t.result.is_none());
+    assert!(!operator
+        .history(id)
+        .unwrap()
+        .iter()
+        .any(|e| e.cause == Cause::Succeeded));
+}

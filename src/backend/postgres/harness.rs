@@ -174,6 +174,16 @@ impl PgHarness {
         self.backend.purge(cutoff, limit)
     }
 
+    /// Pauses (`true`) or resumes a queue.
+    pub fn set_paused(&self, queue: &str, paused: bool) -> Result<()> {
+        self.backend.set_paused(queue, paused)
+    }
+
+    /// The paused queues.
+    pub fn paused(&self) -> std::collections::BTreeSet<String> {
+        self.backend.paused()
+    }
+
     /// One rescue pass.
     pub fn rescue(&self) -> Result<RecoveryReport> {
         self.backend.rescue()

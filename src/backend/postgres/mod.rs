@@ -18,7 +18,7 @@
 //!
 //! [`Notify::after_commit`]: crate::events::Notify::after_commit
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -243,6 +243,8 @@ pub(crate) struct Shared {
     /// Why the node's session was lost, once it was.
     pub lost: Mutex<Option<String>>,
     pub stopping: AtomicBool,
+    /// The paused queues as last read (what `paused()` answers if the database cannot be read).
+    pub paused: Mutex<BTreeSet<String>>,
     /// Queues to `NOTIFY` about (sent by the notifier thread, throttled).
     pub to_notify: crossbeam_channel::Sender<node::Signal>,
 }
@@ -317,6 +319,7 @@ impl PgBackend {
             session_pid,
             lost: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            paused: Mutex::new(BTreeSet::new()),
             to_notify: tx,
         });
         let threads = node::spawn(&shared, session, rx)?;
@@ -381,6 +384,32 @@ impl Backend for PgBackend {
 
     fn rescue(&self) -> Result<RecoveryReport> {
         rescue::rescue(&self.shared)
+    }
+
+    fn set_paused(&self, queue: &str, paused: bool) -> Result<()> {
+        ops::set_paused(&self.shared, queue, paused)?;
+        let mut cache = self.shared.paused.lock();
+        if paused {
+            cache.insert(queue.to_string());
+        } else {
+            cache.remove(queue);
+        }
+        Ok(())
+    }
+
+    fn paused(&self) -> BTreeSet<String> {
+        // Read where other processes pause and resume too; if the database cannot be
+        // reached, the last set read is the best answer there is.
+        match ops::paused(&self.shared) {
+            Ok(set) => {
+                *self.shared.paused.lock() = set.clone();
+                set
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the paused queues; using the last known set");
+                self.shared.paused.lock().clone()
+            }
+        }
     }
 
     fn get(&self, id: TaskId) -> Result<Option<TaskInfo>> {

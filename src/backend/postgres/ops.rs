@@ -58,6 +58,7 @@ macro_rules! claim_sql {
             "WITH due AS (SELECT id AS due_id, lease AS old_lease, started_at AS old_started \
              FROM omniq_tasks WHERE state = 'pending' AND run_at <= $1",
             $queue_filter,
+            " AND NOT EXISTS (SELECT 1 FROM omniq_paused p WHERE p.queue = omniq_tasks.queue)",
             " ORDER BY priority DESC, run_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) \
              UPDATE omniq_tasks SET state = 'running', attempts = attempts + 1, started_at = $1, \
              lease = nextval('omniq_lease_seq'), node = $4 FROM due WHERE id = due.due_id \
@@ -70,8 +71,11 @@ const CLAIM_ANY: &str = claim_sql!(" AND $2::text[] IS NULL");
 const CLAIM_QUEUES: &str = claim_sql!(" AND queue = ANY($2)");
 
 /// This node still counts as alive: its row exists (a rescuer deletes it before charging its
-/// executions). `FOR KEY SHARE` makes a rescuer's delete wait for this claim's commit.
-const NODE_ALIVE: &str = "SELECT 1 FROM omniq_nodes WHERE id = $1 FOR KEY SHARE";
+/// executions). `FOR KEY SHARE` makes a rescuer's delete wait for this claim's commit. It also
+/// takes the pause lock shared: a pause waits for claims in flight, and later claims see it.
+const NODE_ALIVE: &str = "SELECT 1 FROM omniq_nodes, \
+     (SELECT pg_advisory_xact_lock_shared(hashtext(current_schema()), -1)) AS pause_lock \
+     WHERE id = $1 FOR KEY SHARE OF omniq_nodes";
 
 const INSERT_LOG: &str = "INSERT INTO omniq_log (task_id, from_state, to_state, attempt, cause, \
      at, run_id) SELECT t, f, s, a, c, w, r FROM unnest($1::uuid[], $2::text[], $3::text[], \
@@ -481,6 +485,7 @@ fn run_submit(
                     let unit = sh.jitter.lock().unit();
                     lifecycle::fail(&rec, lease, err, now, &b, unit)
                 }
+                Outcome::Cancelled => lifecycle::cancel_running(&rec, lease, now),
             };
             results.push(match step {
                 Ok((next, cause)) => {
@@ -832,10 +837,12 @@ pub(crate) fn due_summary(
     let mut conn = sh.pool.get()?;
     let row = conn
         .query_one(
-            "SELECT (SELECT count(*) FROM (SELECT 1 FROM omniq_tasks WHERE state = 'pending' \
-             AND run_at <= $1 AND ($2::text[] IS NULL OR queue = ANY($2)) LIMIT $3) d), \
-             (SELECT min(run_at) FROM omniq_tasks WHERE state = 'pending' AND run_at > $1 \
-             AND ($2::text[] IS NULL OR queue = ANY($2)))",
+            "SELECT (SELECT count(*) FROM (SELECT 1 FROM omniq_tasks t WHERE state = 'pending' \
+             AND run_at <= $1 AND ($2::text[] IS NULL OR queue = ANY($2)) \
+             AND NOT EXISTS (SELECT 1 FROM omniq_paused p WHERE p.queue = t.queue) LIMIT $3) d), \
+             (SELECT min(run_at) FROM omniq_tasks t WHERE state = 'pending' AND run_at > $1 \
+             AND ($2::text[] IS NULL OR queue = ANY($2)) \
+             AND NOT EXISTS (SELECT 1 FROM omniq_paused p WHERE p.queue = t.queue))",
             &[
                 &to_i64(now.0),
                 &names,
@@ -1017,4 +1024,50 @@ pub(crate) fn size_on_disk(sh: &Shared) -> Result<u64> {
         .map_err(pg_error(t, "measure the schema"))?;
     let n: i64 = row.try_get(0).map_err(pg_error(t, "measure the schema"))?;
     Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Sets or clears a queue's pause flag. Pausing waits for claims in flight (the pause lock):
+/// once it returns, no claim in any process takes the queue's tasks.
+pub(crate) fn set_paused(sh: &Shared, queue: &str, paused: bool) -> Result<()> {
+    let t = &sh.target;
+    let mut conn = sh.pool.get()?;
+    let mut tx = conn
+        .transaction()
+        .map_err(pg_error(t, "begin a transaction"))?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext(current_schema()), -1)",
+        &[],
+    )
+    .map_err(pg_error(t, "take the pause lock"))?;
+    if paused {
+        tx.execute(
+            "INSERT INTO omniq_paused (queue) VALUES ($1) ON CONFLICT (queue) DO NOTHING",
+            &[&queue],
+        )
+    } else {
+        tx.execute("DELETE FROM omniq_paused WHERE queue = $1", &[&queue])
+    }
+    .map_err(pg_error(t, "set a queue's pause flag"))?;
+    tx.commit().map_err(pg_error(t, "commit"))?;
+    if !paused {
+        // Its due tasks are claimable again, here and elsewhere.
+        sh.notify.wake_all();
+        let _ = sh.to_notify.send(Signal::Work(queue.to_string()));
+    }
+    Ok(())
+}
+
+/// The paused queues.
+pub(crate) fn paused(sh: &Shared) -> Result<BTreeSet<String>> {
+    let t = &sh.target;
+    let mut conn = sh.pool.get()?;
+    let rows = conn
+        .query("SELECT queue FROM omniq_paused", &[])
+        .map_err(pg_error(t, "read the paused queues"))?;
+    rows.iter()
+        .map(|r| {
+            r.try_get::<_, String>(0)
+                .map_err(pg_error(t, "read the paused queues"))
+        })
+        .collect()
 }

@@ -97,3 +97,12 @@ CREATE TABLE omniq_nodes (
     started_at   timestamptz NOT NULL DEFAULT now(),
     heartbeat_at timestamptz NOT NULL DEFAULT now()
 ) WITH (fillfactor = 50);
+
+-- Paused queues: a row while the queue is paused. Claims skip their tasks (nothing is charged).
+-- Pausing takes an exclusive transaction-level advisory lock (hashtext(schema), -1) that every
+-- claim transaction takes shared first, so no claim that started before a pause commits after
+-- it.
+CREATE TABLE omniq_paused (
+    queue     text        PRIMARY KEY,
+    paused_at timestamptz NOT NULL DEFAULT now()
+);
