@@ -24,6 +24,12 @@ pub enum RecordKind {
     Meta = 3,
     /// The key writes of a commit group, stored while the group is applied.
     WriteAhead = 4,
+    /// A task's extras ([`TaskExtras`](crate::TaskExtras)), format 2.
+    Extras = 5,
+    /// A limit ([`Limit`](crate::Limit)), format 2.
+    Limit = 6,
+    /// A schedule ([`ScheduleInfo`](crate::ScheduleInfo)), format 2.
+    Schedule = 7,
 }
 
 impl RecordKind {
@@ -33,6 +39,9 @@ impl RecordKind {
             RecordKind::Log => "log entry",
             RecordKind::Meta => "metadata value",
             RecordKind::WriteAhead => "write-ahead entry",
+            RecordKind::Extras => "task extras",
+            RecordKind::Limit => "limit",
+            RecordKind::Schedule => "schedule",
         }
     }
 }

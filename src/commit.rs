@@ -7,7 +7,8 @@
 //! fsync thus acknowledges many producers (group commit). Because the writer is the only
 //! mutator, validation (is it still Pending? is this lease current?) cannot race.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -17,11 +18,16 @@ use parking_lot::Mutex;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::events::Notify;
+use crate::extras::{Inserted, ScheduleInfo, ScheduledFrom, TaskExtras};
 use crate::lifecycle::{self, Refusal};
+use crate::limiter::{self, Limiter};
 use crate::log::{Cause, LogEntry};
 use crate::queue::Durability;
 use crate::retry::{Backoff, JitterSource};
-use crate::store::{Change, QueueSet, Store};
+use crate::rules::limit::{Limit, LimitScope};
+use crate::rules::schedule;
+use crate::rules::unique::{self, Hold, Unique};
+use crate::store::{Change, QueueSet, SideWrite, Store};
 use crate::task::{Status, TaskError, TaskId, TaskInfo, Timestamp};
 
 /// Most commands applied in one group.
@@ -47,10 +53,48 @@ pub(crate) enum Finished {
 
 pub(crate) type Reply<T> = Sender<Result<T>>;
 
+/// A task to insert, with its extras (unique key, schedule tick) if it has any.
+#[derive(Clone, Debug)]
+pub(crate) struct NewTask {
+    pub task: TaskInfo,
+    pub extras: Option<TaskExtras>,
+}
+
 pub(crate) enum Command {
+    /// Inserts tasks, all or none; a task whose unique key is held is answered with the
+    /// holder's id as a duplicate instead.
     Insert {
-        tasks: Vec<TaskInfo>,
+        tasks: Vec<NewTask>,
+        reply: Reply<Vec<Inserted>>,
+    },
+    /// Sets (`Some`) or removes a limit.
+    SetLimit {
+        scope: LimitScope,
+        limit: Option<Limit>,
         reply: Reply<()>,
+    },
+    /// Creates or updates a schedule (an update keeps its `last_fired`, counters and pause).
+    /// Replies whether it was created.
+    PutSchedule {
+        info: Box<ScheduleInfo>,
+        reply: Reply<bool>,
+    },
+    /// Pauses or resumes a schedule (resuming skips the ticks of the pause).
+    PauseSchedule {
+        name: String,
+        paused: bool,
+        reply: Reply<()>,
+    },
+    /// Removes a schedule; replies whether it existed.
+    RemoveSchedule {
+        name: String,
+        reply: Reply<bool>,
+    },
+    /// Fires every tick owed at `now` (or the writer's now if later): inserts the tasks and
+    /// advances each schedule's `last_fired` in the same commit. Replies the new tasks.
+    Tick {
+        now: Timestamp,
+        reply: Reply<Vec<TaskId>>,
     },
     /// Claims up to `n` tasks of `queues` due at `now` (the claimer's idea of now, or the
     /// writer's if later), best first.
@@ -119,6 +163,24 @@ pub(crate) struct Writer {
     /// Pending tasks whose records do not decode: never claimed, and left out of due counts so
     /// a worker pool does not ask for them again and again. Reported once each.
     pub corrupt: Arc<Mutex<HashSet<TaskId>>>,
+    /// Limits and their state (shared with readers deciding whether to claim).
+    pub limiter: Arc<Mutex<Limiter>>,
+    /// Schedules (shared with readers listing them).
+    pub schedules: Arc<Mutex<BTreeMap<String, ScheduleInfo>>>,
+    /// The earliest next tick of any schedule, in ms (`u64::MAX`: none).
+    pub next_tick: Arc<AtomicU64>,
+    /// Whether any task may have extras (else transitions skip looking them up).
+    pub has_extras: bool,
+}
+
+/// The earliest next tick among `schedules` (`u64::MAX` when none).
+pub(crate) fn earliest_tick(schedules: &BTreeMap<String, ScheduleInfo>) -> u64 {
+    schedules
+        .values()
+        .filter_map(ScheduleInfo::next_tick)
+        .map(|t| t.0)
+        .min()
+        .unwrap_or(u64::MAX)
 }
 
 /// A reply waiting for its group's commit: called with the commit error, if any.
@@ -143,9 +205,102 @@ struct Group<'a> {
     now: Timestamp,
     run_id: u64,
     has_claim: bool,
+    /// Extras read or written in this group (`None`: the task has none).
+    extras: HashMap<TaskId, Option<TaskExtras>>,
+    /// Unique holders changed in this group (`None`: released).
+    holders: HashMap<[u8; 32], Option<TaskId>>,
+    /// Writes beside task records, in order; committed with the group.
+    side: Vec<SideWrite>,
+    has_extras: bool,
+    limiter: &'a mut Limiter,
+    schedules: &'a mut BTreeMap<String, ScheduleInfo>,
+    /// The time log entries record, when not the group's (a claim logs its claimer's now,
+    /// the instant its rate limits counted).
+    log_at: Option<Timestamp>,
 }
 
 impl Group<'_> {
+    /// A task's extras, through the group's overlay. An extras record that does not decode is
+    /// reported and treated as absent (its task keeps no unique hold).
+    fn extras_of(&mut self, id: TaskId) -> Option<TaskExtras> {
+        if !self.has_extras {
+            return None;
+        }
+        if let Some(e) = self.extras.get(&id) {
+            return e.clone();
+        }
+        let e = match self.store.extras(id) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(task = %id, error = %e, "task extras do not decode; its unique key is not tracked");
+                None
+            }
+        };
+        self.extras.insert(id, e.clone());
+        e
+    }
+
+    /// Who holds a unique digest, through the group's overlay.
+    fn holder(&self, digest: &[u8; 32]) -> Result<Option<TaskId>> {
+        match self.holders.get(digest) {
+            Some(h) => Ok(*h),
+            None => self.store.unique_holder(digest),
+        }
+    }
+
+    /// Records a task's extras and takes its unique key (the caller checked it is free).
+    fn attach(&mut self, id: TaskId, extras: TaskExtras) {
+        self.has_extras = true;
+        if let Some(u) = &extras.unique {
+            self.holders.insert(u.digest, Some(id));
+            self.side.push(SideWrite::UniqueHold {
+                digest: u.digest,
+                holder: Some(id),
+            });
+        }
+        self.extras.insert(id, Some(extras.clone()));
+        self.side.push(SideWrite::Extras {
+            id,
+            extras: Some(extras),
+        });
+    }
+
+    /// The unique bookkeeping of a transition of an existing task.
+    fn unique_step(&mut self, before: &TaskInfo, after: Option<&TaskInfo>) {
+        let to = after.map(|a| a.status);
+        if to == Some(before.status) {
+            return;
+        }
+        let id = before.id;
+        let Some(extras) = self.extras_of(id) else {
+            return;
+        };
+        if let Some(u) = &extras.unique {
+            match unique::hold_change(u.states, Some(before.status), to) {
+                Hold::Release => {
+                    self.holders.insert(u.digest, None);
+                    self.side.push(SideWrite::UniqueHold {
+                        digest: u.digest,
+                        holder: None,
+                    });
+                    tracing::debug!(task = %id, key = %u.key, "unique key released");
+                }
+                Hold::Acquire => {
+                    self.holders.insert(u.digest, Some(id));
+                    self.side.push(SideWrite::UniqueHold {
+                        digest: u.digest,
+                        holder: Some(id),
+                    });
+                }
+                Hold::Keep | Hold::Nothing => {}
+            }
+        }
+        if after.is_none() {
+            self.extras.insert(id, None);
+            self.side.push(SideWrite::Extras { id, extras: None });
+        }
+    }
+
     fn current(&self, id: TaskId) -> Result<Option<TaskInfo>> {
         match self.overlay.get(&id) {
             Some(v) => Ok(v.clone()),
@@ -158,6 +313,10 @@ impl Group<'_> {
     }
 
     fn record(&mut self, before: Option<TaskInfo>, after: Option<TaskInfo>, cause: Option<Cause>) {
+        self.limiter.on_change(before.as_ref(), after.as_ref());
+        if let Some(b) = &before {
+            self.unique_step(b, after.as_ref());
+        }
         let log = match (&after, cause) {
             (Some(a), Some(cause)) => {
                 self.seq += 1;
@@ -168,7 +327,7 @@ impl Group<'_> {
                     to: a.status,
                     attempt: a.attempts,
                     cause,
-                    at: self.now,
+                    at: self.log_at.unwrap_or(self.now),
                     run_id: self.run_id,
                 })
             }
@@ -178,7 +337,12 @@ impl Group<'_> {
         if let Some(id) = id {
             self.overlay.insert(id, after.clone());
         }
-        self.changes.push(Change { before, after, log });
+        self.changes.push(Change {
+            before,
+            after,
+            log,
+            side: Vec::new(),
+        });
     }
 }
 
@@ -273,6 +437,10 @@ impl Writer {
     /// Applies one group to the store (atomically). With `sync_here` it is also made durable
     /// on this thread (as the mode requires); otherwise the syncer does that.
     fn apply_group(&mut self, commands: Vec<Command>, sync_here: bool) -> Applied {
+        let limiter = self.limiter.clone();
+        let mut limiter = limiter.lock();
+        let schedules = self.schedules.clone();
+        let mut schedules = schedules.lock();
         let mut group = Group {
             store: &*self.store,
             overlay: HashMap::new(),
@@ -281,6 +449,13 @@ impl Writer {
             now: self.clock.now(),
             run_id: self.store.run_id(),
             has_claim: false,
+            extras: HashMap::new(),
+            holders: HashMap::new(),
+            side: Vec::new(),
+            has_extras: self.has_extras,
+            limiter: &mut limiter,
+            schedules: &mut schedules,
+            log_at: None,
         };
         if let Some(reason) = self.poisoned.lock().clone() {
             let err = Error::Storage(format!(
@@ -306,6 +481,22 @@ impl Writer {
                 &self.corrupt,
             ));
         }
+        self.has_extras = group.has_extras;
+        if !group.side.is_empty() {
+            // Writes beside task records ride in the group's last change, applied after the
+            // task writes, all in one atomic commit.
+            let side = std::mem::take(&mut group.side);
+            group.changes.push(Change {
+                before: None,
+                after: None,
+                log: None,
+                side,
+            });
+        }
+        self.next_tick.store(
+            earliest_tick(group.schedules),
+            std::sync::atomic::Ordering::Release,
+        );
         let durable = self.durability != Durability::Relaxed || group.has_claim;
         let result = if group.changes.is_empty() {
             Ok(())
@@ -456,6 +647,11 @@ fn refuse(cmd: Command, err: &Error) -> Pending {
         Command::Retry { reply, .. } => pending(reply, Err(err.duplicate())),
         Command::Purge { reply, .. } => pending(reply, Err(err.duplicate())),
         Command::SetPaused { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::SetLimit { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::PutSchedule { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::PauseSchedule { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::RemoveSchedule { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::Tick { reply, .. } => pending(reply, Err(err.duplicate())),
         Command::Many(commands) => {
             let replies: Vec<Pending> = commands.into_iter().map(|c| refuse(c, err)).collect();
             Box::new(move |commit_err| {
@@ -476,11 +672,65 @@ fn apply(
     corrupt: &Mutex<HashSet<TaskId>>,
 ) -> Pending {
     match cmd {
-        Command::Insert { tasks, reply } => {
-            for t in tasks {
-                g.record(None, Some(t), Some(Cause::Enqueued));
+        Command::Insert { tasks, reply } => pending(reply, insert(g, tasks)),
+        Command::SetLimit {
+            scope,
+            limit,
+            reply,
+        } => pending(reply, set_limit(g, scope, limit)),
+        Command::PutSchedule { info, reply } => {
+            let name = info.name.clone();
+            let created = match g.schedules.get(&name) {
+                Some(old) => {
+                    let mut next = *info;
+                    next.last_fired = old.last_fired;
+                    next.created_at = old.created_at;
+                    next.fired = old.fired;
+                    next.skipped = old.skipped;
+                    next.paused = old.paused;
+                    g.schedules.insert(name.clone(), next);
+                    false
+                }
+                None => {
+                    g.schedules.insert(name.clone(), *info);
+                    true
+                }
+            };
+            let record = g.schedules.get(&name).cloned().map(Box::new);
+            g.side.push(SideWrite::Schedule { name, record });
+            pending(reply, Ok(created))
+        }
+        Command::PauseSchedule {
+            name,
+            paused,
+            reply,
+        } => {
+            let now = g.now;
+            let result = match g.schedules.get_mut(&name) {
+                Some(s) => {
+                    if s.paused && !paused {
+                        // Resuming skips what came due during the pause.
+                        s.last_fired = s.last_fired.max(now);
+                    }
+                    s.paused = paused;
+                    let record = Some(Box::new(s.clone()));
+                    g.side.push(SideWrite::Schedule { name, record });
+                    Ok(())
+                }
+                None => Err(Error::NoSuchSchedule { name }),
+            };
+            pending(reply, result)
+        }
+        Command::RemoveSchedule { name, reply } => {
+            let existed = g.schedules.remove(&name).is_some();
+            if existed {
+                g.side.push(SideWrite::Schedule { name, record: None });
             }
-            pending(reply, Ok(()))
+            pending(reply, Ok(existed))
+        }
+        Command::Tick { now, reply } => {
+            let now = now.max(g.now);
+            pending(reply, tick(g, now))
         }
         Command::Claim {
             queues,
@@ -530,15 +780,16 @@ fn apply(
             pending(reply, result)
         }
         Command::Retry { id, reply } => {
-            let result =
-                g.existing(id)
-                    .and_then(|rec| match lifecycle::manual_retry(&rec, g.now) {
-                        Ok((next, cause)) => {
-                            g.record(Some(rec), Some(next.clone()), Some(cause));
-                            Ok(next)
-                        }
-                        Err(r) => Err(refusal_to_error(id, "retry", "FAILED or CANCELLED", r)),
-                    });
+            let result = g
+                .existing(id)
+                .and_then(|rec| retry_keeps_uniqueness(g, &rec).map(|()| rec))
+                .and_then(|rec| match lifecycle::manual_retry(&rec, g.now) {
+                    Ok((next, cause)) => {
+                        g.record(Some(rec), Some(next.clone()), Some(cause));
+                        Ok(next)
+                    }
+                    Err(r) => Err(refusal_to_error(id, "retry", "FAILED or CANCELLED", r)),
+                });
             pending(reply, result)
         }
         Command::SetPaused {
@@ -579,9 +830,200 @@ fn apply(
     }
 }
 
-/// Claims up to `n` due tasks of `queues`, best first. The store's pending index reflects every
-/// group applied before this one; tasks this group already changed are read through the overlay
-/// instead (and left out of the scan, as their index entries are stale).
+/// Inserts `tasks`, all or none. Every unique key is checked first (against the store, the
+/// group so far, and earlier tasks of the same batch), so a read error inserts nothing.
+fn insert(g: &mut Group<'_>, tasks: Vec<NewTask>) -> Result<Vec<Inserted>> {
+    let mut batch: HashMap<[u8; 32], TaskId> = HashMap::new();
+    let mut verdicts: Vec<Option<TaskId>> = Vec::with_capacity(tasks.len());
+    for nt in &tasks {
+        let spec = nt.extras.as_ref().and_then(|e| e.unique.as_ref());
+        let holder = match spec {
+            Some(u) => match batch.get(&u.digest) {
+                Some(id) => Some(*id),
+                None => {
+                    let h = g.holder(&u.digest)?;
+                    if h.is_none() {
+                        batch.insert(u.digest, nt.task.id);
+                    }
+                    h
+                }
+            },
+            None => None,
+        };
+        verdicts.push(holder);
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for (nt, holder) in tasks.into_iter().zip(verdicts) {
+        if let Some(holder) = holder {
+            if let Some(u) = nt.extras.as_ref().and_then(|e| e.unique.as_ref()) {
+                tracing::debug!(kind = %nt.task.kind, key = %u.key, holder = %holder, "duplicate refused: unique key held");
+            }
+            out.push(Inserted {
+                id: holder,
+                duplicate: true,
+            });
+            continue;
+        }
+        let id = nt.task.id;
+        if let Some(extras) = nt.extras.filter(|e| !e.is_empty()) {
+            g.attach(id, extras);
+        }
+        g.record(None, Some(nt.task), Some(Cause::Enqueued));
+        out.push(Inserted {
+            id,
+            duplicate: false,
+        });
+    }
+    Ok(out)
+}
+
+/// A manual retry brings a task back into its unique hold set: refused while another task
+/// holds its key (two live tasks would share it).
+fn retry_keeps_uniqueness(g: &mut Group<'_>, rec: &TaskInfo) -> Result<()> {
+    let Some(u) = g.extras_of(rec.id).and_then(|e| e.unique) else {
+        return Ok(());
+    };
+    if unique::hold_change(u.states, Some(rec.status), Some(Status::Pending)) != Hold::Acquire {
+        return Ok(());
+    }
+    match g.holder(&u.digest)? {
+        Some(holder) if holder != rec.id => Err(Error::UniqueConflict {
+            id: rec.id,
+            holder,
+            key: u.key,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Sets or removes a limit; a new limit starts from the scope's running tasks now.
+fn set_limit(g: &mut Group<'_>, scope: LimitScope, limit: Option<Limit>) -> Result<()> {
+    let mut running = 0u32;
+    if limit.is_some() {
+        for id in g.store.ids_in_state(Status::Running)? {
+            if let Ok(Some(t)) = g.current(id) {
+                let hit = match &scope {
+                    LimitScope::Queue(q) => *q == t.queue,
+                    LimitScope::Kind(k) => *k == t.kind,
+                };
+                if hit && t.status == Status::Running {
+                    running += 1;
+                }
+            }
+        }
+    }
+    tracing::info!(scope = %scope, limit = ?limit, "limit set");
+    let writes = g.limiter.set(scope, limit, running);
+    g.side.extend(writes);
+    Ok(())
+}
+
+/// Fires the ticks every schedule owes at `now`, in this group: each tick's task is inserted
+/// and the schedule's `last_fired` advanced in the same atomic commit.
+fn tick(g: &mut Group<'_>, now: Timestamp) -> Result<Vec<TaskId>> {
+    let due: Vec<String> = g
+        .schedules
+        .iter()
+        .filter(|(_, s)| s.next_tick().is_some_and(|t| t <= now))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let mut fired = Vec::new();
+    for name in due {
+        let Some(mut s) = g.schedules.get(&name).cloned() else {
+            continue;
+        };
+        let owed = match schedule::owed(&s.spec, s.last_fired, now, s.missed) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(schedule = %name, error = %e, "schedule cannot be evaluated; it does not fire");
+                continue;
+            }
+        };
+        let mut skipped = owed.skipped;
+        let mut tasks = Vec::with_capacity(owed.fire.len());
+        for at in &owed.fire {
+            match scheduled_task(&s, *at, g.now) {
+                Ok(nt) => tasks.push(nt),
+                Err(e) => {
+                    tracing::error!(schedule = %name, error = %e, "scheduled task cannot be built; tick skipped");
+                    skipped += 1;
+                }
+            }
+        }
+        for (r, at) in insert(g, tasks)?.into_iter().zip(&owed.fire) {
+            if r.duplicate {
+                skipped += 1;
+                tracing::info!(schedule = %name, tick = %at, holder = %r.id, "schedule tick skipped: its unique key is held");
+            } else {
+                tracing::info!(schedule = %name, tick = %at, task = %r.id, "schedule fired");
+                s.fired += 1;
+                fired.push(r.id);
+            }
+        }
+        if owed.skipped > 0 {
+            tracing::info!(schedule = %name, skipped = owed.skipped, policy = ?s.missed, "missed schedule ticks skipped");
+        }
+        s.skipped += skipped;
+        s.last_fired = owed.last_fired;
+        g.side.push(SideWrite::Schedule {
+            name: name.clone(),
+            record: Some(Box::new(s.clone())),
+        });
+        g.schedules.insert(name, s);
+    }
+    Ok(fired)
+}
+
+/// The task a schedule's tick at `at` enqueues (due at `at`, carrying the tick).
+fn scheduled_task(s: &ScheduleInfo, at: Timestamp, now: Timestamp) -> Result<NewTask> {
+    let o = &s.options;
+    let unique = match &o.unique {
+        Some((key, states, period)) => {
+            let mut u = match key {
+                Some(k) => Unique::key(k.clone()),
+                None => Unique::by_args(),
+            };
+            u.states = *states;
+            u.period = period.map(std::time::Duration::from_millis);
+            Some(unique::spec(&u, &s.kind, &s.payload, at)?)
+        }
+        None => None,
+    };
+    Ok(NewTask {
+        task: TaskInfo {
+            id: TaskId::generate(),
+            kind: s.kind.clone(),
+            queue: o.queue.clone(),
+            payload: s.payload.clone(),
+            status: Status::Pending,
+            attempts: 0,
+            max_retries: o.max_retries,
+            priority: o.priority,
+            created_at: now,
+            next_run_at: at,
+            started_at: None,
+            finished_at: None,
+            timeout_ms: o.timeout_ms,
+            backoff: o.backoff,
+            result: None,
+            last_error: None,
+            errors: Vec::new(),
+            lease: 0,
+        },
+        extras: Some(TaskExtras {
+            unique,
+            scheduled: Some(ScheduledFrom {
+                schedule: s.name.clone(),
+                at,
+            }),
+        }),
+    })
+}
+
+/// Claims up to `n` due tasks of `queues`, best first, within the limits. The store's pending
+/// index reflects every group applied before this one; tasks this group already changed are
+/// read through the overlay instead (and left out of the scan, as their index entries are
+/// stale). A task a limit holds back stays `Pending` and is charged nothing.
 fn claim_due(
     g: &mut Group<'_>,
     queues: &QueueSet,
@@ -597,8 +1039,19 @@ fn claim_due(
         let corrupt = corrupt.lock();
         g.overlay.keys().chain(corrupt.iter()).copied().collect()
     };
-    let scan = g.store.due(queues, now, n, &skip)?;
-    for due in scan.ready {
+    if !g.limiter.is_empty() {
+        let expired = g.limiter.prune(now);
+        g.side.extend(expired);
+    }
+    let mut budgets = g.limiter.budgets(now);
+    let plan = limiter::plan(g.store, &mut budgets, queues, now, n, &skip)?;
+    if plan.held > 0 {
+        tracing::debug!(
+            held = plan.held,
+            "due tasks held back by limits (not claimed, not charged)"
+        );
+    }
+    for due in plan.picks {
         let rec = match g.current(due.id) {
             Ok(Some(rec)) => rec,
             Ok(None) => continue,
@@ -609,8 +1062,12 @@ fn claim_due(
             }
         };
         if let Ok((next, cause)) = lifecycle::claim(&rec, now, g.seq + 1) {
+            g.log_at = Some(now);
             g.record(Some(rec), Some(next.clone()), Some(cause));
+            g.log_at = None;
             g.has_claim = true;
+            let starts = g.limiter.charge(&next, now);
+            g.side.extend(starts);
             claimed.push(next);
         }
     }
@@ -669,16 +1126,23 @@ mod tests {
             durability,
             poisoned: Arc::default(),
             corrupt: Arc::default(),
+            limiter: Arc::default(),
+            schedules: Arc::default(),
+            next_tick: Arc::new(AtomicU64::new(u64::MAX)),
+            has_extras: false,
         }
         .spawn(rx)
         .unwrap();
         (tx, writer)
     }
 
-    fn insert(tx: &Sender<Command>, t: TaskInfo) -> Receiver<Result<()>> {
+    fn insert(tx: &Sender<Command>, t: TaskInfo) -> Receiver<Result<Vec<Inserted>>> {
         let (reply, rx) = crossbeam_channel::bounded(1);
         tx.send(Command::Insert {
-            tasks: vec![t],
+            tasks: vec![NewTask {
+                task: t,
+                extras: None,
+            }],
             reply,
         })
         .unwrap();

@@ -224,6 +224,29 @@ pub enum Error {
         /// What happened.
         reason: String,
     },
+
+    /// A manual retry would bring a task back into its unique key's hold set while another
+    /// task holds the key (two live tasks would share it). Retry or cancel the holder instead,
+    /// or wait until it leaves its hold set.
+    #[error(
+        "cannot retry task {id}: its unique key {key:?} is held by task {holder} (two live \
+         tasks may not share a unique key)"
+    )]
+    UniqueConflict {
+        /// The task whose retry was refused.
+        id: TaskId,
+        /// The task holding the key.
+        holder: TaskId,
+        /// The key, readable.
+        key: String,
+    },
+
+    /// No schedule has this name.
+    #[error("no schedule named {name:?}")]
+    NoSuchSchedule {
+        /// The name asked for.
+        name: String,
+    },
 }
 
 fn damaged_message(path: Option<&std::path::Path>, detail: &str) -> String {
@@ -259,6 +282,12 @@ impl Error {
                 node: *node,
                 reason: reason.clone(),
             },
+            Error::UniqueConflict { id, holder, key } => Error::UniqueConflict {
+                id: *id,
+                holder: *holder,
+                key: key.clone(),
+            },
+            Error::NoSuchSchedule { name } => Error::NoSuchSchedule { name: name.clone() },
             other => Error::Storage(other.to_string()),
         }
     }

@@ -48,6 +48,9 @@ pub(crate) struct Notify {
     /// `Group` mode: made durable), or why acknowledgements stopped.
     acked: Mutex<Acked>,
     acked_changed: Condvar,
+    /// Wake dispatchers when a task stops running (a concurrency limit exists: the slot it
+    /// frees may let held-back work be claimed).
+    wake_on_exit: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -65,6 +68,12 @@ pub(crate) enum BarrierMiss {
 }
 
 impl Notify {
+    /// Whether a task leaving `Running` wakes dispatchers (while concurrency limits exist).
+    pub(crate) fn set_wake_on_exit(&self, on: bool) {
+        self.wake_on_exit
+            .store(on, std::sync::atomic::Ordering::Release);
+    }
+
     /// A channel that receives (at most one queued) signal whenever new Pending work commits.
     pub(crate) fn add_waker(&self) -> Receiver<()> {
         let (tx, rx) = crossbeam_channel::bounded(1);
@@ -186,7 +195,20 @@ impl Notify {
         let mut finished = Vec::new();
         let subscribers_present = !self.subscribers.lock().is_empty();
         let mut events = Vec::new();
+        let wake_on_exit = self.wake_on_exit.load(std::sync::atomic::Ordering::Acquire);
         for ch in changes {
+            if wake_on_exit
+                && ch
+                    .before
+                    .as_ref()
+                    .is_some_and(|b| b.status == Status::Running)
+                && ch
+                    .after
+                    .as_ref()
+                    .is_none_or(|a| a.status != Status::Running)
+            {
+                new_work = true;
+            }
             match &ch.after {
                 Some(a) if a.status == Status::Pending => new_work = true,
                 Some(a) if a.status.is_terminal() => finished.push(a.id),

@@ -248,6 +248,9 @@ fn kind_name(kind: RecordKind) -> &'static str {
         RecordKind::Log => "log entry",
         RecordKind::Meta => "metadata value",
         RecordKind::WriteAhead => "write-ahead entry",
+        RecordKind::Extras => "task extras",
+        RecordKind::Limit => "limit",
+        RecordKind::Schedule => "schedule",
     }
 }
 

@@ -13,6 +13,12 @@
 //! | `c`    | `c` status(1) queue                                           | u64 BE count     |
 //! | `w`    | `w` n(8)                                                      | write-ahead env. |
 //! | `q`    | `q` queue                                                     | u64 BE paused-at |
+//! | `u`    | `u` digest(32)                                                | holder id(16)    |
+//! | `o`    | `o` id(16)                                                    | extras envelope  |
+//! | `r`    | `r` scope(1) name                                             | limit envelope   |
+//! | `a`    | `a` scope(1) nlen(1) name start_ms(8) id(16)                  | empty            |
+//! | `h`    | `h` name                                                      | schedule env.    |
+//! | `k`    | `k` klen(1) kind qlen(1) queue prio(1) next_run_ms(8) id(16)  | empty            |
 //!
 //! `prio` is `127 - priority` (as a byte), so higher priority sorts first; within a priority,
 //! earlier `next_run_ms` first, then the id (UUIDv7, so enqueue order).
@@ -40,6 +46,20 @@ pub const WRITE_AHEAD: u8 = b'w';
 /// Paused queues: present only while the queue is paused (added in format 1 without changing
 /// any existing encoding: an older build simply ignores the prefix).
 pub const PAUSED: u8 = b'q';
+
+/// Unique-key holders (format 2): digest -> the task holding it.
+pub const UNIQUE: u8 = b'u';
+/// Task extras (format 2): unique spec, schedule tick.
+pub const EXTRAS: u8 = b'o';
+/// Limits (format 2): scope -> limit.
+pub const LIMIT: u8 = b'r';
+/// Execution starts counted by rate limits (format 2).
+pub const RATE_START: u8 = b'a';
+/// Schedules (format 2): name -> schedule.
+pub const SCHEDULE: u8 = b'h';
+/// Pending index by kind (format 2): the `Pending` tasks again, by kind then queue, so a claim
+/// can step over a kind whose limit is spent without reading its tasks.
+pub const KIND_PENDING: u8 = b'k';
 
 /// Meta key holding the on-disk format version.
 pub const META_FORMAT: &[u8] = b"mformat";
@@ -264,6 +284,166 @@ pub fn decode_paused(key: &[u8]) -> Result<String> {
     }
 }
 
+/// `u` digest
+pub fn unique(digest: &[u8; 32]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(33);
+    k.push(UNIQUE);
+    k.extend_from_slice(digest);
+    k
+}
+
+/// Decodes a `u` key into the digest.
+pub fn decode_unique(key: &[u8]) -> Result<[u8; 32]> {
+    match key {
+        [UNIQUE, rest @ ..] if rest.len() == 32 => Ok(fixed(rest)),
+        _ => Err(corrupt_key("unique key", key, "wrong prefix or length")),
+    }
+}
+
+/// Decodes a `u` value (the holder's id).
+pub fn decode_holder(key: &[u8], value: &[u8]) -> Result<TaskId> {
+    if value.len() != 16 {
+        return Err(corrupt_key(
+            "unique holder",
+            key,
+            "value is not a 16-byte id",
+        ));
+    }
+    Ok(TaskId::from_bytes(fixed(value)))
+}
+
+/// `o` id
+pub fn extras(id: TaskId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(EXTRAS);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Decodes an `o` key into the id.
+pub fn decode_extras(key: &[u8]) -> Result<TaskId> {
+    match key {
+        [EXTRAS, rest @ ..] if rest.len() == 16 => Ok(TaskId::from_bytes(fixed(rest))),
+        _ => Err(corrupt_key("extras key", key, "wrong prefix or length")),
+    }
+}
+
+/// `r` scope name
+pub fn limit(scope: &crate::rules::limit::LimitScope) -> Vec<u8> {
+    let mut k = vec![LIMIT, scope.code()];
+    k.extend_from_slice(scope.name().as_bytes());
+    k
+}
+
+/// Decodes an `r` key into the scope.
+pub fn decode_limit(key: &[u8]) -> Result<crate::rules::limit::LimitScope> {
+    let bad = |r: &str| corrupt_key("limit key", key, r);
+    match key {
+        [LIMIT, code, name @ ..] if !name.is_empty() => {
+            let name = std::str::from_utf8(name).map_err(|_| bad("name is not UTF-8"))?;
+            crate::rules::limit::LimitScope::from_code(*code, name.to_string())
+                .ok_or_else(|| bad("unknown scope byte"))
+        }
+        _ => Err(bad("wrong prefix or empty name")),
+    }
+}
+
+/// `a` scope nlen name: the prefix of one scope's counted starts.
+pub fn rate_start_prefix(scope: &crate::rules::limit::LimitScope) -> Vec<u8> {
+    let name = scope.name().as_bytes();
+    let mut k = Vec::with_capacity(3 + name.len() + 24);
+    k.push(RATE_START);
+    k.push(scope.code());
+    k.push(name.len().min(255) as u8);
+    k.extend_from_slice(name);
+    k
+}
+
+/// `a` scope nlen name start id
+pub fn rate_start(scope: &crate::rules::limit::LimitScope, at: Timestamp, id: TaskId) -> Vec<u8> {
+    let mut k = rate_start_prefix(scope);
+    k.extend_from_slice(&at.0.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Decodes an `a` key into (scope, start, id).
+pub fn decode_rate_start(
+    key: &[u8],
+) -> Result<(crate::rules::limit::LimitScope, Timestamp, TaskId)> {
+    let bad = |r: &str| corrupt_key("rate-start key", key, r);
+    let [RATE_START, code, nlen, rest @ ..] = key else {
+        return Err(bad("wrong prefix or too short"));
+    };
+    let nlen = *nlen as usize;
+    if rest.len() != nlen + 24 {
+        return Err(bad("wrong length"));
+    }
+    let name = std::str::from_utf8(&rest[..nlen]).map_err(|_| bad("name is not UTF-8"))?;
+    let scope = crate::rules::limit::LimitScope::from_code(*code, name.to_string())
+        .ok_or_else(|| bad("unknown scope byte"))?;
+    let at = Timestamp(u64::from_be_bytes(fixed(&rest[nlen..nlen + 8])));
+    Ok((scope, at, TaskId::from_bytes(fixed(&rest[nlen + 8..]))))
+}
+
+/// `k` klen kind: the prefix of one kind's pending-by-kind entries.
+pub fn kind_prefix(kind: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + kind.len() + 2 + 25);
+    k.push(KIND_PENDING);
+    k.push(kind.len().min(255) as u8);
+    k.extend_from_slice(kind.as_bytes());
+    k
+}
+
+/// `k` klen kind qlen queue: the prefix of one kind's pending tasks on one queue.
+pub fn kind_queue_prefix(kind: &str, queue: &str) -> Vec<u8> {
+    let mut k = kind_prefix(kind);
+    k.push(queue.len().min(255) as u8);
+    k.extend_from_slice(queue.as_bytes());
+    k
+}
+
+/// `k` klen kind qlen queue prio next_run id
+pub fn kind_pending(
+    kind: &str,
+    queue: &str,
+    priority: i8,
+    next_run: Timestamp,
+    id: TaskId,
+) -> Vec<u8> {
+    let mut k = kind_queue_prefix(kind, queue);
+    k.push(priority_byte(priority));
+    k.extend_from_slice(&next_run.0.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Decodes a `k` key into (kind, the pending key it mirrors).
+pub fn decode_kind_pending(key: &[u8]) -> Result<(String, PendingKey)> {
+    let bad = |reason: &str| corrupt_key("pending-by-kind key", key, reason);
+    let [KIND_PENDING, klen, rest @ ..] = key else {
+        return Err(bad("wrong prefix or too short"));
+    };
+    let klen = *klen as usize;
+    if rest.len() < klen + 1 {
+        return Err(bad("too short"));
+    }
+    let (kind, rest) = rest.split_at(klen);
+    let kind = std::str::from_utf8(kind).map_err(|_| bad("kind is not UTF-8"))?;
+    let mut p = vec![PENDING];
+    p.extend_from_slice(rest);
+    let pk = decode_pending(&p).map_err(|_| bad("wrong length"))?;
+    Ok((kind.to_string(), pk))
+}
+
+/// `h` name
+pub fn schedule(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(SCHEDULE);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
 /// A key, printed for humans: the prefix letter, then a task id where the key holds one.
 /// Never fails (it is used to build error messages, so it must not produce errors itself).
 pub fn describe(key: &[u8]) -> String {
@@ -281,6 +461,14 @@ pub fn describe(key: &[u8]) -> String {
         }
         (Some(&META), _) => format!("m/{}", String::from_utf8_lossy(&key[1..])),
         (Some(&WRITE_AHEAD), 9) => format!("w/{}", u64::from_be_bytes(fixed(&key[1..]))),
+        (Some(&EXTRAS), 17) => format!("o/{}", id_at(1)),
+        (Some(&UNIQUE), 33) => format!("u/{}", &hex()[2..]),
+        (Some(&SCHEDULE), _) => format!("h/{}", String::from_utf8_lossy(&key[1..])),
+        (Some(&LIMIT), n) if n >= 2 => format!(
+            "r/{}/{}",
+            key[1] as char,
+            String::from_utf8_lossy(&key[2..])
+        ),
         _ => format!("0x{}", hex()),
     }
 }
@@ -350,6 +538,24 @@ mod tests {
         assert_eq!(decode_paused(&paused("emails")).unwrap(), "emails");
         assert!(decode_paused(b"q").is_err());
         assert!(decode_paused(b"q\xff").is_err());
+        assert_eq!(decode_unique(&unique(&[7; 32])).unwrap(), [7; 32]);
+        assert_eq!(decode_extras(&extras(id)).unwrap(), id);
+        let scope = crate::rules::limit::LimitScope::kind("mail");
+        assert_eq!(decode_limit(&limit(&scope)).unwrap(), scope);
+        assert_eq!(
+            decode_rate_start(&rate_start(&scope, Timestamp(9), id)).unwrap(),
+            (scope, Timestamp(9), id)
+        );
+        assert!(decode_rate_start(b"a").is_err());
+        let kp = kind_pending("mail", "q", -2, Timestamp(9), id);
+        let (kind, pk) = decode_kind_pending(&kp).unwrap();
+        assert_eq!(
+            (kind.as_str(), pk.queue.as_str(), pk.priority),
+            ("mail", "q", -2)
+        );
+        assert_eq!((pk.next_run, pk.id), (Timestamp(9), id));
+        assert!(decode_kind_pending(b"k\x09ab").is_err());
+        assert!(decode_limit(b"rz").is_err());
         assert_eq!(
             decode_count(&count(Status::Running, "x")).unwrap(),
             (Status::Running, "x".into())

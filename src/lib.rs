@@ -57,6 +57,20 @@
 //! - **Fenced completions.** A late result from an attempt that timed out or was recovered is
 //!   rejected: every finish carries the lease its claim was given.
 //!
+//! ## Unique jobs, limits, schedules
+//!
+//! - **Unique jobs** ([`Unique`], [`EnqueueOptions::unique`], [`Queue::insert_with`]): a
+//!   duplicate of a task holding the same key is refused atomically with the insert and
+//!   answered with the holder's id; no two live tasks ever share a key.
+//! - **Rate and concurrency limits** per queue or kind ([`Queue::set_limit`], [`Limit`],
+//!   [`LimitScope`]): enforced when claiming, so a held-back task is never claimed nor charged;
+//!   pools sleep until a window frees a slot.
+//! - **Recurring schedules** ([`Queue::schedule`], [`Spec`], [`Missed`]): 5-field cron in an IANA
+//!   zone or intervals; each tick's task is inserted in the same atomic commit that advances the
+//!   schedule, so a tick fires exactly once across crashes.
+//!
+//! The rules themselves are pure functions in [`rules`], shared by every backend.
+//!
 //! ## Handlers and shutdown
 //!
 //! A handler gets a [`TaskContext`]: its attempt, deadline, cooperative cancellation, and a
@@ -105,16 +119,19 @@ pub mod codec;
 mod commit;
 mod error;
 mod events;
+mod extras;
 mod handler;
 mod histogram;
 mod inspect;
 #[doc(hidden)]
 pub mod keys;
 mod lifecycle;
+mod limiter;
 mod log;
 mod queue;
 mod recovery;
 pub mod retry;
+pub mod rules;
 pub mod shutdown;
 mod store;
 mod task;
@@ -143,6 +160,9 @@ pub mod fuzzing;
 pub use clock::{Clock, SystemClock};
 pub use error::{Error, Result};
 pub use events::TransitionEvent;
+pub use extras::{
+    Inserted, LimitStatus, ScheduleInfo, ScheduledFrom, ScheduledTaskOptions, TaskExtras,
+};
 pub use handler::TaskContext;
 pub use inspect::{
     ConsistencyReport, CorruptEntry, ListFilter, Page, PurgePreview, PurgeReport, RecoveryReport,
@@ -151,6 +171,9 @@ pub use inspect::{
 pub use log::{Cause, LogEntry};
 pub use queue::{Durability, Queue, QueueBuilder, WeakQueue, DEFAULT_QUEUE};
 pub use retry::{Backoff, RetryPolicy};
+pub use rules::limit::{Limit, LimitScope};
+pub use rules::schedule::{Missed, Spec};
+pub use rules::unique::Unique;
 pub use shutdown::{ShutdownHandle, Signal};
 pub use store::sled_store::FORMAT_VERSION;
 pub use task::{

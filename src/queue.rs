@@ -12,14 +12,18 @@ use parking_lot::Mutex;
 use crate::backend::sled::{SledBackend, WriterConfig};
 use crate::backend::Backend;
 use crate::clock::{Clock, SystemClock};
-use crate::commit::BackoffTable;
+use crate::commit::{BackoffTable, NewTask};
 use crate::error::{Error, Result};
 use crate::events::{BarrierMiss, Notify, TransitionEvent};
+use crate::extras::{Inserted, LimitStatus, ScheduleInfo, ScheduledTaskOptions, TaskExtras};
 use crate::handler::{self, CancelRequest, Executions, Registry, TaskContext};
 use crate::inspect::{ConsistencyReport, ListFilter, Page, PurgeReport, RecoveryReport, Stats};
 use crate::keys::MAX_QUEUE_NAME;
 use crate::log::LogEntry;
 use crate::retry::{JitterSource, RandomJitter, RetryPolicy};
+use crate::rules::limit::{Limit, LimitScope};
+use crate::rules::schedule::{Missed, Spec};
+use crate::rules::unique;
 use crate::store::sled_store::SledOptions;
 use crate::task::{EnqueueOptions, Status, Task, TaskError, TaskId, TaskInfo, Timestamp};
 use crate::worker::WorkerPoolBuilder;
@@ -456,12 +460,44 @@ impl Queue {
         self.enqueue_with(task, EnqueueOptions::default())
     }
 
-    /// Enqueues a task with options (queue, delay or run time, retries, priority, timeout).
+    /// Enqueues a task with options (queue, delay or run time, retries, priority, timeout,
+    /// unique key). With a unique key, a duplicate is not inserted and the id returned is the
+    /// existing task's; use [`insert_with`](Queue::insert_with) to be told which happened.
     pub fn enqueue_with<T: Task>(&self, task: T, options: EnqueueOptions) -> Result<TaskId> {
-        let record = self.build(T::NAME, encode_payload(&task)?, &options)?;
-        let id = record.id;
-        self.insert(vec![record])?;
-        Ok(id)
+        self.insert_with(task, options).map(|i| i.id)
+    }
+
+    /// Enqueues a task and says whether it was inserted or refused as a duplicate of a task
+    /// holding the same unique key (whose id it returns). The decision is atomic with the
+    /// insert: of two producers racing with the same key, exactly one inserts.
+    ///
+    /// ```
+    /// use omniq::{EnqueueOptions, Queue, Unique};
+    /// # fn main() -> omniq::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let queue = Queue::open(dir.path())?;
+    /// let once = || EnqueueOptions::new().unique(Unique::by_args());
+    /// let args = serde_json::json!({"account": 42});
+    /// let first = queue.insert_json("sync_account", &args, once())?;
+    /// let again = queue.insert_json("sync_account", &args, once())?;
+    /// assert!(!first.duplicate && again.duplicate);
+    /// assert_eq!(again.id, first.id);
+    /// # Ok(()) }
+    /// ```
+    pub fn insert_with<T: Task>(&self, task: T, options: EnqueueOptions) -> Result<Inserted> {
+        let new = self.build_new(T::NAME, encode_payload(&task)?, &options)?;
+        Ok(self.insert_new(vec![new])?[0])
+    }
+
+    /// [`insert_with`](Queue::insert_with) by kind name with a JSON payload.
+    pub fn insert_json(
+        &self,
+        kind: &str,
+        payload: &serde_json::Value,
+        options: EnqueueOptions,
+    ) -> Result<Inserted> {
+        let new = self.build_new(kind, json_bytes(payload)?, &options)?;
+        Ok(self.insert_new(vec![new])?[0])
     }
 
     /// Enqueues many tasks of one kind in one atomic, durable write: all or none.
@@ -469,19 +505,33 @@ impl Queue {
         self.enqueue_many_with(tasks, EnqueueOptions::default())
     }
 
-    /// [`enqueue_many`](Queue::enqueue_many) with the same options for every task.
+    /// [`enqueue_many`](Queue::enqueue_many) with the same options for every task. With a
+    /// unique key, duplicates (of stored tasks or of earlier tasks in the batch) are not
+    /// inserted; their ids are the holders'.
     pub fn enqueue_many_with<T: Task>(
         &self,
         tasks: impl IntoIterator<Item = T>,
         options: EnqueueOptions,
     ) -> Result<Vec<TaskId>> {
+        Ok(self
+            .insert_many_with(tasks, options)?
+            .into_iter()
+            .map(|i| i.id)
+            .collect())
+    }
+
+    /// [`enqueue_many_with`](Queue::enqueue_many_with), saying for each task whether it was
+    /// inserted or refused as a duplicate.
+    pub fn insert_many_with<T: Task>(
+        &self,
+        tasks: impl IntoIterator<Item = T>,
+        options: EnqueueOptions,
+    ) -> Result<Vec<Inserted>> {
         let records = tasks
             .into_iter()
-            .map(|t| self.build(T::NAME, encode_payload(&t)?, &options))
+            .map(|t| self.build_new(T::NAME, encode_payload(&t)?, &options))
             .collect::<Result<Vec<_>>>()?;
-        let ids = records.iter().map(|r| r.id).collect();
-        self.insert(records)?;
-        Ok(ids)
+        self.insert_new(records)
     }
 
     /// Enqueues a task by kind name with a JSON payload, for handlers registered with
@@ -492,21 +542,39 @@ impl Queue {
         payload: &serde_json::Value,
         options: EnqueueOptions,
     ) -> Result<TaskId> {
-        let bytes = serde_json::to_vec(payload).map_err(|e| Error::Encode {
-            what: "payload",
-            reason: e.to_string(),
-        })?;
-        let record = self.build(kind, bytes, &options)?;
-        let id = record.id;
-        self.insert(vec![record])?;
-        Ok(id)
+        self.insert_json(kind, payload, options).map(|i| i.id)
     }
 
-    fn insert(&self, tasks: Vec<TaskInfo>) -> Result<()> {
+    fn insert_new(&self, tasks: Vec<NewTask>) -> Result<Vec<Inserted>> {
         if tasks.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
-        self.inner.backend.insert(tasks)
+        if tasks.iter().all(|t| t.extras.is_none()) {
+            let out = tasks
+                .iter()
+                .map(|t| Inserted {
+                    id: t.task.id,
+                    duplicate: false,
+                })
+                .collect();
+            self.inner
+                .backend
+                .insert(tasks.into_iter().map(|t| t.task).collect())?;
+            return Ok(out);
+        }
+        self.inner.backend.insert_new(tasks)
+    }
+
+    fn build_new(&self, kind: &str, payload: Vec<u8>, o: &EnqueueOptions) -> Result<NewTask> {
+        let task = self.build(kind, payload, o)?;
+        let extras = match &o.unique {
+            Some(u) => Some(TaskExtras {
+                unique: Some(unique::spec(u, kind, &task.payload, task.created_at)?),
+                scheduled: None,
+            }),
+            None => None,
+        };
+        Ok(NewTask { task, extras })
     }
 
     fn build(&self, kind: &str, payload: Vec<u8>, o: &EnqueueOptions) -> Result<TaskInfo> {
@@ -764,6 +832,188 @@ impl Queue {
 
     // ----- handlers and workers ------------------------------------------------------------
 
+    /// A task's extras: its unique key and the schedule tick that enqueued it (`None` for a
+    /// task with neither, or no such task).
+    pub fn extras(&self, id: TaskId) -> Result<Option<TaskExtras>> {
+        self.inner.backend.extras(id)
+    }
+
+    // ----- limits --------------------------------------------------------------------------
+
+    /// Sets the rate and/or concurrency limit of a queue or a kind, durably; it applies to the
+    /// next claim. A task a limit holds back stays `Pending`, is not claimed and is charged
+    /// no attempt; worker pools sleep until the window frees a slot (or a running task of the
+    /// scope finishes). Priority and due order are kept within the limit. An unlimited
+    /// [`Limit::new()`] is the same as [`remove_limit`](Queue::remove_limit).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use omniq::{Limit, LimitScope, Queue};
+    /// # fn main() -> omniq::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let queue = Queue::open(dir.path())?;
+    /// // At most 10 emails started per second, and 3 at once.
+    /// queue.set_limit(
+    ///     LimitScope::queue("emails"),
+    ///     Limit::new().rate(10, Duration::from_secs(1)).concurrency(3),
+    /// )?;
+    /// // At most 2 "render_pdf" tasks at once, whatever their queue.
+    /// queue.set_limit(LimitScope::kind("render_pdf"), Limit::new().concurrency(2))?;
+    /// assert_eq!(queue.limits()?.len(), 2);
+    /// # Ok(()) }
+    /// ```
+    pub fn set_limit(&self, scope: LimitScope, limit: Limit) -> Result<()> {
+        validate_name("limit scope name", scope.name())?;
+        let limit = (!limit.is_unlimited()).then_some(limit);
+        self.inner.backend.set_limit(scope, limit)
+    }
+
+    /// Removes a queue's or kind's limit.
+    pub fn remove_limit(&self, scope: LimitScope) -> Result<()> {
+        self.inner.backend.set_limit(scope, None)
+    }
+
+    /// Every limit and how it stands now: running, started in the window, what remains, how
+    /// many due tasks it holds back, and when the window frees a slot.
+    pub fn limits(&self) -> Result<Vec<LimitStatus>> {
+        self.inner.backend.limits(self.inner.clock.now())
+    }
+
+    // ----- schedules -----------------------------------------------------------------------
+
+    /// Registers (or updates) a durable recurring schedule named `name`: at every tick of
+    /// `spec`, one `task` is enqueued with `options` (its queue, priority, retries, timeout,
+    /// backoff, unique key; a delay is ignored), due at the tick's time. Worker pools fire ticks
+    /// (the dispatcher sleeps until the next one); [`testing::run_due`](crate::testing::run_due)
+    /// does too.
+    ///
+    /// Exactly once: each tick's task is inserted in the same atomic commit that advances the
+    /// schedule's last-fired time, so a crash at any instant neither loses nor doubles a tick.
+    /// Ticks that came due while nothing was ticking follow `missed`
+    /// ([`Missed::Skip`] by default in [`schedule`](Queue::schedule)). Updating a schedule keeps
+    /// when it last fired, so no tick is repeated or lost by the update.
+    ///
+    /// ```
+    /// use omniq::{EnqueueOptions, Missed, Queue, Spec};
+    /// # fn main() -> omniq::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let queue = Queue::open(dir.path())?;
+    /// queue.schedule_json(
+    ///     "nightly-report",
+    ///     Spec::cron("0 3 * * *", "Europe/Paris")?,
+    ///     Missed::RunOnce,
+    ///     "build_report",
+    ///     &serde_json::json!({"kind": "daily"}),
+    ///     EnqueueOptions::new().queue("reports"),
+    /// )?;
+    /// let s = &queue.schedules()?[0];
+    /// assert_eq!(s.name, "nightly-report");
+    /// assert!(s.next_tick().is_some());
+    /// # Ok(()) }
+    /// ```
+    pub fn schedule<T: Task>(
+        &self,
+        name: &str,
+        spec: Spec,
+        task: T,
+        options: EnqueueOptions,
+    ) -> Result<bool> {
+        self.put_schedule(
+            name,
+            spec,
+            Missed::Skip,
+            T::NAME,
+            encode_payload(&task)?,
+            &options,
+        )
+    }
+
+    /// [`schedule`](Queue::schedule) by kind name with a JSON payload and an explicit missed-tick
+    /// policy. Returns whether the schedule was created (`false`: updated).
+    pub fn schedule_json(
+        &self,
+        name: &str,
+        spec: Spec,
+        missed: Missed,
+        kind: &str,
+        payload: &serde_json::Value,
+        options: EnqueueOptions,
+    ) -> Result<bool> {
+        self.put_schedule(name, spec, missed, kind, json_bytes(payload)?, &options)
+    }
+
+    fn put_schedule(
+        &self,
+        name: &str,
+        spec: Spec,
+        missed: Missed,
+        kind: &str,
+        payload: Vec<u8>,
+        o: &EnqueueOptions,
+    ) -> Result<bool> {
+        validate_name("schedule name", name)?;
+        spec.validate()?;
+        // Resolve the options now (queue policy defaults, unique key check) so every tick
+        // builds the same task.
+        let probe = self.build_new(kind, payload, o)?;
+        let now = self.inner.clock.now();
+        let t = probe.task;
+        let info = ScheduleInfo {
+            name: name.to_string(),
+            spec,
+            missed,
+            kind: t.kind,
+            payload: t.payload,
+            options: ScheduledTaskOptions {
+                queue: t.queue,
+                priority: t.priority,
+                max_retries: t.max_retries,
+                timeout_ms: t.timeout_ms,
+                backoff: t.backoff,
+                unique: o.unique.as_ref().map(|u| {
+                    (
+                        u.key.clone(),
+                        u.state_mask(),
+                        u.period
+                            .map(|p| u64::try_from(p.as_millis()).unwrap_or(u64::MAX)),
+                    )
+                }),
+            },
+            paused: false,
+            last_fired: now,
+            created_at: now,
+            fired: 0,
+            skipped: 0,
+        };
+        self.inner.backend.put_schedule(info)
+    }
+
+    /// Pauses a schedule: it fires nothing until resumed.
+    pub fn pause_schedule(&self, name: &str) -> Result<()> {
+        self.inner.backend.pause_schedule(name, true)
+    }
+
+    /// Resumes a paused schedule. Ticks that fell during the pause are skipped.
+    pub fn resume_schedule(&self, name: &str) -> Result<()> {
+        self.inner.backend.pause_schedule(name, false)
+    }
+
+    /// Removes a schedule (tasks it already enqueued stay). Returns whether it existed.
+    pub fn remove_schedule(&self, name: &str) -> Result<bool> {
+        self.inner.backend.remove_schedule(name)
+    }
+
+    /// Every schedule, by name, with when it last fired and its next tick.
+    pub fn schedules(&self) -> Result<Vec<ScheduleInfo>> {
+        self.inner.backend.schedules()
+    }
+
+    /// Fires the schedule ticks owed now (worker pools do this on their own; for tools and
+    /// tests driving a queue by hand). Returns the tasks enqueued.
+    pub fn fire_due_schedules(&self) -> Result<Vec<TaskId>> {
+        self.inner.backend.tick(self.inner.clock.now())
+    }
+
     /// Registers the handler for task type `T` (replacing any previous one).
     ///
     /// A handler returns `Ok(output)`, or `Err(TaskError)`: transient errors (including any
@@ -835,6 +1085,13 @@ impl Queue {
             sample: shown,
         })
     }
+}
+
+fn json_bytes(payload: &serde_json::Value) -> Result<Vec<u8>> {
+    serde_json::to_vec(payload).map_err(|e| Error::Encode {
+        what: "payload",
+        reason: e.to_string(),
+    })
 }
 
 fn encode_payload<T: Task>(task: &T) -> Result<Vec<u8>> {

@@ -437,6 +437,7 @@ pub struct EnqueueOptions {
     pub(crate) priority: i8,
     pub(crate) timeout: Option<Duration>,
     pub(crate) backoff: Option<Backoff>,
+    pub(crate) unique: Option<crate::rules::unique::Unique>,
 }
 
 impl EnqueueOptions {
@@ -479,6 +480,12 @@ impl EnqueueOptions {
     /// Backoff for this task's retries, overriding its queue's.
     pub fn backoff(mut self, b: Backoff) -> Self {
         self.backoff = Some(b);
+        self
+    }
+    /// Makes the task unique: refused as a duplicate while a task with the same key is in the
+    /// key's hold set (see [`Unique`](crate::Unique) and [`Queue::insert_with`](crate::Queue::insert_with)).
+    pub fn unique(mut self, u: crate::rules::unique::Unique) -> Self {
+        self.unique = Some(u);
         self
     }
 }

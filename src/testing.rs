@@ -143,6 +143,7 @@ pub fn run_due(queue: &Queue) -> Result<RunReport> {
     let never = Arc::new(AtomicBool::new(false));
     loop {
         let now = inner.clock.now();
+        inner.backend.tick(now)?;
         let claimed = inner.backend.claim(QueueSet::All, 1, now)?;
         let Some(task) = claimed.into_iter().next() else {
             return Ok(report);

@@ -316,6 +316,10 @@ impl Dispatcher {
                 stopping = Some(Instant::now());
             }
             if stopping.is_none() {
+                // Schedule ticks owed now become tasks first (a no-op until the next tick).
+                if let Err(e) = self.queue.inner.backend.tick(self.queue.now()) {
+                    tracing::error!(error = %e, "firing schedule ticks failed; retrying when woken");
+                }
                 if let Err(e) = self.request_claims() {
                     tracing::error!(error = %e, "claiming failed; retrying when woken");
                 }
@@ -400,6 +404,11 @@ impl Dispatcher {
         for r in self.running.values() {
             if let Some(d) = r.deadline {
                 consider(d);
+            }
+        }
+        if stopping.is_none() {
+            if let Some(t) = self.queue.inner.backend.next_tick() {
+                consider(t);
             }
         }
         if stopping.is_none() && self.free > 0 {

@@ -1119,3 +1119,103 @@ fn demo_resumed_after_a_kill_says_so_in_its_summary() {
     );
     assert_nothing_lost(&d, 12);
 }
+
+/// `omniq schedules`, the unique key and schedule in `omniq show`, and limits with how many
+/// tasks wait on them in `omniq stats` (human and `--json`).
+#[test]
+fn schedules_unique_keys_and_limits_are_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let (unique_id, scheduled_id) = {
+        // In the past, so what it makes due is due for the CLI's real clock too.
+        let clock = omniq::testing::ManualClock::new(
+            omniq::Timestamp::now().minus(Duration::from_secs(7200)),
+        );
+        let q = omniq::Queue::builder(dir.path())
+            .clock(clock.clone())
+            .open()
+            .unwrap();
+        q.set_limit(
+            omniq::LimitScope::queue("mail"),
+            omniq::Limit::new()
+                .rate(1, Duration::from_secs(86_400))
+                .concurrency(4),
+        )
+        .unwrap();
+        let u = q
+            .insert_json(
+                "send",
+                &serde_json::json!({"to": 7}),
+                omniq::EnqueueOptions::new()
+                    .queue("mail")
+                    .unique(omniq::Unique::by_args()),
+            )
+            .unwrap();
+        q.enqueue_json(
+            "send",
+            &serde_json::json!({"to": 8}),
+            omniq::EnqueueOptions::new().queue("mail"),
+        )
+        .unwrap();
+        q.schedule_json(
+            "hourly",
+            omniq::Spec::cron("0 * * * *", "UTC").unwrap(),
+            omniq::Missed::RunOnce,
+            "report",
+            &serde_json::json!({}),
+            omniq::EnqueueOptions::new(),
+        )
+        .unwrap();
+        clock.advance(Duration::from_secs(3600));
+        let fired = q.fire_due_schedules().unwrap();
+        // One of the two mail tasks starts; the other waits on the rate.
+        let c = omniq::testing::claim_next(&q).unwrap().unwrap();
+        assert!(c.succeed(&0).unwrap());
+        q.close().unwrap();
+        (u.id, fired[0])
+    };
+    let d = dir.path();
+    let text = ok(d, &["schedules"]);
+    assert!(
+        text.contains("hourly") && text.contains("cron \"0 * * * *\" UTC"),
+        "{text}"
+    );
+    assert!(
+        text.contains("RunOnce") && text.contains("NEXT TICK"),
+        "{text}"
+    );
+    let v = ok_json(d, &["schedules"]);
+    assert_eq!(v[0]["name"], "hourly");
+    assert_eq!(v[0]["fired"], 1);
+
+    let text = ok(d, &["show", &unique_id.to_string()]);
+    assert!(
+        text.contains("unique key")
+            && text.contains(r#"send {"to":7} (held while PENDING/RUNNING; released)"#),
+        "{text}"
+    );
+    let v = ok_json(d, &["show", &unique_id.to_string()]);
+    assert_eq!(v["unique"]["key"], r#"send {"to":7}"#);
+    assert_eq!(v["unique"]["digest"].as_str().unwrap().len(), 64);
+    let text = ok(d, &["show", &scheduled_id.to_string()]);
+    assert!(
+        text.contains("scheduled by") && text.contains("hourly"),
+        "{text}"
+    );
+
+    let text = ok(d, &["stats"]);
+    assert!(
+        text.contains("LIMIT ON") && text.contains("queue mail"),
+        "{text}"
+    );
+    assert!(text.contains("1 per 1day, 4 at once"), "{text}");
+    let v = ok_json(d, &["stats"]);
+    let l = &v["limits"][0];
+    assert_eq!(
+        (l["scope"].as_str(), l["name"].as_str()),
+        (Some("queue"), Some("mail"))
+    );
+    assert_eq!(l["started_in_window"], 1);
+    // Rate spent: the other mail task waits on the limit.
+    assert_eq!(l["waiting"], 1);
+    assert_eq!(l["remaining"], 0);
+}

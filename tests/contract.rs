@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use omniq::testing::{self, ManualClock};
 use omniq::{
-    Backoff, Cause, EnqueueOptions, Error, ListFilter, Queue, QueueBuilder, RetryPolicy, Status,
-    TaskContext, TaskError, TaskId, Timestamp,
+    Backoff, Cause, EnqueueOptions, Error, Limit, LimitScope, ListFilter, Missed, Queue,
+    QueueBuilder, RetryPolicy, Spec, Status, TaskContext, TaskError, TaskId, Timestamp, Unique,
 };
 use serde_json::json;
 
@@ -512,6 +512,579 @@ fn backoff_configuration(h: &dyn Harness) {
     assert_eq!(due(own), Duration::from_secs(5));
 }
 
+// ----- unique jobs ----------------------------------------------------------------------------
+
+fn unique_opts() -> EnqueueOptions {
+    EnqueueOptions::new().unique(Unique::by_args())
+}
+
+/// A duplicate is refused with the holder's id while the holder is Pending or Running; the key
+/// is released when the holder leaves its hold set, and a new task takes it.
+fn unique_refuses_duplicates_until_released(h: &dyn Harness) {
+    let (q, _clock) = open(h);
+    let first = q
+        .insert_json("sync", &json!({"a": 1, "b": 2}), unique_opts())
+        .unwrap();
+    assert!(!first.duplicate);
+    // Same args in another key order: the same key.
+    let dup = q
+        .insert_json("sync", &json!({"b": 2, "a": 1}), unique_opts())
+        .unwrap();
+    assert_eq!((dup.id, dup.duplicate), (first.id, true));
+    // Other args, or another kind: other keys.
+    assert!(
+        !q.insert_json("sync", &json!({"a": 2}), unique_opts())
+            .unwrap()
+            .duplicate
+    );
+    assert!(
+        !q.insert_json("other", &json!({"a": 1, "b": 2}), unique_opts())
+            .unwrap()
+            .duplicate
+    );
+    // Without unique options nothing is checked.
+    let plain = q.enqueue_json("sync", &json!({"a": 1, "b": 2}), EnqueueOptions::new());
+    assert_ne!(plain.unwrap(), first.id);
+    let extras = q.extras(first.id).unwrap().unwrap();
+    let key = extras.unique.unwrap();
+    assert_eq!(key.key, r#"sync {"a":1,"b":2}"#);
+
+    // Running still holds it.
+    let c = loop {
+        let c = testing::claim_next(&q).unwrap().unwrap();
+        if c.task.id == first.id {
+            break c;
+        }
+        assert!(c.succeed(&0).unwrap());
+    };
+    let dup = q
+        .insert_json("sync", &json!({"a": 1, "b": 2}), unique_opts())
+        .unwrap();
+    assert_eq!((dup.id, dup.duplicate), (first.id, true));
+    // Completed is not in the default hold set: released.
+    assert!(c.succeed(&0).unwrap());
+    let next = q
+        .insert_json("sync", &json!({"a": 1, "b": 2}), unique_opts())
+        .unwrap();
+    assert!(!next.duplicate);
+    assert_ne!(next.id, first.id);
+    // Cancel releases too.
+    q.cancel(next.id).unwrap();
+    assert!(
+        !q.insert_json("sync", &json!({"a": 1, "b": 2}), unique_opts())
+            .unwrap()
+            .duplicate
+    );
+    assert!(q.check_consistency().unwrap().is_consistent());
+}
+
+/// Terminal states in the hold set keep the key after the task ends, until it is purged;
+/// an explicit key ignores the arguments.
+fn unique_hold_states_and_purge(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    let once =
+        || EnqueueOptions::new().unique(Unique::key("welcome:42").states([Status::Completed]));
+    let a = q.insert_json("mail", &json!({"v": 1}), once()).unwrap();
+    let c = testing::claim_next(&q).unwrap().unwrap();
+    assert!(c.succeed(&0).unwrap());
+    let b = q.insert_json("mail", &json!({"v": 2}), once()).unwrap();
+    assert_eq!((b.id, b.duplicate), (a.id, true), "Completed holds the key");
+    clock.advance(Duration::from_secs(10));
+    assert_eq!(q.purge(Duration::from_secs(1)).unwrap().tasks_removed, 1);
+    assert!(
+        q.extras(a.id).unwrap().is_none(),
+        "purge removes the extras"
+    );
+    assert!(
+        !q.insert_json("mail", &json!({"v": 3}), once())
+            .unwrap()
+            .duplicate
+    );
+    assert!(q.check_consistency().unwrap().is_consistent());
+}
+
+/// With a period, the key includes the period the enqueue falls in.
+fn unique_period(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    let hourly =
+        || EnqueueOptions::new().unique(Unique::key("report").period(Duration::from_secs(3600)));
+    clock.set(Timestamp(3_600_000 * 100));
+    let a = q.insert_json("r", &json!(1), hourly()).unwrap();
+    clock.advance(Duration::from_secs(3599));
+    assert!(q.insert_json("r", &json!(1), hourly()).unwrap().duplicate);
+    clock.advance(Duration::from_secs(1));
+    let b = q.insert_json("r", &json!(1), hourly()).unwrap();
+    assert!(!b.duplicate && b.id != a.id);
+}
+
+/// `enqueue_many`: duplicates of stored tasks and of earlier tasks in the same batch are not
+/// inserted; the rest are, atomically.
+fn unique_in_enqueue_many(h: &dyn Harness) {
+    let (q, _clock) = open(h);
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Sync {
+        account: u32,
+    }
+    impl omniq::Task for Sync {
+        const NAME: &'static str = "sync";
+        type Output = ();
+    }
+    let stored = q.insert_with(Sync { account: 1 }, unique_opts()).unwrap();
+    let out = q
+        .insert_many_with([1, 2, 3, 2].map(|account| Sync { account }), unique_opts())
+        .unwrap();
+    let dups: Vec<bool> = out.iter().map(|i| i.duplicate).collect();
+    assert_eq!(dups, vec![true, false, false, true]);
+    assert_eq!(out[0].id, stored.id);
+    assert_eq!(out[3].id, out[1].id);
+    assert_eq!(q.stats().unwrap().total, 3);
+}
+
+/// Producers racing with one key: exactly one inserts; every one learns the same id.
+fn unique_racing_producers_insert_one(h: &dyn Harness) {
+    let (q, _clock) = open(h);
+    for round in 0..5 {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let results: Vec<omniq::Inserted> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let q = q.clone();
+                    let barrier = barrier.clone();
+                    s.spawn(move || {
+                        barrier.wait();
+                        q.insert_json("race", &json!(round), unique_opts()).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let inserted = results.iter().filter(|r| !r.duplicate).count();
+        assert_eq!(inserted, 1, "round {round}: {results:?}");
+        assert!(results.iter().all(|r| r.id == results[0].id));
+    }
+    assert_eq!(q.stats().unwrap().total, 5);
+    assert!(q.check_consistency().unwrap().is_consistent());
+}
+
+/// A manual retry that would make two live tasks share a key is refused, clearly; once the
+/// other task lets go, the retry goes through. Automatic retries keep the key (Pending and
+/// Running always hold it).
+fn unique_manual_retry_conflict(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    flaky(&q, "u", "network", u32::MAX);
+    let a = q
+        .insert_json("u", &json!(1), unique_opts().max_retries(1))
+        .unwrap();
+    testing::run_due(&q).unwrap();
+    let t = q.get(a.id).unwrap().unwrap();
+    assert_eq!(t.status, Status::Pending, "automatic retry");
+    assert!(
+        q.insert_json("u", &json!(1), unique_opts())
+            .unwrap()
+            .duplicate
+    );
+    testing::run_until_idle(&q, &clock, 10).unwrap();
+    assert_eq!(q.get(a.id).unwrap().unwrap().status, Status::Failed);
+    let b = q.insert_json("u", &json!(1), unique_opts()).unwrap();
+    assert!(!b.duplicate);
+    match q.retry(a.id) {
+        Err(Error::UniqueConflict { id, holder, .. }) => assert_eq!((id, holder), (a.id, b.id)),
+        other => panic!("expected a unique conflict, got {other:?}"),
+    }
+    assert_eq!(
+        q.get(a.id).unwrap().unwrap().status,
+        Status::Failed,
+        "unchanged"
+    );
+    q.cancel(b.id).unwrap();
+    assert_eq!(q.retry(a.id).unwrap().status, Status::Pending);
+    assert!(
+        q.insert_json("u", &json!(1), unique_opts())
+            .unwrap()
+            .duplicate
+    );
+    assert!(q.check_consistency().unwrap().is_consistent());
+}
+
+/// Keys survive a restart (they are stored, not remembered).
+fn unique_survives_reopen(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    let a = q.insert_json("k", &json!(1), unique_opts()).unwrap();
+    drop(q);
+    let q = h.reopen(&clock);
+    let b = q.insert_json("k", &json!(1), unique_opts()).unwrap();
+    assert_eq!((b.id, b.duplicate), (a.id, true));
+}
+
+// ----- limits -----------------------------------------------------------------------------------
+
+/// At most N starts per sliding window; a held task is not claimed and not charged; the next
+/// due time is when the window frees a slot; priority order is kept within the limit.
+fn rate_limit_window(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    q.set_limit(
+        LimitScope::queue("mail"),
+        Limit::new().rate(2, Duration::from_secs(10)),
+    )
+    .unwrap();
+    flaky(&q, "m", "x", 0);
+    let ids: Vec<TaskId> = (0..5)
+        .map(|i| {
+            enqueue(
+                &q,
+                "m",
+                json!(i),
+                EnqueueOptions::new().queue("mail").priority(i as i8),
+            )
+        })
+        .collect();
+    let other = enqueue(&q, "m", json!("free"), EnqueueOptions::new());
+    let start = clock.now();
+    let r = testing::run_due(&q).unwrap();
+    let ran: Vec<TaskId> = r.log.iter().map(|e| e.id).collect();
+    // Best priority first within the limit; the unlimited queue is not held up.
+    assert_eq!(ran.len(), 3);
+    assert!(ran.contains(&other));
+    assert!(ran.contains(&ids[4]) && ran.contains(&ids[3]));
+    for id in &ids[..3] {
+        let t = q.get(*id).unwrap().unwrap();
+        assert_eq!(
+            (t.status, t.attempts),
+            (Status::Pending, 0),
+            "never charged"
+        );
+    }
+    assert_eq!(
+        testing::next_due_at(&q).unwrap(),
+        Some(start.plus(Duration::from_secs(10)))
+    );
+    let l = &q.limits().unwrap()[0];
+    assert_eq!((l.started_in_window, l.remaining, l.waiting), (2, 0, 3));
+    assert_eq!(l.frees_at, Some(start.plus(Duration::from_secs(10))));
+    clock.advance(Duration::from_millis(9_999));
+    assert_eq!(testing::run_due(&q).unwrap().executions, 0);
+    clock.advance(Duration::from_millis(1));
+    let r = testing::run_due(&q).unwrap();
+    assert_eq!(
+        r.log.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![ids[2], ids[1]]
+    );
+    // Raised at run time: applies at once.
+    q.set_limit(
+        LimitScope::queue("mail"),
+        Limit::new().rate(3, Duration::from_secs(10)),
+    )
+    .unwrap();
+    assert_eq!(testing::run_due(&q).unwrap().executions, 1);
+    q.remove_limit(LimitScope::queue("mail")).unwrap();
+    assert!(q.limits().unwrap().is_empty());
+    assert!(q.check_consistency().unwrap().is_consistent());
+}
+
+/// At most M running at once, per queue and per kind (across queues).
+fn concurrency_limits(h: &dyn Harness) {
+    let (q, _clock) = open(h);
+    q.set_limit(LimitScope::kind("pdf"), Limit::new().concurrency(2))
+        .unwrap();
+    for queue in ["a", "b", "c"] {
+        enqueue(&q, "pdf", json!(queue), EnqueueOptions::new().queue(queue));
+    }
+    let text = enqueue(&q, "text", json!(0), EnqueueOptions::new().queue("a"));
+    let c1 = testing::claim_next(&q).unwrap().unwrap();
+    let c2 = testing::claim_next(&q).unwrap().unwrap();
+    let c3 = testing::claim_next(&q).unwrap().unwrap();
+    assert_eq!(c3.task.id, text, "the third pdf waits; other kinds do not");
+    assert!(testing::claim_next(&q).unwrap().is_none());
+    let l = &q.limits().unwrap()[0];
+    assert_eq!((l.running, l.remaining, l.waiting), (2, 0, 1));
+    assert!(c1.succeed(&0).unwrap());
+    let c4 = testing::claim_next(&q).unwrap().unwrap();
+    assert_eq!(c4.task.kind, "pdf");
+    assert!(testing::claim_next(&q).unwrap().is_none());
+    // A failure that goes back to Pending frees the slot too.
+    assert!(c2.fail(TaskError::transient("x", "y")).unwrap());
+    assert!(c3.succeed(&0).unwrap());
+    assert!(c4.succeed(&0).unwrap());
+}
+
+/// The starts counted in a window survive a restart: a restart cannot exceed N.
+fn limits_survive_reopen(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    q.set_limit(
+        LimitScope::kind("k"),
+        Limit::new().rate(2, Duration::from_secs(60)).concurrency(5),
+    )
+    .unwrap();
+    flaky(&q, "k", "x", 0);
+    for i in 0..4 {
+        enqueue(&q, "k", json!(i), EnqueueOptions::new());
+    }
+    assert_eq!(testing::run_due(&q).unwrap().executions, 2);
+    drop(q);
+    clock.advance(Duration::from_secs(30));
+    let q = h.reopen(&clock);
+    flaky(&q, "k", "x", 0);
+    assert_eq!(q.limits().unwrap()[0].started_in_window, 2);
+    assert_eq!(testing::run_due(&q).unwrap().executions, 0);
+    clock.advance(Duration::from_secs(30));
+    assert_eq!(testing::run_due(&q).unwrap().executions, 2);
+    assert!(q.check_consistency().unwrap().is_consistent());
+}
+
+// ----- schedules --------------------------------------------------------------------------------
+
+fn scheduled_runs(q: &Queue) -> Vec<(Timestamp, String)> {
+    let mut out: Vec<(Timestamp, String)> = q
+        .list(&ListFilter::new().limit(1000))
+        .unwrap()
+        .tasks
+        .iter()
+        .filter_map(|t| {
+            q.extras(t.id)
+                .unwrap()
+                .and_then(|e| e.scheduled)
+                .map(|s| (s.at, s.schedule))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Each tick fires exactly once, however often the ticker asks; the task carries its tick.
+fn schedule_fires_once_per_tick(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    let t0 = clock.now();
+    assert!(q
+        .schedule_json(
+            "every-minute",
+            Spec::every(Duration::from_secs(60)),
+            Missed::Skip,
+            "tick",
+            &json!({"x": 1}),
+            EnqueueOptions::new().queue("cron"),
+        )
+        .unwrap());
+    assert!(q.fire_due_schedules().unwrap().is_empty());
+    for minute in 1..=5u64 {
+        clock.advance(Duration::from_secs(30));
+        assert!(q.fire_due_schedules().unwrap().is_empty());
+        clock.advance(Duration::from_secs(30));
+        let fired = q.fire_due_schedules().unwrap();
+        assert_eq!(fired.len(), 1, "minute {minute}");
+        assert!(q.fire_due_schedules().unwrap().is_empty(), "not twice");
+        let t = q.get(fired[0]).unwrap().unwrap();
+        assert_eq!(t.next_run_at, t0.plus(Duration::from_secs(60 * minute)));
+        assert_eq!(t.queue, "cron");
+    }
+    let s = &q.schedules().unwrap()[0];
+    assert_eq!((s.fired, s.skipped), (5, 0));
+    assert_eq!(s.next_tick(), Some(t0.plus(Duration::from_secs(360))));
+    assert_eq!(scheduled_runs(&q).len(), 5);
+    assert!(q.check_consistency().unwrap().is_consistent());
+}
+
+/// Ticks missed while the program was down follow the schedule's policy.
+fn schedule_missed_ticks_after_restart(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    let every = Spec::every(Duration::from_secs(60));
+    for (name, missed) in [
+        ("skip", Missed::Skip),
+        ("once", Missed::RunOnce),
+        ("three", Missed::CatchUp(3)),
+    ] {
+        q.schedule_json(
+            name,
+            every.clone(),
+            missed,
+            "t",
+            &json!(name),
+            EnqueueOptions::new(),
+        )
+        .unwrap();
+    }
+    drop(q);
+    // Down for 10 minutes and 5 seconds: 10 ticks owed, the last one 5 s ago.
+    clock.advance(Duration::from_secs(605));
+    let q = h.reopen(&clock);
+    q.fire_due_schedules().unwrap();
+    let runs = scheduled_runs(&q);
+    let count = |n: &str| runs.iter().filter(|(_, s)| s == n).count();
+    assert_eq!((count("skip"), count("once"), count("three")), (1, 1, 3));
+    let skipped: Vec<(String, u64, u64)> = q
+        .schedules()
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.name, s.fired, s.skipped))
+        .collect();
+    assert_eq!(
+        skipped,
+        vec![
+            ("once".to_string(), 1, 9),
+            ("skip".to_string(), 1, 9),
+            ("three".to_string(), 3, 7),
+        ]
+    );
+    // A daily schedule down for two days, restarted 2 minutes after its tick: `Skip` fires
+    // nothing (the latest tick is more than a minute late), `RunOnce` fires one.
+    for (name, missed) in [
+        ("daily-skip", Missed::Skip),
+        ("daily-once", Missed::RunOnce),
+    ] {
+        q.schedule_json(
+            name,
+            Spec::every(Duration::from_secs(86_400)),
+            missed,
+            "t",
+            &json!(name),
+            EnqueueOptions::new(),
+        )
+        .unwrap();
+    }
+    drop(q);
+    clock.advance(Duration::from_secs(2 * 86_400 + 120));
+    let q = h.reopen(&clock);
+    q.fire_due_schedules().unwrap();
+    let runs = scheduled_runs(&q);
+    assert_eq!(runs.iter().filter(|(_, s)| s == "daily-skip").count(), 0);
+    assert_eq!(runs.iter().filter(|(_, s)| s == "daily-once").count(), 1);
+    let s = q.schedules().unwrap();
+    let daily = s.iter().find(|s| s.name == "daily-skip").unwrap();
+    assert_eq!((daily.fired, daily.skipped), (0, 2));
+}
+
+/// Daylight saving with a fixed zone and the manual clock: a 02:30 job on the spring-forward
+/// day fires once at 03:00 EDT; a 01:30 job on the fall-back day fires once.
+fn schedule_daylight_saving(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    let utc = |s: &str| Timestamp::from_system_time(humantime::parse_rfc3339(s).unwrap());
+    clock.set(utc("2026-03-07T12:00:00Z"));
+    q.schedule_json(
+        "gap",
+        Spec::cron("30 2 * * *", "America/New_York").unwrap(),
+        Missed::CatchUp(10),
+        "t",
+        &json!(1),
+        EnqueueOptions::new(),
+    )
+    .unwrap();
+    q.schedule_json(
+        "overlap",
+        Spec::cron("30 1 * * *", "America/New_York").unwrap(),
+        Missed::CatchUp(10),
+        "t",
+        &json!(2),
+        EnqueueOptions::new(),
+    )
+    .unwrap();
+    // Minute by minute through the spring-forward night.
+    while clock.now() < utc("2026-03-08T12:00:00Z") {
+        clock.advance(Duration::from_secs(60));
+        q.fire_due_schedules().unwrap();
+    }
+    let gap: Vec<Timestamp> = scheduled_runs(&q)
+        .into_iter()
+        .filter(|(_, s)| s == "gap")
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(gap, vec![utc("2026-03-08T07:00:00Z")]);
+    // And through the fall-back night (01:30 EDT = 05:30 UTC; 01:30 EST is not a second run).
+    clock.set(utc("2026-10-31T12:00:00Z"));
+    q.pause_schedule("overlap").unwrap();
+    q.resume_schedule("overlap").unwrap();
+    while clock.now() < utc("2026-11-01T12:00:00Z") {
+        clock.advance(Duration::from_secs(60));
+        q.fire_due_schedules().unwrap();
+    }
+    let overlap: Vec<Timestamp> = scheduled_runs(&q)
+        .into_iter()
+        .filter(|(t, s)| s == "overlap" && *t > utc("2026-10-31T12:00:00Z"))
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(overlap, vec![utc("2026-11-01T05:30:00Z")]);
+}
+
+/// Update keeps when it last fired; pause fires nothing and resume skips the pause's ticks;
+/// remove stops it; a unique key on the scheduled task skips a tick while the previous run is
+/// still live.
+fn schedule_update_pause_remove_unique(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    let every = |s| Spec::every(Duration::from_secs(s));
+    q.schedule_json(
+        "s",
+        every(60),
+        Missed::Skip,
+        "t",
+        &json!(1),
+        EnqueueOptions::new(),
+    )
+    .unwrap();
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(q.fire_due_schedules().unwrap().len(), 1);
+    assert!(!q
+        .schedule_json(
+            "s",
+            every(120),
+            Missed::Skip,
+            "t",
+            &json!(2),
+            EnqueueOptions::new()
+        )
+        .unwrap());
+    clock.advance(Duration::from_secs(60));
+    assert!(
+        q.fire_due_schedules().unwrap().is_empty(),
+        "next tick is 120 s after the last"
+    );
+    clock.advance(Duration::from_secs(60));
+    let fired = q.fire_due_schedules().unwrap();
+    assert_eq!(q.get(fired[0]).unwrap().unwrap().payload_json(), json!(2));
+    q.pause_schedule("s").unwrap();
+    clock.advance(Duration::from_secs(600));
+    assert!(q.fire_due_schedules().unwrap().is_empty());
+    assert_eq!(q.schedules().unwrap()[0].next_tick(), None);
+    q.resume_schedule("s").unwrap();
+    assert!(
+        q.fire_due_schedules().unwrap().is_empty(),
+        "the pause's ticks are skipped"
+    );
+    clock.advance(Duration::from_secs(120));
+    assert_eq!(q.fire_due_schedules().unwrap().len(), 1);
+    assert!(q.remove_schedule("s").unwrap());
+    assert!(!q.remove_schedule("s").unwrap());
+    assert!(matches!(
+        q.pause_schedule("s"),
+        Err(Error::NoSuchSchedule { .. })
+    ));
+    clock.advance(Duration::from_secs(600));
+    assert!(q.fire_due_schedules().unwrap().is_empty());
+
+    q.schedule_json(
+        "u",
+        every(60),
+        Missed::Skip,
+        "t",
+        &json!(3),
+        EnqueueOptions::new().unique(Unique::by_args()),
+    )
+    .unwrap();
+    clock.advance(Duration::from_secs(60));
+    let first = q.fire_due_schedules().unwrap();
+    assert_eq!(first.len(), 1);
+    clock.advance(Duration::from_secs(60));
+    assert!(
+        q.fire_due_schedules().unwrap().is_empty(),
+        "previous run still pending"
+    );
+    let s = q
+        .schedules()
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "u")
+        .unwrap();
+    assert_eq!((s.fired, s.skipped), (1, 1));
+    assert!(q.check_consistency().unwrap().is_consistent());
+}
+
 // ----- one suite per backend ----------------------------------------------------------------
 
 macro_rules! contract_suite {
@@ -571,7 +1144,77 @@ macro_rules! contract_suite {
     };
 }
 
+/// Unique keys, limits and schedules (issue 11): the same contract, for the backends that
+/// implement those operations (`Backend::insert_new`, `set_limit`, `put_schedule`, `tick`...;
+/// see ARCHITECTURE.md for how SQL enforces them). The PostgreSQL backend joins with one line
+/// once it does; until then its `Backend` defaults refuse them with an error saying so.
+macro_rules! rules_contract_suite {
+    ($backend:ident, $harness:expr) => {
+        mod $backend {
+            use super::*;
+
+            #[test]
+            fn unique_refuses_duplicates_until_released() {
+                super::unique_refuses_duplicates_until_released(&$harness);
+            }
+            #[test]
+            fn unique_hold_states_and_purge() {
+                super::unique_hold_states_and_purge(&$harness);
+            }
+            #[test]
+            fn unique_period() {
+                super::unique_period(&$harness);
+            }
+            #[test]
+            fn unique_in_enqueue_many() {
+                super::unique_in_enqueue_many(&$harness);
+            }
+            #[test]
+            fn unique_racing_producers_insert_one() {
+                super::unique_racing_producers_insert_one(&$harness);
+            }
+            #[test]
+            fn unique_manual_retry_conflict() {
+                super::unique_manual_retry_conflict(&$harness);
+            }
+            #[test]
+            fn unique_survives_reopen() {
+                super::unique_survives_reopen(&$harness);
+            }
+            #[test]
+            fn rate_limit_window() {
+                super::rate_limit_window(&$harness);
+            }
+            #[test]
+            fn concurrency_limits() {
+                super::concurrency_limits(&$harness);
+            }
+            #[test]
+            fn limits_survive_reopen() {
+                super::limits_survive_reopen(&$harness);
+            }
+            #[test]
+            fn schedule_fires_once_per_tick() {
+                super::schedule_fires_once_per_tick(&$harness);
+            }
+            #[test]
+            fn schedule_missed_ticks_after_restart() {
+                super::schedule_missed_ticks_after_restart(&$harness);
+            }
+            #[test]
+            fn schedule_daylight_saving() {
+                super::schedule_daylight_saving(&$harness);
+            }
+            #[test]
+            fn schedule_update_pause_remove_unique() {
+                super::schedule_update_pause_remove_unique(&$harness);
+            }
+        }
+    };
+}
+
 contract_suite!(sled, Sled::new());
+rules_contract_suite!(sled_rules, Sled::new());
 // Skipped (the test returns) only when the server is unreachable and CI is unset.
 #[cfg(feature = "postgres")]
 contract_suite!(

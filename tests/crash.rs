@@ -38,6 +38,13 @@
 //! OMNIQ_CRASH_CYCLES=<n> cargo test --test crash kill_loop -- --nocapture` replays the kill
 //! instants, workloads and modes exactly; thread scheduling inside the child does not replay.
 //! `scripts/soak.sh` runs the kill loop for thousands of cycles in release mode.
+//!
+//! The kill loop's workload also has a schedule (every 50 ms, catching up every missed tick),
+//! unique enqueues (a few explicit keys) and a queue with a rate and a concurrency limit. After
+//! every kill: the schedule's ticks are exactly its interval's ticks up to its last-fired time
+//! (none lost, none twice), no two live tasks share a unique key, and the limited queue's claims
+//! (from the log, crashed attempts included) never exceed the rate in any window nor the
+//! concurrency at any instant — so no attempt was charged by a limit.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -49,8 +56,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use omniq::{
-    Backoff, Cause, Durability, EnqueueOptions, ListFilter, Queue, QueueBuilder, RetryPolicy,
-    Status, Task, TaskContext, TaskError, TaskId, TaskInfo,
+    Backoff, Cause, Durability, EnqueueOptions, Limit, LimitScope, ListFilter, Missed, Queue,
+    QueueBuilder, RetryPolicy, Spec, Status, Task, TaskContext, TaskError, TaskId, TaskInfo,
+    Timestamp, Unique,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -86,6 +94,42 @@ impl Task for Job {
 }
 
 const TIMEOUT: Duration = Duration::from_millis(30);
+/// The kill loop's limited queue: at most `LIMIT_RATE` starts per `LIMIT_WINDOW`, and
+/// `LIMIT_RUNNING` at once.
+const LIMITED: &str = "limited";
+const LIMIT_RATE: u32 = 5;
+const LIMIT_WINDOW: Duration = Duration::from_millis(100);
+const LIMIT_RUNNING: u32 = 2;
+/// The kill loop's schedule ticks this often and catches up every missed tick.
+const SCHEDULE: &str = "ticker";
+const TICK: Duration = Duration::from_millis(50);
+
+/// Sets the kill loop's limit and schedule (idempotent: an update keeps the schedule's
+/// last-fired time).
+fn configure_rules(queue: &Queue) {
+    queue
+        .set_limit(
+            LimitScope::queue(LIMITED),
+            Limit::new()
+                .rate(LIMIT_RATE, LIMIT_WINDOW)
+                .concurrency(LIMIT_RUNNING),
+        )
+        .unwrap();
+    queue
+        .schedule_json(
+            SCHEDULE,
+            Spec::every(TICK),
+            Missed::CatchUp(1_000_000),
+            Job::NAME,
+            &serde_json::to_value(Job {
+                n: 0,
+                plan: Plan::Succeed,
+            })
+            .unwrap(),
+            EnqueueOptions::new().queue("scheduled"),
+        )
+        .unwrap();
+}
 const SLOW_SLEEP: Duration = Duration::from_millis(80);
 const PANIC_MARK: &str = "intentional crash-test panic";
 
@@ -235,6 +279,13 @@ fn crash_child() {
     mark("opening");
     let queue = open_waiting_for_lock(&dir, durability);
     mark(&format!("opened {}", queue.recovery_report().recovered));
+    if role != "enqueue" {
+        configure_rules(&queue);
+    }
+    if role == "drain" {
+        // Stop ticking so the drain ends.
+        queue.pause_schedule(SCHEDULE).unwrap();
+    }
     let pool = if role == "enqueue" {
         None
     } else {
@@ -321,6 +372,28 @@ fn produce(
         };
         let plan = random_plan(rng);
         let mut opts = EnqueueOptions::new().max_retries(rng.random_range(0..=3));
+        if quota != u64::MAX && rng.random_bool(0.3) {
+            opts = opts.queue(LIMITED);
+        }
+        if quota != u64::MAX && batch == 1 && rng.random_bool(0.25) {
+            // A unique enqueue: acknowledged only if it inserted (a duplicate names the holder).
+            let key = format!("u{}", rng.random_range(0..4));
+            let job = Job { n: base + i, plan };
+            let r = queue
+                .insert_with(job.clone(), opts.unique(Unique::key(key)))
+                .unwrap();
+            if !r.duplicate {
+                append_synced(
+                    acks,
+                    &format!("{} {}\n", r.id, serde_json::to_string(&job).unwrap()),
+                )
+                .unwrap();
+                let n = acked.fetch_add(1, Ordering::SeqCst) + 1;
+                println!("ACKED {n}");
+            }
+            i += 1;
+            continue;
+        }
         if matches!(plan, Plan::Slow(_)) {
             opts = opts.timeout(TIMEOUT);
         }
@@ -990,7 +1063,106 @@ fn check_store(
             "executions {started:?} of task {id}, which is not in the store"
         ));
     }
+    check_rules(queue, &tasks, &mut problems).map_err(e)?;
     verdict(problems)
+}
+
+/// The schedule, unique-key and limit invariants (see the module docs).
+fn check_rules(
+    queue: &Queue,
+    tasks: &BTreeMap<TaskId, TaskInfo>,
+    problems: &mut Vec<String>,
+) -> omniq::Result<()> {
+    let mut live_keys: HashMap<[u8; 32], TaskId> = HashMap::new();
+    let mut ticks: BTreeMap<Timestamp, u32> = BTreeMap::new();
+    let mut claims: Vec<Timestamp> = Vec::new();
+    // (time, +1 claim / -1 end); ends sort before claims at the same instant.
+    let mut running: Vec<(Timestamp, i32)> = Vec::new();
+    for (id, t) in tasks {
+        if let Some(extras) = queue.extras(*id)? {
+            if let Some(u) = &extras.unique {
+                if matches!(t.status, Status::Pending | Status::Running) {
+                    if let Some(other) = live_keys.insert(u.digest, *id) {
+                        problems.push(format!(
+                            "live tasks {other} and {id} share unique key {}",
+                            u.key
+                        ));
+                    }
+                }
+            }
+            if let Some(s) = &extras.scheduled {
+                *ticks.entry(s.at).or_default() += 1;
+            }
+        }
+        if t.queue == LIMITED {
+            let log = queue.history(*id)?;
+            for (i, l) in log.iter().enumerate() {
+                if l.cause == Cause::Claimed {
+                    claims.push(l.at);
+                    running.push((l.at, 1));
+                    if let Some(next) = log.get(i + 1) {
+                        running.push((next.at, -1));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(s) = queue.schedules()?.into_iter().find(|s| s.name == SCHEDULE) {
+        let tick = TICK.as_millis() as u64;
+        let expected: Vec<Timestamp> = (1..)
+            .map(|k| Timestamp(s.created_at.0 + k * tick))
+            .take_while(|t| *t <= s.last_fired)
+            .collect();
+        for (at, n) in &ticks {
+            if *n > 1 {
+                problems.push(format!("schedule tick {at} fired {n} times"));
+            }
+        }
+        let fired: Vec<Timestamp> = ticks.keys().copied().collect();
+        if fired != expected {
+            let lost: Vec<_> = expected.iter().filter(|t| !ticks.contains_key(t)).collect();
+            let extra: Vec<_> = fired.iter().filter(|t| !expected.contains(t)).collect();
+            problems.push(format!(
+                "schedule ticks up to {}: {} lost {lost:?}, {} unexpected {extra:?}",
+                s.last_fired,
+                lost.len(),
+                extra.len()
+            ));
+        }
+        if s.fired != expected.len() as u64 {
+            problems.push(format!(
+                "schedule counts {} fired ticks, {} are in the store",
+                s.fired,
+                expected.len()
+            ));
+        }
+    }
+    claims.sort();
+    let window = LIMIT_WINDOW.as_millis() as u64;
+    for (i, c) in claims.iter().enumerate() {
+        let n = claims[i..]
+            .iter()
+            .take_while(|x| x.0 < c.0 + window)
+            .count();
+        if n > LIMIT_RATE as usize {
+            problems.push(format!(
+                "{n} executions of the limited queue started in the window from {c} (limit {LIMIT_RATE})"
+            ));
+            break;
+        }
+    }
+    running.sort();
+    let mut now_running = 0;
+    for (at, d) in running {
+        now_running += d;
+        if now_running > LIMIT_RUNNING as i32 {
+            problems.push(format!(
+                "{now_running} executions of the limited queue ran at once at {at} (limit {LIMIT_RUNNING})"
+            ));
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn cycles_from_env() -> u64 {
@@ -1216,6 +1388,16 @@ fn kill_loop() {
         .iter()
         .map(|t| t.errors.iter().filter(|e| e.error_type == "crash").count())
         .sum();
+    let on = |q: &str| tasks.iter().filter(|t| t.queue == q).count();
+    let unique = tasks
+        .iter()
+        .filter(|t| matches!(queue.extras(t.id), Ok(Some(e)) if e.unique.is_some()))
+        .count();
+    println!(
+        "kill loop: {} schedule ticks fired, {} tasks on the limited queue, {unique} unique inserts",
+        on("scheduled"),
+        on(LIMITED)
+    );
     println!(
         "kill loop: {cycles} cycles, {} tasks ({} acknowledged, {} of them under Relaxed), {} executions started, \
          {} completed, {} failed, {} cancelled, {crashes} crash errors recorded; {cov:?}; {:.1} s",

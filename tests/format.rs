@@ -1,5 +1,6 @@
-//! Golden bytes pinning on-disk format version 1: value envelopes (task records, log entries,
-//! meta values) and every key layout in `src/keys.rs`. If one of these tests fails, the bytes
+//! Golden bytes pinning on-disk formats 1 and 2: value envelopes (task records, log entries,
+//! meta values; format 2 adds task extras, limits and schedules) and every key layout in
+//! `src/keys.rs`. If one of these tests fails, the bytes
 //! omniq writes have changed: existing directories would no longer read. Do not update the
 //! golden bytes; add a new schema/format version with a conversion instead.
 //!
@@ -117,16 +118,20 @@ fn full_task() -> TaskInfo {
 }
 
 #[test]
-fn format_version_is_one() {
-    assert_eq!(FORMAT_VERSION, 1);
+fn format_version_is_two() {
+    assert_eq!(FORMAT_VERSION, 2);
     assert_eq!(omniq::codec::SCHEMA_VERSION, 1);
     assert_eq!(
         [
             RecordKind::Task as u8,
             RecordKind::Log as u8,
-            RecordKind::Meta as u8
+            RecordKind::Meta as u8,
+            RecordKind::WriteAhead as u8,
+            RecordKind::Extras as u8,
+            RecordKind::Limit as u8,
+            RecordKind::Schedule as u8,
         ],
-        [1, 2, 3]
+        [1, 2, 3, 4, 5, 6, 7]
     );
 }
 
@@ -346,10 +351,16 @@ fn log_entry_for_every_cause_v1() {
 #[test]
 fn meta_values_v1() {
     assert_golden(
+        "format version 1",
+        RecordKind::Meta,
+        &1u32,
+        &["03 0001", "01"],
+    );
+    assert_golden(
         "format version",
         RecordKind::Meta,
         &FORMAT_VERSION,
-        &["03 0001", "01"],
+        &["03 0001", "02"],
     );
     assert_golden(
         "last sequence",
@@ -523,6 +534,7 @@ fn a_queue_writes_the_pinned_layout() {
         keys::task(id),
         keys::state(Status::Pending, id),
         keys::pending("emails", -7, due, id),
+        keys::kind_pending("send_email", "emails", -7, due, id),
         keys::count(Status::Pending, "emails"),
         keys::META_FORMAT.to_vec(),
         keys::META_SEQ.to_vec(),
@@ -548,7 +560,7 @@ fn a_queue_writes_the_pinned_layout() {
 
     assert_eq!(
         db.get(keys::META_FORMAT).unwrap().unwrap().as_ref(),
-        golden(&["03 0001 01"])
+        golden(&["03 0001 02"])
     );
     assert_eq!(
         db.get(keys::META_RUN).unwrap().unwrap().as_ref(),
@@ -601,13 +613,13 @@ fn a_newer_format_is_refused_without_touching_the_directory() {
         q.enqueue_json("k", &serde_json::json!(1), EnqueueOptions::new())
             .unwrap()
     };
-    let newer = encode(RecordKind::Meta, &2u32).unwrap();
+    let newer = encode(RecordKind::Meta, &3u32).unwrap();
     {
         let db = raw_db(dir.path());
         db.insert(keys::META_FORMAT, newer.clone()).unwrap();
         db.flush().unwrap();
     }
-    let err = reopen(|| Queue::open(dir.path())).expect_err("a format-2 directory must be refused");
+    let err = reopen(|| Queue::open(dir.path())).expect_err("a format-3 directory must be refused");
     match &err {
         Error::FormatTooNew {
             path,
@@ -615,14 +627,14 @@ fn a_newer_format_is_refused_without_touching_the_directory() {
             supported,
         } => {
             assert_eq!(path, dir.path());
-            assert_eq!((*found, *supported), (2, 1));
+            assert_eq!((*found, *supported), (3, 2));
         }
         other => panic!("expected FormatTooNew, got {other:?}"),
     }
     let text = err.to_string();
     assert!(text.contains(&dir.path().display().to_string()), "{text}");
     assert!(
-        text.contains("format 2") && text.contains("format 1"),
+        text.contains("format 3") && text.contains("format 2"),
         "{text}"
     );
 
@@ -636,7 +648,7 @@ fn a_newer_format_is_refused_without_touching_the_directory() {
         db.get(keys::META_RUN).unwrap().unwrap().as_ref(),
         golden(&["03 0001 01"])
     );
-    // Back to format 1, the directory opens and the task is there.
+    // Back to format 1, the directory opens (and is upgraded to 2) and the task is there.
     db.insert(keys::META_FORMAT, encode(RecordKind::Meta, &1u32).unwrap())
         .unwrap();
     db.flush().unwrap();
@@ -670,7 +682,7 @@ fn a_sled_directory_omniq_did_not_write_is_refused() {
     assert_eq!(db.len(), 1, "nothing was written to it");
 }
 
-/// The marker omniq writes when it creates a store (`omniq queue directory`, `format 1`; before
+/// The marker omniq writes when it creates a store (`omniq queue directory`, `format 2`; before
 /// sled creates anything), and the watermark each open and clean close add (`run N`: the run
 /// whose start is durable in sled; `seq S`: the last durable transition; `db_bytes L`: the data
 /// file's length): pinned.
@@ -684,7 +696,7 @@ fn marker_file_v1() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines[..3],
-        ["omniq queue directory", "format 1", "run 2"],
+        ["omniq queue directory", "format 2", "run 2"],
         "{text}"
     );
     assert_eq!(lines[3], "seq 0", "no transition yet: {text}");
@@ -700,7 +712,7 @@ fn a_newer_marker_is_refused_before_sled_runs() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("OMNIQ"),
-        "omniq queue directory\nformat 2\n",
+        "omniq queue directory\nformat 3\n",
     )
     .unwrap();
     let err = Queue::open(dir.path()).expect_err("refused");
@@ -708,8 +720,8 @@ fn a_newer_marker_is_refused_before_sled_runs() {
         matches!(
             err,
             Error::FormatTooNew {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             }
         ),
@@ -756,5 +768,203 @@ fn write_ahead_key_and_kind_are_pinned() {
     assert_eq!(
         bytes,
         vec![4, 0, 1, 2, 2, b't', b'1', 1, 1, 7, 2, b's', b'1', 0]
+    );
+}
+
+/// A format-1 directory (what builds before unique keys, limits and schedules wrote) opens: it
+/// is upgraded to format 2 in place (format 2 adds key prefixes and converts nothing: the
+/// upgrade builds the pending-by-kind index for pending tasks and rewrites `m/format`), and its
+/// tasks read.
+#[test]
+fn a_format_1_directory_is_upgraded_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let q = Queue::open(dir.path()).unwrap();
+        q.enqueue_json("k", &serde_json::json!(1), EnqueueOptions::new())
+            .unwrap()
+    };
+    let before: Vec<(Vec<u8>, Vec<u8>)> = {
+        let db = raw_db(dir.path());
+        db.insert(keys::META_FORMAT, encode(RecordKind::Meta, &1u32).unwrap())
+            .unwrap();
+        // What a format-1 build wrote: no pending-by-kind entries.
+        for k in db.scan_prefix([keys::KIND_PENDING]).keys() {
+            db.remove(k.unwrap()).unwrap();
+        }
+        db.flush().unwrap();
+        db.iter()
+            .map(|kv| kv.unwrap())
+            .filter(|(k, _)| !k.starts_with(b"m"))
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect()
+    };
+    {
+        let q = reopen(|| Queue::open(dir.path())).unwrap();
+        assert_eq!(q.get(id).unwrap().unwrap().status, Status::Pending);
+        assert!(q.check_consistency().unwrap().is_consistent());
+    }
+    let db = raw_db(dir.path());
+    assert_eq!(
+        db.get(keys::META_FORMAT).unwrap().unwrap().as_ref(),
+        golden(&["03 0001 02"])
+    );
+    type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+    let (built, after): (Entries, Entries) = db
+        .iter()
+        .map(|kv| kv.unwrap())
+        .filter(|(k, _)| !k.starts_with(b"m"))
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .partition(|(k, _)| k[0] == keys::KIND_PENDING);
+    assert_eq!(before, after, "nothing but m/format was rewritten");
+    let t: TaskInfo = decode(
+        RecordKind::Task,
+        &db.get(keys::task(id)).unwrap().unwrap(),
+        &|| "t".into(),
+    )
+    .unwrap();
+    assert_eq!(
+        built,
+        vec![(
+            keys::kind_pending("k", &t.queue, t.priority, t.next_run_at, id),
+            Vec::new()
+        )],
+        "the pending task got its pending-by-kind entry"
+    );
+}
+
+#[test]
+fn format_2_keys() {
+    let id = id();
+    let ts = Timestamp(1_717_171_752_750); // 0x0000018fcf698f2e
+    let digest = [0xab; 32];
+    let digest_hex = "ab".repeat(32);
+    let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
+        (
+            "unique holder",
+            keys::unique(&digest),
+            vec!["75", &digest_hex],
+        ),
+        ("extras", keys::extras(id), vec!["6f", ID_HEX]),
+        (
+            "queue limit",
+            keys::limit(&omniq::LimitScope::queue("mails")),
+            vec!["72 71 'mails"],
+        ),
+        (
+            "kind limit",
+            keys::limit(&omniq::LimitScope::kind("pdf")),
+            vec!["72 6b 'pdf"],
+        ),
+        (
+            "rate start",
+            keys::rate_start(&omniq::LimitScope::queue("mails"), ts, id),
+            vec!["61 71 05 'mails", "0000018fcf698f2e", ID_HEX],
+        ),
+        ("schedule", keys::schedule("nightly"), vec!["68 'nightly"]),
+        (
+            "pending by kind",
+            keys::kind_pending("pdf", "mails", -7, ts, id),
+            vec!["6b 03 'pdf", "05 'mails", "86", "0000018fcf698f2e", ID_HEX],
+        ),
+    ];
+    for (what, actual, parts) in cases {
+        assert_eq!(hex(&actual), hex(&golden(&parts)), "{what}");
+    }
+    assert_eq!(
+        keys::decode_rate_start(&keys::rate_start(&omniq::LimitScope::kind("pdf"), ts, id))
+            .unwrap(),
+        (omniq::LimitScope::kind("pdf"), ts, id)
+    );
+}
+
+#[test]
+fn format_2_records() {
+    use omniq::rules::unique::UniqueSpec;
+    let extras = omniq::TaskExtras {
+        unique: Some(UniqueSpec {
+            digest: [0xab; 32],
+            states: 0x0e,
+            key: "k".into(),
+            period: Some(5),
+        }),
+        scheduled: Some(omniq::ScheduledFrom {
+            schedule: "s".into(),
+            at: Timestamp(1_717_171_752_750),
+        }),
+    };
+    let digest = "ab".repeat(32);
+    assert_golden(
+        "task extras",
+        RecordKind::Extras,
+        &extras,
+        &[
+            "05 0001",
+            "01",                  // unique: Some
+            &digest,               // digest: 32 bytes
+            "0e",                  // hold set: Pending | Running | Completed
+            "01 'k",               // readable key
+            "01 05",               // period: Some(5)
+            "01",                  // scheduled: Some
+            "01 's",               // schedule name
+            "fd 2e8f69cf8f010000", // tick
+        ],
+    );
+    assert_golden(
+        "limit",
+        RecordKind::Limit,
+        &omniq::Limit::new()
+            .rate(10, Duration::from_secs(1))
+            .concurrency(3),
+        &["06 0001", "01 0a fb e803", "01 03"],
+    );
+    let schedule = omniq::ScheduleInfo {
+        name: "nightly".into(),
+        spec: omniq::Spec::Cron {
+            expr: "0 9 * * *".into(),
+            zone: "UTC".into(),
+        },
+        missed: omniq::Missed::CatchUp(3),
+        kind: "report".into(),
+        payload: b"{}".to_vec(),
+        options: omniq::ScheduledTaskOptions {
+            queue: "default".into(),
+            priority: 0,
+            max_retries: 3,
+            timeout_ms: None,
+            backoff: None,
+            unique: None,
+        },
+        paused: false,
+        last_fired: T_CREATED,
+        created_at: T_CREATED,
+        fired: 2,
+        skipped: 1,
+    };
+    assert_golden(
+        "schedule",
+        RecordKind::Schedule,
+        &schedule,
+        &[
+            "07 0001",
+            "07 'nightly",
+            "00 09 '0 9 * * *", // Cron { expr
+            "03 'UTC",          //        zone }
+            "02 03",            // CatchUp(3)
+            "06 'report",
+            "02 7b7d",             // payload
+            "07 'default",         // queue
+            "00 03 00 00 00",      // priority, max_retries, timeout, backoff, unique
+            "00",                  // paused
+            "fd 880369cf8f010000", // last_fired
+            "fd 880369cf8f010000", // created_at
+            "02 01",               // fired, skipped
+        ],
+    );
+    let every = omniq::Spec::every(Duration::from_secs(90));
+    assert_golden(
+        "interval spec",
+        RecordKind::Meta,
+        &every,
+        &["03 0001", "01 fc 905f0100"],
     );
 }

@@ -17,10 +17,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crossbeam_channel::Sender;
 
-use crate::commit::{Finished, Outcome};
+use crate::commit::{Finished, NewTask, Outcome};
 use crate::error::{Error, Result};
+use crate::extras::{Inserted, LimitStatus, ScheduleInfo, TaskExtras};
 use crate::inspect::{ConsistencyReport, ListFilter, Page, RecoveryReport};
 use crate::log::LogEntry;
+use crate::rules::limit::{Limit, LimitScope};
 use crate::store::QueueSet;
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
@@ -52,7 +54,8 @@ pub(crate) struct ClaimRequest {
     pub reply: Reply<Vec<TaskInfo>>,
 }
 
-/// What a worker pool needs to know to decide whether to claim and how long to sleep.
+/// What a worker pool needs to know to decide whether to claim and how long to sleep. Tasks a
+/// limit holds back are not `ready`; `next_wake` includes when a rate window frees a slot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct DueSummary {
     /// Tasks due now (counted up to the limit asked for).
@@ -68,6 +71,76 @@ pub(crate) trait Backend: Send + Sync + 'static {
 
     /// Inserts new `Pending` tasks, all or none.
     fn insert(&self, tasks: Vec<TaskInfo>) -> Result<()>;
+
+    /// Inserts new `Pending` tasks with their extras, all or none, atomically with the unique
+    /// rule ([`rules::unique`](crate::rules::unique)): a task whose key is held is not
+    /// inserted and is answered with the holder's id as a duplicate (SQL: the partial unique
+    /// index and `ON CONFLICT`). Two producers racing insert exactly one task.
+    fn insert_new(&self, tasks: Vec<NewTask>) -> Result<Vec<Inserted>> {
+        if tasks.iter().any(|t| t.extras.is_some()) {
+            return Err(Error::Storage(
+                "this backend does not support unique keys or schedules yet".into(),
+            ));
+        }
+        let out = tasks
+            .iter()
+            .map(|t| Inserted {
+                id: t.task.id,
+                duplicate: false,
+            })
+            .collect();
+        self.insert(tasks.into_iter().map(|t| t.task).collect())?;
+        Ok(out)
+    }
+
+    /// Sets (`Some`) or removes a rate / concurrency limit, durably; claims from then on obey
+    /// it ([`rules::limit`](crate::rules::limit)).
+    fn set_limit(&self, scope: LimitScope, limit: Option<Limit>) -> Result<()> {
+        let _ = (scope, limit);
+        Err(Error::Storage(
+            "this backend does not support limits yet".into(),
+        ))
+    }
+
+    /// Every limit and how it stands at `now`.
+    fn limits(&self, now: Timestamp) -> Result<Vec<LimitStatus>> {
+        let _ = now;
+        Ok(Vec::new())
+    }
+
+    /// Creates or updates a schedule (an update keeps when it last fired); returns whether it
+    /// was created.
+    fn put_schedule(&self, info: ScheduleInfo) -> Result<bool> {
+        let _ = info;
+        Err(Error::Storage(
+            "this backend does not support schedules yet".into(),
+        ))
+    }
+
+    /// Pauses or resumes a schedule.
+    fn pause_schedule(&self, name: &str, paused: bool) -> Result<()> {
+        let _ = paused;
+        Err(Error::NoSuchSchedule { name: name.into() })
+    }
+
+    /// Removes a schedule; returns whether it existed.
+    fn remove_schedule(&self, name: &str) -> Result<bool> {
+        let _ = name;
+        Ok(false)
+    }
+
+    /// Fires every schedule tick owed at `now`: each tick's task is inserted in the same atomic
+    /// commit that advances the schedule's last-fired time, and only if that time is still what
+    /// was read (SQL: `UPDATE ... WHERE last_fired = $seen`). Returns the new tasks.
+    fn tick(&self, now: Timestamp) -> Result<Vec<TaskId>> {
+        let _ = now;
+        Ok(Vec::new())
+    }
+
+    /// When the next schedule tick is due, if any (a worker pool sleeps until then at most).
+    fn next_tick(&self) -> Option<Timestamp> {
+        None
+    }
 
     /// Applies `finishes` and then `claim` in one atomic commit, without waiting: each reply
     /// arrives on its own channel. (A worker pool sends its workers' outcomes together with its
@@ -102,6 +175,15 @@ pub(crate) trait Backend: Send + Sync + 'static {
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     fn commit_metrics(&self) -> Option<&crate::histogram::StoreMetrics> {
         None
+    }
+    /// Every schedule, by name.
+    fn schedules(&self) -> Result<Vec<ScheduleInfo>> {
+        Ok(Vec::new())
+    }
+    /// A task's extras (unique key, schedule tick), if any.
+    fn extras(&self, id: TaskId) -> Result<Option<TaskExtras>> {
+        let _ = id;
+        Ok(None)
     }
 
     /// One task.

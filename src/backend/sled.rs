@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -12,14 +13,17 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::backend::{Backend, ClaimRequest, DueSummary, FinishRequest};
 use crate::clock::Clock;
-use crate::commit::{self, BackoffTable, Command, Writer};
+use crate::commit::{self, BackoffTable, Command, NewTask, Writer};
 use crate::error::{Error, Result};
 use crate::events::Notify;
+use crate::extras::{Inserted, LimitStatus, ScheduleInfo, TaskExtras};
 use crate::inspect::{ConsistencyReport, ListFilter, Page, RecoveryReport};
+use crate::limiter::{self, Limiter};
 use crate::log::LogEntry;
 use crate::queue::Durability;
 use crate::recovery;
 use crate::retry::JitterSource;
+use crate::rules::limit::{Limit, LimitScope};
 use crate::store::sled_store::{SledOptions, SledStore};
 use crate::store::{QueueSet, Store};
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
@@ -39,7 +43,17 @@ pub(crate) struct SledBackend {
     /// `None` once shut down: every later operation is refused with [`Error::Closed`].
     tx: RwLock<Option<Sender<Command>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Shared with the writer: limits and their windows.
+    limiter: Arc<Mutex<Limiter>>,
+    /// Shared with the writer: schedules by name.
+    schedules: Arc<Mutex<BTreeMap<String, ScheduleInfo>>>,
+    /// Shared with the writer: the earliest next tick (ms; `u64::MAX` = none).
+    next_tick: Arc<AtomicU64>,
+    notify: Arc<Notify>,
 }
+
+/// Due tasks counted per limit for `waiting` in stats.
+const WAITING_CAP: usize = 10_000;
 
 impl SledBackend {
     /// Opens (or creates) the directory and starts the writer. Orphans are not rescued yet:
@@ -55,15 +69,29 @@ impl SledBackend {
         notify.start_at(store.last_seq());
         let (tx, rx) = crossbeam_channel::unbounded();
         let corrupt = Arc::<Mutex<HashSet<TaskId>>>::default();
+        let limiter = Arc::new(Mutex::new(Limiter::load(&*store)?));
+        notify.set_wake_on_exit(limiter.lock().has_concurrency());
+        let schedules: BTreeMap<String, ScheduleInfo> = store
+            .schedules()?
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        let next_tick = Arc::new(AtomicU64::new(commit::earliest_tick(&schedules)));
+        let schedules = Arc::new(Mutex::new(schedules));
+        let has_extras = store.has_extras()?;
         let writer = Writer {
             store: store.clone(),
             clock: config.clock,
-            notify,
+            notify: notify.clone(),
             jitter: config.jitter,
             backoff: config.backoff,
             durability: config.durability,
             poisoned: Arc::default(),
             corrupt: corrupt.clone(),
+            limiter: limiter.clone(),
+            schedules: schedules.clone(),
+            next_tick: next_tick.clone(),
+            has_extras,
         }
         .spawn(rx)?;
         Ok(SledBackend {
@@ -71,6 +99,10 @@ impl SledBackend {
             corrupt,
             tx: RwLock::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
+            limiter,
+            schedules,
+            next_tick,
+            notify,
         })
     }
 
@@ -92,7 +124,96 @@ impl SledBackend {
 
 impl Backend for SledBackend {
     fn insert(&self, tasks: Vec<TaskInfo>) -> Result<()> {
+        let tasks = tasks
+            .into_iter()
+            .map(|task| NewTask { task, extras: None })
+            .collect();
         self.call(|reply| Command::Insert { tasks, reply })
+            .map(|_| ())
+    }
+
+    fn insert_new(&self, tasks: Vec<NewTask>) -> Result<Vec<Inserted>> {
+        self.call(|reply| Command::Insert { tasks, reply })
+    }
+
+    fn set_limit(&self, scope: LimitScope, limit: Option<Limit>) -> Result<()> {
+        self.call(|reply| Command::SetLimit {
+            scope,
+            limit,
+            reply,
+        })?;
+        self.notify
+            .set_wake_on_exit(self.limiter.lock().has_concurrency());
+        // A raised or removed limit may free work a pool is sleeping past.
+        self.notify.wake_all();
+        Ok(())
+    }
+
+    fn limits(&self, now: Timestamp) -> Result<Vec<LimitStatus>> {
+        let views = self.limiter.lock().status(now);
+        views
+            .into_iter()
+            .map(|v| {
+                let waiting =
+                    limiter::waiting(&*self.store, &v.scope, v.remaining, now, WAITING_CAP)?;
+                Ok(LimitStatus {
+                    scope: v.scope,
+                    limit: v.limit,
+                    running: v.running,
+                    started_in_window: v.started_in_window,
+                    remaining: v.remaining,
+                    waiting,
+                    frees_at: v.frees_at,
+                })
+            })
+            .collect()
+    }
+
+    fn put_schedule(&self, info: ScheduleInfo) -> Result<bool> {
+        let created = self.call(|reply| Command::PutSchedule {
+            info: Box::new(info),
+            reply,
+        })?;
+        self.notify.wake_all();
+        Ok(created)
+    }
+
+    fn pause_schedule(&self, name: &str, paused: bool) -> Result<()> {
+        let name = name.to_string();
+        self.call(|reply| Command::PauseSchedule {
+            name,
+            paused,
+            reply,
+        })?;
+        self.notify.wake_all();
+        Ok(())
+    }
+
+    fn remove_schedule(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.call(|reply| Command::RemoveSchedule { name, reply })
+    }
+
+    fn tick(&self, now: Timestamp) -> Result<Vec<TaskId>> {
+        if now.0 < self.next_tick.load(Ordering::Acquire) {
+            return Ok(Vec::new());
+        }
+        self.call(|reply| Command::Tick { now, reply })
+    }
+
+    fn next_tick(&self) -> Option<Timestamp> {
+        match self.next_tick.load(Ordering::Acquire) {
+            u64::MAX => None,
+            t => Some(Timestamp(t)),
+        }
+    }
+
+    fn schedules(&self) -> Result<Vec<ScheduleInfo>> {
+        Ok(self.schedules.lock().values().cloned().collect())
+    }
+
+    fn extras(&self, id: TaskId) -> Result<Option<TaskExtras>> {
+        self.store.extras(id)
     }
 
     fn submit(&self, finishes: Vec<FinishRequest>, claim: Option<ClaimRequest>) -> Result<()> {
@@ -185,10 +306,19 @@ impl Backend for SledBackend {
 
     fn due_summary(&self, queues: &QueueSet, now: Timestamp, limit: usize) -> Result<DueSummary> {
         let corrupt = self.corrupt.lock().clone();
-        let scan = self.store.due(queues, now, limit, &corrupt)?;
+        let (mut budgets, frees) = {
+            let l = self.limiter.lock();
+            (l.budgets(now), l.next_free(now))
+        };
+        let plan = limiter::plan(&*self.store, &mut budgets, queues, now, limit, &corrupt)?;
+        let mut next_wake = plan.next_wake;
+        // A window that frees a slot is a due time too (no polling while a limit holds work).
+        if let Some(t) = frees {
+            next_wake = Some(next_wake.map_or(t, |w: Timestamp| w.min(t)));
+        }
         Ok(DueSummary {
-            ready: scan.ready.len(),
-            next_wake: scan.next_wake,
+            ready: plan.picks.len(),
+            next_wake,
         })
     }
 

@@ -78,6 +78,8 @@ pub enum Command {
         #[arg(long, value_name = "NAME", default_value = "omniq")]
         schema: String,
     },
+    /// List recurring schedules: spec, missed-tick policy, last and next tick, counts.
+    Schedules,
 }
 
 /// `omniq serve`.

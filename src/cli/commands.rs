@@ -1,10 +1,11 @@
-//! The inspect-and-operate commands: stats, list, show, retry, cancel, purge, check, bench.
+//! The inspect-and-operate commands: stats, list, show, retry, cancel, purge, check, bench,
+//! schedules.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use omniq::bench::{BenchOptions, BenchReport};
-use omniq::{ListFilter, Status, TaskId, TaskInfo};
+use omniq::{LimitStatus, ListFilter, ScheduleInfo, Status, TaskId, TaskInfo, Timestamp};
 use serde_json::{json, Value};
 
 use super::args::{BenchArgs, ListArgs};
@@ -18,6 +19,7 @@ use super::CliError;
 /// `omniq stats`.
 pub fn stats(queue: &Target, json: bool) -> Result<ExitCode, CliError> {
     let stats = queue.stats()?;
+    let limits = queue.limits()?;
     if json {
         let by_queue: serde_json::Map<String, Value> = stats
             .by_queue
@@ -34,6 +36,7 @@ pub fn stats(queue: &Target, json: bool) -> Result<ExitCode, CliError> {
             "total": stats.total,
             "by_status": status_counts_json(|s| stats.count(s)),
             "by_queue": by_queue,
+            "limits": limits.iter().map(limit_json).collect::<Vec<_>>(),
         }))?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -58,13 +61,135 @@ pub fn stats(queue: &Target, json: bool) -> Result<ExitCode, CliError> {
     row.extend(Status::ALL.iter().map(|s| stats.count(*s).to_string()));
     row.push(stats.total.to_string());
     table.row(row);
-    emit(&format!(
+    let mut text = format!(
         "{}: {} task(s)\n\n{}",
         queue.path().display(),
         stats.total,
         table.render()
+    );
+    if !limits.is_empty() {
+        let mut t = Table::new(&[
+            "LIMIT ON",
+            "LIMIT",
+            "RUNNING",
+            "STARTED",
+            "REMAINING",
+            "WAITING",
+            "FREES AT",
+        ])
+        .right(&[2, 3, 4, 5]);
+        for l in &limits {
+            t.row([
+                l.scope.to_string(),
+                l.limit.to_string(),
+                l.running.to_string(),
+                l.started_in_window.to_string(),
+                remaining_text(l.remaining),
+                l.waiting.to_string(),
+                ts_opt(l.frees_at),
+            ]);
+        }
+        text.push_str(&format!(
+            "\nlimits (STARTED: in the current window; WAITING: due tasks held back)\n{}",
+            t.render()
+        ));
+    }
+    emit(&text)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn remaining_text(n: u32) -> String {
+    if n == u32::MAX {
+        "-".into()
+    } else {
+        n.to_string()
+    }
+}
+
+fn limit_json(l: &LimitStatus) -> Value {
+    let (scope, name) = match &l.scope {
+        omniq::LimitScope::Queue(q) => ("queue", q),
+        omniq::LimitScope::Kind(k) => ("kind", k),
+    };
+    json!({
+        "scope": scope,
+        "name": name,
+        "rate": l.limit.rate.map(|r| json!({"max": r.max, "per_ms": r.per_ms})),
+        "concurrency": l.limit.concurrency,
+        "running": l.running,
+        "started_in_window": l.started_in_window,
+        "remaining": (l.remaining != u32::MAX).then_some(l.remaining),
+        "waiting": l.waiting,
+        "frees_at": l.frees_at.map(|t| t.to_string()),
+    })
+}
+
+/// `omniq schedules`.
+pub fn schedules(queue: &Target, json: bool) -> Result<ExitCode, CliError> {
+    let list = queue.schedules()?;
+    if json {
+        emit_json(&Value::Array(list.iter().map(schedule_json).collect()))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = Table::new(&[
+        "NAME",
+        "SPEC",
+        "MISSED",
+        "KIND",
+        "QUEUE",
+        "STATE",
+        "LAST TICK",
+        "NEXT TICK",
+        "FIRED",
+        "SKIPPED",
+    ])
+    .right(&[8, 9]);
+    for s in &list {
+        t.row([
+            s.name.clone(),
+            s.spec.to_string(),
+            format!("{:?}", s.missed),
+            s.kind.clone(),
+            s.options.queue.clone(),
+            if s.paused { "paused" } else { "active" }.to_string(),
+            last_tick(s),
+            ts_opt(s.next_tick()),
+            s.fired.to_string(),
+            s.skipped.to_string(),
+        ]);
+    }
+    emit(&format!(
+        "{}: {} schedule(s)\n\n{}",
+        queue.path().display(),
+        list.len(),
+        t.render()
     ))?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn last_tick(s: &ScheduleInfo) -> String {
+    if s.fired + s.skipped == 0 {
+        "-".into()
+    } else {
+        ts(s.last_fired)
+    }
+}
+
+fn schedule_json(s: &ScheduleInfo) -> Value {
+    json!({
+        "name": s.name,
+        "spec": s.spec.to_string(),
+        "missed": format!("{:?}", s.missed),
+        "kind": s.kind,
+        "payload": s.payload_json(),
+        "queue": s.options.queue,
+        "paused": s.paused,
+        "created_at": s.created_at.to_string(),
+        "last_fired": s.last_fired.to_string(),
+        "next_tick": s.next_tick().map(|t: Timestamp| t.to_string()),
+        "fired": s.fired,
+        "skipped": s.skipped,
+    })
 }
 
 /// `omniq list`.
@@ -177,12 +302,34 @@ fn get(queue: &Target, id: TaskId) -> Result<TaskInfo, CliError> {
 pub fn show(queue: &Target, json: bool, id: TaskId) -> Result<ExitCode, CliError> {
     let t = get(queue, id)?;
     let history = queue.history(id)?;
+    let extras = queue.extras(id)?.unwrap_or_default();
     if json {
         let mut v = task_json(&t);
         if let Value::Object(m) = &mut v {
             m.insert(
                 "history".into(),
                 Value::Array(history.iter().map(log_json).collect()),
+            );
+            m.insert(
+                "unique".into(),
+                extras.unique.as_ref().map_or(Value::Null, |u| {
+                    json!({
+                        "key": u.key,
+                        "digest": u.digest_hex(),
+                        "held_while": omniq::rules::unique::states_of(u.states)
+                            .into_iter()
+                            .map(status_str)
+                            .collect::<Vec<_>>(),
+                        "period": u.period,
+                    })
+                }),
+            );
+            m.insert(
+                "scheduled".into(),
+                extras.scheduled.as_ref().map_or(
+                    Value::Null,
+                    |s| json!({"schedule": s.schedule, "tick": s.at.to_string()}),
+                ),
             );
         }
         emit_json(&v)?;
@@ -215,6 +362,27 @@ pub fn show(queue: &Target, json: bool, id: TaskId) -> Result<ExitCode, CliError
             .unwrap_or_else(|| "-".into()),
     ]);
     fields.row(["payload".to_string(), compact(&t.payload_json())]);
+    if let Some(u) = &extras.unique {
+        let held: Vec<&str> = omniq::rules::unique::states_of(u.states)
+            .into_iter()
+            .map(status_str)
+            .collect();
+        let holds = if omniq::rules::unique::holds(u.states, t.status) {
+            "holds it"
+        } else {
+            "released"
+        };
+        fields.row([
+            "unique key".to_string(),
+            format!("{} (held while {}; {holds})", u.key, held.join("/")),
+        ]);
+    }
+    if let Some(s) = &extras.scheduled {
+        fields.row([
+            "scheduled by".to_string(),
+            format!("{} (tick {})", s.schedule, ts(s.at)),
+        ]);
+    }
     fields.row([
         "result".to_string(),
         t.result_json()

@@ -101,6 +101,8 @@ fn lib_error(e: omniq::Error, dir: &Path) -> (&'static str, String) {
         e @ E::FormatTooNew { .. } => ("format_too_new", e.to_string()),
         e @ E::NotFound(_) => ("not_found", e.to_string()),
         e @ E::InvalidState { .. } => ("invalid_state", e.to_string()),
+        e @ E::UniqueConflict { .. } => ("invalid_state", e.to_string()),
+        e @ E::NoSuchSchedule { .. } => ("not_found", e.to_string()),
         e @ E::Invalid { .. } => ("invalid_argument", e.to_string()),
         e @ E::Payload { .. } => ("payload", e.to_string()),
         e @ E::WaitTimeout { .. } => ("timeout", e.to_string()),
@@ -214,6 +216,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CliError> {
         Command::Serve(a) => serve::run(dir, json, a),
         #[cfg(feature = "postgres")]
         Command::Migrate { url, schema } => commands::migrate(json, url, schema),
+        Command::Schedules => commands::schedules(&open_existing(dir, json)?, json),
     }
 }
 

@@ -5,8 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use crate::error::Result;
+use crate::extras::{ScheduleInfo, TaskExtras};
 use crate::inspect::{ConsistencyReport, ListFilter, Page};
 use crate::log::LogEntry;
+use crate::rules::limit::{Limit, LimitScope};
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
 pub(crate) mod probe;
@@ -20,6 +22,48 @@ pub(crate) struct Change {
     pub before: Option<TaskInfo>,
     pub after: Option<TaskInfo>,
     pub log: Option<LogEntry>,
+    /// Writes beside the task record made in the same atomic commit (unique holds, extras,
+    /// limit starts and configuration, schedules), applied in order after the task writes.
+    pub side: Vec<SideWrite>,
+}
+
+/// A write the commit writer makes beside task records, in the same atomic commit.
+#[derive(Clone, Debug)]
+pub(crate) enum SideWrite {
+    /// Stores (`Some`) or deletes a task's extras.
+    Extras {
+        id: TaskId,
+        extras: Option<TaskExtras>,
+    },
+    /// Sets (`Some`) or releases the holder of a unique digest.
+    UniqueHold {
+        digest: [u8; 32],
+        holder: Option<TaskId>,
+    },
+    /// Records (`present`) or forgets an execution start counted by a rate limit.
+    RateStart {
+        scope: LimitScope,
+        at: Timestamp,
+        id: TaskId,
+        present: bool,
+    },
+    /// Sets (`Some`) or removes a limit.
+    Limit {
+        scope: LimitScope,
+        limit: Option<Limit>,
+    },
+    /// Stores (`Some`) or removes a schedule.
+    Schedule {
+        name: String,
+        record: Option<Box<ScheduleInfo>>,
+    },
+}
+
+/// The durable limit state: configured limits and the starts counted in their windows.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LimitState {
+    pub limits: Vec<(LimitScope, Limit)>,
+    pub starts: Vec<(LimitScope, Timestamp, TaskId)>,
 }
 
 /// Which queues a scan covers.
@@ -33,6 +77,9 @@ pub(crate) enum QueueSet {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct DueTask {
     pub id: TaskId,
+    pub queue: String,
+    /// Known when found through the pending-by-kind index.
+    pub kind: Option<String>,
     pub priority: i8,
     pub next_run: Timestamp,
 }
@@ -60,6 +107,21 @@ pub(crate) trait Store: Send + Sync + 'static {
         limit: usize,
         skip: &HashSet<TaskId>,
     ) -> Result<DueScan>;
+    /// [`due`](Store::due) through the pending-by-kind index, leaving out the kinds in
+    /// `skip_kinds` and the queues in `skip_queues` without reading their entries (each found
+    /// task's kind is known).
+    fn due_by_kind(
+        &self,
+        queues: &QueueSet,
+        skip_queues: &HashSet<String>,
+        skip_kinds: &HashSet<String>,
+        now: Timestamp,
+        limit: usize,
+        skip: &HashSet<TaskId>,
+    ) -> Result<DueScan> {
+        let _ = (skip_kinds, skip_queues);
+        self.due(queues, now, limit, skip)
+    }
     /// Ids in one state, oldest first (recovery uses it for `Running`).
     fn ids_in_state(&self, status: Status) -> Result<Vec<TaskId>>;
     /// A page of tasks, newest first.
@@ -96,5 +158,27 @@ pub(crate) trait Store: Send + Sync + 'static {
     #[cfg_attr(not(feature = "admin"), allow(dead_code))]
     fn metrics(&self) -> Option<&crate::histogram::StoreMetrics> {
         None
+    }
+    /// A task's extras (unique key, schedule tick), if it has any.
+    fn extras(&self, id: TaskId) -> Result<Option<TaskExtras>> {
+        let _ = id;
+        Ok(None)
+    }
+    /// The task holding a unique digest, if any.
+    fn unique_holder(&self, digest: &[u8; 32]) -> Result<Option<TaskId>> {
+        let _ = digest;
+        Ok(None)
+    }
+    /// Every configured limit and the starts counted in their windows.
+    fn limit_state(&self) -> Result<LimitState> {
+        Ok(LimitState::default())
+    }
+    /// Every schedule.
+    fn schedules(&self) -> Result<Vec<ScheduleInfo>> {
+        Ok(Vec::new())
+    }
+    /// Whether any task has extras (so transitions must look them up).
+    fn has_extras(&self) -> Result<bool> {
+        Ok(false)
     }
 }

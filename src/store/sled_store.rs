@@ -14,18 +14,25 @@ use parking_lot::Mutex;
 
 use crate::codec::{self, RecordKind};
 use crate::error::{Error, Result};
+use crate::extras::{ScheduleInfo, TaskExtras};
 use crate::inspect::{ConsistencyReport, CorruptEntry, ListFilter, Page};
 use crate::keys;
 use crate::log::{Cause, LogEntry};
+use crate::rules::unique;
 use crate::store::probe::{self, Found, Preflight};
-use crate::store::{Change, DueScan, DueTask, QueueSet, Store};
+use crate::store::{Change, DueScan, DueTask, LimitState, QueueSet, SideWrite, Store};
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
 /// Task counts per (queue, status).
 type Counters = BTreeMap<(String, Status), u64>;
 
 /// The newest on-disk format this build reads and the one it writes.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// Format 2 (unique keys, limits, schedules) adds key prefixes `u o r a h` and changes no
+/// existing encoding. It is a new version because a format-1 build would ignore them and so
+/// break uniqueness and limits; a format-1 store is upgraded at open by rewriting `m/format`
+/// (it holds nothing to convert), after which format-1 builds refuse it.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Options for opening the store.
 #[derive(Clone, Debug)]
@@ -55,6 +62,8 @@ pub(crate) struct SledStore {
     /// A sync failed: what was applied since may be lost (fsync errors can drop dirty pages), so
     /// closing must not raise the watermark over it.
     sync_failed: std::sync::atomic::AtomicBool,
+    /// The older format found at open, upgraded once interrupted groups are replayed.
+    upgrade_from: Mutex<Option<u32>>,
     /// Must stay the last field: fields drop in declaration order, so this runs after `db`.
     _lock_release: LockRelease,
 }
@@ -230,6 +239,7 @@ impl SledStore {
             write_ahead_counter: Mutex::new(0),
             opened: false,
             sync_failed: std::sync::atomic::AtomicBool::new(false),
+            upgrade_from: Mutex::new(None),
             _lock_release: LockRelease {
                 db_file: dir.join("db"),
             },
@@ -261,6 +271,7 @@ impl SledStore {
             codec::encode(RecordKind::Meta, &store.run_id)?,
         )?;
         store.replay_write_ahead()?;
+        store.upgrade()?;
         *store.last_seq.lock() = store.read_meta_u64(keys::META_SEQ)?;
         store.load_counters()?;
         store.load_paused()?;
@@ -296,6 +307,9 @@ impl SledStore {
                         supported: FORMAT_VERSION,
                     });
                 }
+                if found < FORMAT_VERSION {
+                    *self.upgrade_from.lock() = Some(found);
+                }
                 Ok(())
             }
             None if expected_run > 0 => Err(Error::Damaged {
@@ -320,6 +334,22 @@ impl SledStore {
                     .into(),
             }),
         }
+    }
+
+    /// Format 1 -> 2 (after any interrupted commit group is replayed): builds the
+    /// pending-by-kind index for the tasks already pending, then writes the new version. Until
+    /// the version is written an interrupted upgrade is simply redone.
+    fn upgrade(&self) -> Result<()> {
+        let Some(found) = self.upgrade_from.lock().take() else {
+            return Ok(());
+        };
+        let n = self.backfill_kind_index()?;
+        self.db.insert(
+            keys::META_FORMAT,
+            codec::encode(RecordKind::Meta, &FORMAT_VERSION)?,
+        )?;
+        tracing::info!(from = found, to = FORMAT_VERSION, pending = n, path = %self.dir.display(), "upgraded the on-disk format");
+        Ok(())
     }
 
     fn read_meta_u64(&self, key: &[u8]) -> Result<u64> {
@@ -458,6 +488,9 @@ impl SledStore {
                     codec::encode(RecordKind::Log, entry)?,
                 );
             }
+            for w in &ch.side {
+                side_write(&mut batch, w)?;
+            }
         }
         for (queue, status) in &touched {
             let key = keys::count(*status, queue);
@@ -485,6 +518,13 @@ impl SledStore {
         let mut out = vec![keys::state(t.status, t.id)];
         if t.status == Status::Pending {
             out.push(keys::pending(&t.queue, t.priority, t.next_run_at, t.id));
+            out.push(keys::kind_pending(
+                &t.kind,
+                &t.queue,
+                t.priority,
+                t.next_run_at,
+                t.id,
+            ));
         }
         if t.status.is_terminal() {
             if let Some(at) = t.finished_at {
@@ -572,6 +612,8 @@ impl SledStore {
                 if !skip.contains(&pk.id) {
                     found.push(DueTask {
                         id: pk.id,
+                        queue: pk.queue.clone(),
+                        kind: None,
                         priority: pk.priority,
                         next_run: pk.next_run,
                     });
@@ -583,6 +625,143 @@ impl SledStore {
         }
         Ok(found)
     }
+}
+
+impl SledStore {
+    /// [`due_in_queue`](SledStore::due_in_queue) for one (kind, queue) of the pending-by-kind
+    /// index.
+    fn due_in_kind_queue(
+        &self,
+        kind: &str,
+        queue: &str,
+        now: Timestamp,
+        limit: usize,
+        skip: &HashSet<TaskId>,
+        scan: &mut DueScan,
+    ) -> Result<Vec<DueTask>> {
+        let qprefix = keys::kind_queue_prefix(kind, queue);
+        let mut end = qprefix.clone();
+        end.push(0xff);
+        end.push(0xff);
+        let bucket_prefix = |pb: u8| {
+            let mut k = qprefix.clone();
+            k.push(pb);
+            k
+        };
+        let mut found = Vec::new();
+        let mut start = qprefix.clone();
+        'buckets: loop {
+            let mut iter = self.db.range(start.clone()..end.clone());
+            let mut bucket: Option<i8> = None;
+            loop {
+                let Some(item) = iter.next() else {
+                    break 'buckets;
+                };
+                let (k, _) = item?;
+                let (_, pk) = keys::decode_kind_pending(&k)?;
+                if bucket.is_some_and(|b| b != pk.priority) {
+                    start = k.to_vec();
+                    continue 'buckets;
+                }
+                bucket = Some(pk.priority);
+                if pk.next_run > now {
+                    scan.next_wake =
+                        Some(scan.next_wake.map_or(pk.next_run, |w| w.min(pk.next_run)));
+                    let pb = keys::priority_byte(pk.priority);
+                    if pb == u8::MAX {
+                        break 'buckets;
+                    }
+                    start = bucket_prefix(pb + 1);
+                    continue 'buckets;
+                }
+                if !skip.contains(&pk.id) {
+                    found.push(DueTask {
+                        id: pk.id,
+                        queue: pk.queue.clone(),
+                        kind: Some(kind.to_string()),
+                        priority: pk.priority,
+                        next_run: pk.next_run,
+                    });
+                    if found.len() >= limit {
+                        break 'buckets;
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The distinct names under `prefix` (kinds, or queues within a kind): one seek each,
+    /// whatever the number of entries. `name_at` reads the length-prefixed name right after
+    /// `prefix` in a key.
+    fn names_under(&self, prefix: &[u8]) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let mut from = prefix.to_vec();
+        loop {
+            let Some(item) = self.db.range(from.clone()..prefix_end(prefix)).next() else {
+                return Ok(out);
+            };
+            let (k, _) = item?;
+            let rest = &k[prefix.len()..];
+            let Some((&len, tail)) = rest.split_first() else {
+                return Err(Error::Corrupt {
+                    what: "pending-by-kind key",
+                    key: keys::describe(&k),
+                    reason: "too short".into(),
+                });
+            };
+            let name = tail.get(..len as usize).ok_or_else(|| Error::Corrupt {
+                what: "pending-by-kind key",
+                key: keys::describe(&k),
+                reason: "name runs past the key".into(),
+            })?;
+            let name_str = std::str::from_utf8(name).map_err(|_| Error::Corrupt {
+                what: "pending-by-kind key",
+                key: keys::describe(&k),
+                reason: "name is not UTF-8".into(),
+            })?;
+            out.push(name_str.to_string());
+            // Past every key with this name: the prefix, the length, the name, then 0xff...
+            let mut next = prefix.to_vec();
+            next.push(len);
+            next.extend_from_slice(name);
+            from = prefix_end_full(&next);
+        }
+    }
+
+    /// Format 1 -> 2: builds the pending-by-kind index for the tasks already `Pending`.
+    /// Idempotent; runs before `m/format` says 2, so an interrupted upgrade is redone.
+    fn backfill_kind_index(&self) -> Result<usize> {
+        let mut n = 0;
+        for item in self
+            .db
+            .scan_prefix(keys::state_prefix(Status::Pending))
+            .keys()
+        {
+            let (_, id) = keys::decode_state(&item?)?;
+            if let Some(t) = self.get(id)? {
+                self.db.insert(
+                    keys::kind_pending(&t.kind, &t.queue, t.priority, t.next_run_at, t.id),
+                    Vec::<u8>::new(),
+                )?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`, for any prefix (a trailing
+/// 0xff is carried).
+fn prefix_end_full(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![u8::MAX; prefix.len() + 1]
 }
 
 impl SledStore {
@@ -635,6 +814,45 @@ impl SledStore {
         for q in names {
             let found = self.due_in_queue(&q, now, limit, skip, &mut scan)?;
             all.extend(found);
+        }
+        all.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.next_run.cmp(&b.next_run))
+                .then(a.id.cmp(&b.id))
+        });
+        all.truncate(limit);
+        scan.ready = all;
+        Ok(scan)
+    }
+
+    fn due_by_kind_inner(
+        &self,
+        queues: &QueueSet,
+        skip_queues: &HashSet<String>,
+        skip_kinds: &HashSet<String>,
+        now: Timestamp,
+        limit: usize,
+        skip: &HashSet<TaskId>,
+    ) -> Result<DueScan> {
+        let mut scan = DueScan::default();
+        let mut all = Vec::new();
+        // A paused queue's tasks are not due here either.
+        let paused = self.paused.lock().clone();
+        for kind in self.names_under(&[keys::KIND_PENDING])? {
+            if skip_kinds.contains(&kind) {
+                continue;
+            }
+            let queues_of_kind = match queues {
+                QueueSet::All => self.names_under(&keys::kind_prefix(&kind))?,
+                QueueSet::Named(v) => v.clone(),
+            };
+            for q in queues_of_kind {
+                if skip_queues.contains(&q) || paused.contains(&q) {
+                    continue;
+                }
+                all.extend(self.due_in_kind_queue(&kind, &q, now, limit, skip, &mut scan)?);
+            }
         }
         all.sort_by(|a, b| {
             b.priority
@@ -757,6 +975,18 @@ impl Store for SledStore {
             .map_err(|e| e.in_dir(&self.dir))
     }
 
+    fn due_by_kind(
+        &self,
+        queues: &QueueSet,
+        skip_queues: &HashSet<String>,
+        skip_kinds: &HashSet<String>,
+        now: Timestamp,
+        limit: usize,
+        skip: &HashSet<TaskId>,
+    ) -> Result<DueScan> {
+        self.due_by_kind_inner(queues, skip_queues, skip_kinds, now, limit, skip)
+    }
+
     fn ids_in_state(&self, status: Status) -> Result<Vec<TaskId>> {
         self.ids_in_state_inner(status)
             .map_err(|e| e.in_dir(&self.dir))
@@ -795,6 +1025,51 @@ impl Store for SledStore {
         self.size_on_disk_inner().map_err(|e| e.in_dir(&self.dir))
     }
 
+    fn extras(&self, id: TaskId) -> Result<Option<TaskExtras>> {
+        let key = keys::extras(id);
+        match self.db.get(&key)? {
+            Some(v) => codec::decode(RecordKind::Extras, &v, &|| keys::describe(&key)).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn unique_holder(&self, digest: &[u8; 32]) -> Result<Option<TaskId>> {
+        let key = keys::unique(digest);
+        match self.db.get(&key)? {
+            Some(v) => keys::decode_holder(&key, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn has_extras(&self) -> Result<bool> {
+        Ok(self.db.scan_prefix([keys::EXTRAS]).next().is_some())
+    }
+
+    fn limit_state(&self) -> Result<LimitState> {
+        let mut state = LimitState::default();
+        for item in self.db.scan_prefix([keys::LIMIT]) {
+            let (k, v) = item?;
+            let scope = keys::decode_limit(&k)?;
+            let limit = codec::decode(RecordKind::Limit, &v, &|| keys::describe(&k))?;
+            state.limits.push((scope, limit));
+        }
+        for item in self.db.scan_prefix([keys::RATE_START]).keys() {
+            state.starts.push(keys::decode_rate_start(&item?)?);
+        }
+        Ok(state)
+    }
+
+    fn schedules(&self) -> Result<Vec<ScheduleInfo>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix([keys::SCHEDULE]) {
+            let (k, v) = item?;
+            out.push(codec::decode(RecordKind::Schedule, &v, &|| {
+                keys::describe(&k)
+            })?);
+        }
+        Ok(out)
+    }
+
     fn sync(&self) -> Result<()> {
         self.sync_inner().map_err(|e| {
             self.sync_failed
@@ -831,6 +1106,45 @@ impl Store for SledStore {
     fn paused(&self) -> BTreeSet<String> {
         self.paused.lock().clone()
     }
+}
+
+/// The key write of one [`SideWrite`].
+fn side_write(batch: &mut WriteSet, w: &SideWrite) -> Result<()> {
+    match w {
+        SideWrite::Extras { id, extras } => match extras {
+            Some(e) => batch.insert(keys::extras(*id), codec::encode(RecordKind::Extras, e)?),
+            None => batch.remove(keys::extras(*id)),
+        },
+        SideWrite::UniqueHold { digest, holder } => match holder {
+            Some(id) => batch.insert(keys::unique(digest), id.as_bytes().to_vec()),
+            None => batch.remove(keys::unique(digest)),
+        },
+        SideWrite::RateStart {
+            scope,
+            at,
+            id,
+            present,
+        } => {
+            let k = keys::rate_start(scope, *at, *id);
+            if *present {
+                batch.insert(k, Vec::new());
+            } else {
+                batch.remove(k);
+            }
+        }
+        SideWrite::Limit { scope, limit } => match limit {
+            Some(l) => batch.insert(keys::limit(scope), codec::encode(RecordKind::Limit, l)?),
+            None => batch.remove(keys::limit(scope)),
+        },
+        SideWrite::Schedule { name, record } => match record {
+            Some(r) => batch.insert(
+                keys::schedule(name),
+                codec::encode(RecordKind::Schedule, r.as_ref())?,
+            ),
+            None => batch.remove(keys::schedule(name)),
+        },
+    }
+    Ok(())
 }
 
 /// Groups whose writes exceed this many bytes are written with one `apply_batch` instead of a
@@ -968,6 +1282,35 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
             ));
         }
     }
+    // Pending-by-kind index: exactly the Pending tasks too, with matching kind and key.
+    let mut by_kind_seen = HashSet::new();
+    for item in s.db.scan_prefix([keys::KIND_PENDING]).keys() {
+        let (kind, pk) = keys::decode_kind_pending(&item?)?;
+        match tasks.get(&pk.id) {
+            Some(t)
+                if t.status == Status::Pending
+                    && t.kind == kind
+                    && t.queue == pk.queue
+                    && t.priority == pk.priority
+                    && t.next_run_at == pk.next_run => {}
+            _ => p(format!(
+                "pending-by-kind entry {kind}/{pk:?} disagrees with its task"
+            )),
+        }
+        if !by_kind_seen.insert(pk.id) {
+            p(format!(
+                "task {} has more than one pending-by-kind entry",
+                pk.id
+            ));
+        }
+    }
+    for (id, t) in &tasks {
+        if t.status == Status::Pending && !by_kind_seen.contains(id) {
+            p(format!(
+                "pending task {id} is missing from the pending-by-kind index"
+            ));
+        }
+    }
     // Finished index: exactly the terminal tasks.
     let mut finished_seen = HashSet::new();
     for item in s.db.scan_prefix([keys::FINISHED]).keys() {
@@ -1063,6 +1406,63 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
             ));
         }
     }
+    // Unique keys: `u` digest -> holder exactly for the tasks in their hold set, and every
+    // extras record belongs to a task.
+    let mut extras: HashMap<TaskId, TaskExtras> = HashMap::new();
+    for item in s.db.scan_prefix([keys::EXTRAS]) {
+        let (k, v) = item?;
+        let id = keys::decode_extras(&k)?;
+        match codec::decode::<TaskExtras>(RecordKind::Extras, &v, &|| keys::describe(&k)) {
+            Ok(e) => {
+                if !tasks.contains_key(&id) {
+                    p(format!("extras exist for task {id}, which has no record"));
+                }
+                extras.insert(id, e);
+            }
+            Err(e) => p(e.to_string()),
+        }
+    }
+    let mut held: HashMap<[u8; 32], TaskId> = HashMap::new();
+    for item in s.db.scan_prefix([keys::UNIQUE]) {
+        let (k, v) = item?;
+        let digest = keys::decode_unique(&k)?;
+        let holder = keys::decode_holder(&k, &v)?;
+        held.insert(digest, holder);
+        let spec = extras.get(&holder).and_then(|e| e.unique.as_ref());
+        match (tasks.get(&holder), spec) {
+            (Some(t), Some(u)) if u.digest == digest && unique::holds(u.states, t.status) => {}
+            (Some(t), _) => p(format!(
+                "unique key {} names task {holder} ({}), which does not hold it",
+                keys::describe(&k),
+                t.status
+            )),
+            (None, _) => p(format!(
+                "unique key {} names task {holder}, which has no record",
+                keys::describe(&k)
+            )),
+        }
+    }
+    for (id, e) in &extras {
+        if let (Some(u), Some(t)) = (&e.unique, tasks.get(id)) {
+            if unique::holds(u.states, t.status) && held.get(&u.digest) != Some(id) {
+                p(format!(
+                    "task {id} ({}) should hold unique key {} but {}",
+                    t.status,
+                    u.key,
+                    match held.get(&u.digest) {
+                        Some(other) => format!("task {other} does"),
+                        None => "nobody does".to_string(),
+                    }
+                ));
+            }
+        }
+    }
+    if let Err(e) = s.limit_state() {
+        p(e.to_string());
+    }
+    if let Err(e) = s.schedules() {
+        p(e.to_string());
+    }
     report.tasks = tasks.len();
     report.problems = problems;
     Ok(report)
@@ -1094,6 +1494,7 @@ mod tests {
                 at: Timestamp(1),
                 run_id: 1,
             }),
+            side: Vec::new(),
         }
     }
 

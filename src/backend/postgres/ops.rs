@@ -279,7 +279,12 @@ impl Batch {
             }),
             _ => None,
         };
-        self.changes.push(Change { before, after, log });
+        self.changes.push(Change {
+            before,
+            after,
+            log,
+            side: Vec::new(),
+        });
     }
 
     /// Writes the queued rows, the log rows (filling in their sequence numbers) and the counter
