@@ -157,3 +157,32 @@ fn a_paused_queue_is_not_claimed_through_the_kind_index() {
     assert_eq!(c.task.id, free);
     assert!(omniq::testing::claim_next(&q).unwrap().is_none());
 }
+
+/// A limit changed at run time applies at once: a pool sleeping while a limit holds its work
+/// back is woken when the limit is raised (no polling: without the wake-up it would sleep on).
+#[test]
+fn raising_a_limit_at_run_time_wakes_a_sleeping_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path()).unwrap();
+    noop(&q, "w");
+    q.set_limit(LimitScope::queue("gated"), Limit::new().concurrency(0))
+        .unwrap();
+    for i in 0..3 {
+        q.enqueue_json("w", &json!(i), EnqueueOptions::new().queue("gated"))
+            .unwrap();
+    }
+    let pool = q.workers().concurrency(2).start().unwrap();
+    let l = &q.limits().unwrap()[0];
+    assert_eq!((l.remaining, l.running), (0, 0));
+    assert_eq!(completed(&q), 0, "held back by the limit");
+    assert!(q
+        .list(&ListFilter::new())
+        .unwrap()
+        .tasks
+        .iter()
+        .all(|t| t.attempts == 0));
+    q.set_limit(LimitScope::queue("gated"), Limit::new().concurrency(1))
+        .unwrap();
+    wait_completed(&q, 3, Duration::from_secs(5));
+    pool.stop();
+}
