@@ -46,7 +46,7 @@ impl TaskExtras {
 }
 
 /// A limit and how it stands now ([`Queue::limits`](crate::Queue::limits), `omniq stats`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LimitStatus {
     /// What it applies to.
     pub scope: LimitScope,

@@ -55,6 +55,7 @@ struct Fixture {
     done: TaskId,
     failed: TaskId,
     scheduled: TaskId,
+    unique: TaskId,
 }
 
 fn fixture() -> Fixture {
@@ -65,6 +66,16 @@ fn fixture() -> Fixture {
     q.register_fn("email", |_, _| {
         Err(TaskError::transient("smtp", "relay unreachable"))
     });
+    // A unique task, oldest of all (issue 11; shown with its key by `show`).
+    let unique = q
+        .enqueue_json(
+            "report",
+            &json!({"once": true}),
+            EnqueueOptions::new()
+                .delay(Duration::from_secs(3600))
+                .unique(omniq::Unique::by_args()),
+        )
+        .unwrap();
     let done = q
         .enqueue_json("resize", &json!({"n": 1}), EnqueueOptions::new())
         .unwrap();
@@ -86,6 +97,21 @@ fn fixture() -> Fixture {
         )
         .unwrap();
     assert_eq!(omniq::testing::run_due(&q).unwrap().executions, 2);
+    // Issue 11's parts: a limit, a schedule and a unique task (shown by stats, schedules, show).
+    q.set_limit(
+        omniq::LimitScope::kind("report"),
+        omniq::Limit::new().concurrency(3),
+    )
+    .unwrap();
+    q.schedule_json(
+        "nightly",
+        omniq::Spec::cron("0 3 * * *", "Europe/Paris").unwrap(),
+        omniq::Missed::RunOnce,
+        "report",
+        &json!({"kind": "nightly"}),
+        EnqueueOptions::new(),
+    )
+    .unwrap();
     drop(q);
     Fixture {
         _tmp: tmp,
@@ -93,6 +119,7 @@ fn fixture() -> Fixture {
         done,
         failed,
         scheduled,
+        unique,
     }
 }
 
@@ -100,10 +127,11 @@ fn fixture() -> Fixture {
 fn every_command_goes_through_the_socket_with_identical_output() {
     let f = fixture();
     let d = f.dir.as_path();
-    let (done, failed, scheduled) = (
+    let (done, failed, scheduled, unique) = (
         f.done.to_string(),
         f.failed.to_string(),
         f.scheduled.to_string(),
+        f.unique.to_string(),
     );
     let reads: Vec<Vec<&str>> = vec![
         vec!["stats"],
@@ -118,6 +146,10 @@ fn every_command_goes_through_the_socket_with_identical_output() {
         vec!["--json", "show", &scheduled],
         vec!["check"],
         vec!["--json", "check"],
+        vec!["schedules"],
+        vec!["--json", "schedules"],
+        vec!["show", &unique],
+        vec!["--json", "show", &unique],
     ];
     // On the closed directory first ...
     let local: Vec<String> = reads
@@ -129,6 +161,9 @@ fn every_command_goes_through_the_socket_with_identical_output() {
         })
         .collect();
 
+    assert!(local[12].contains("nightly"), "{}", local[12]);
+    assert!(local[14].contains("unique key"), "{}", local[14]);
+    assert!(local[0].contains("kind report"), "{}", local[0]);
     // ... then held by a live process serving its socket: the same output.
     let q = Queue::open(d).unwrap();
     let server = q.admin().serve().unwrap();
@@ -159,7 +194,8 @@ fn every_command_goes_through_the_socket_with_identical_output() {
     let lib = q.stats().unwrap();
     assert_eq!(v["total"], lib.total);
     assert_eq!(v["by_status"]["CANCELLED"], lib.count(Status::Cancelled));
-    assert_eq!(v["by_status"]["PENDING"], 1);
+    // The retried task and the unique one.
+    assert_eq!(v["by_status"]["PENDING"], 2);
     let listed = remote_json(d, &["list", "--status", "pending"]);
     assert_eq!(listed["tasks"][0]["id"], failed);
     let v = remote_json(d, &["purge", "--older-than", "0s", "--dry-run"]);

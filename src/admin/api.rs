@@ -60,9 +60,15 @@ pub(crate) fn handle(app: &App<'_>, req: &Req) -> Resp {
         (Method::Post, ["purge"]) => purge(q, req),
         (Method::Get, ["check"]) => check(q),
         (Method::Get, ["activity"]) => Ok(app.metrics.activity_json(app.queue.now())),
+        (Method::Get, ["limits"]) => engine(q.limits()).map(|l| json!(l)),
+        (Method::Get, ["schedules"]) => engine(q.schedules()).map(|s| json!(s)),
+        (Method::Get, ["tasks", id, "extras"]) => {
+            parse_id(id).and_then(|id| engine(q.extras(id)).map(|e| json!(e)))
+        }
         (
             _,
-            ["health" | "csrf" | "stats" | "queues" | "tasks" | "purge" | "check" | "activity", ..],
+            ["health" | "csrf" | "stats" | "queues" | "tasks" | "purge" | "check" | "activity"
+            | "limits" | "schedules", ..],
         ) => Err(Resp::error(
             405,
             "method_not_allowed",

@@ -290,6 +290,24 @@ impl Client {
         Ok(Some((t, history)))
     }
 
+    /// Every limit and how it stands (`GET /api/v1/limits`).
+    pub fn limits(&self) -> Result<Vec<crate::LimitStatus>> {
+        from_value("limits", self.get_json("/api/v1/limits")?)
+    }
+
+    /// Every schedule (`GET /api/v1/schedules`).
+    pub fn schedules(&self) -> Result<Vec<crate::ScheduleInfo>> {
+        from_value("schedules", self.get_json("/api/v1/schedules")?)
+    }
+
+    /// A task's unique key and schedule tick (`GET /api/v1/tasks/{id}/extras`).
+    pub fn extras(&self, id: TaskId) -> Result<Option<crate::TaskExtras>> {
+        from_value(
+            "task extras",
+            self.get_json(&format!("/api/v1/tasks/{id}/extras"))?,
+        )
+    }
+
     /// Re-queues a failed or cancelled task (`POST /api/v1/tasks/{id}/retry`).
     pub fn retry(&self, id: TaskId) -> Result<TaskInfo> {
         task_from_json(
@@ -499,6 +517,15 @@ fn log_from_json(task_id: TaskId, v: &Value) -> Result<LogEntry> {
         cause,
         at: ts(&v["at_ms"], "at_ms")?,
         run_id: v["run_id"].as_u64().unwrap_or(0),
+    })
+}
+
+/// Decodes an API answer into `T`, naming what did not decode.
+fn from_value<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| Error::Remote {
+        status: 0,
+        code: "bad_answer".into(),
+        message: format!("the admin API's {what} do not decode: {e}"),
     })
 }
 

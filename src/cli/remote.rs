@@ -151,35 +151,25 @@ impl Target {
             Target::Remote { client, .. } => client.check(),
         }
     }
-    /// Limits and how they stand. The admin API does not serve them yet: through the socket,
-    /// none are listed.
+    /// Limits and how they stand.
     pub fn limits(&self) -> omniq::Result<Vec<omniq::LimitStatus>> {
         match self {
             Target::Local(q) => q.limits(),
-            Target::Remote { .. } => Ok(Vec::new()),
+            Target::Remote { client, .. } => client.limits(),
         }
     }
-    /// A task's unique key and schedule tick. Not served by the admin API yet: through the
-    /// socket, none is shown.
+    /// A task's unique key and schedule tick.
     pub fn extras(&self, id: TaskId) -> omniq::Result<Option<omniq::TaskExtras>> {
         match self {
             Target::Local(q) => q.extras(id),
-            Target::Remote { .. } => Ok(None),
+            Target::Remote { client, .. } => client.extras(id),
         }
     }
-    /// Schedules. Not served by the admin API yet: through the socket this is an error that
-    /// says so.
+    /// Recurring schedules.
     pub fn schedules(&self) -> omniq::Result<Vec<omniq::ScheduleInfo>> {
         match self {
             Target::Local(q) => q.schedules(),
-            Target::Remote { dir, .. } => Err(omniq::Error::Invalid {
-                what: "command",
-                reason: format!(
-                    "{} is held by a running process whose admin API does not list schedules yet; \
-                     run `omniq schedules` when it is stopped",
-                    dir.display()
-                ),
-            }),
+            Target::Remote { client, .. } => client.schedules(),
         }
     }
 }
