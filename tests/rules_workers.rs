@@ -12,6 +12,8 @@ use omniq::{
 };
 use serde_json::json;
 
+mod common;
+
 fn completed(q: &Queue) -> u64 {
     q.stats().unwrap().count(Status::Completed)
 }
@@ -185,4 +187,40 @@ fn raising_a_limit_at_run_time_wakes_a_sleeping_pool() {
         .unwrap();
     wait_completed(&q, 3, Duration::from_secs(5));
     pool.stop();
+}
+
+/// A schedule or limit record that no longer decodes does not keep the queue from opening: it
+/// is left out (and logged), and the consistency check names it.
+#[test]
+fn a_corrupt_schedule_or_limit_record_is_reported_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let q = Queue::open(dir.path()).unwrap();
+        q.set_limit(LimitScope::queue("a"), Limit::new().concurrency(1))
+            .unwrap();
+        q.schedule_json(
+            "s",
+            Spec::every(Duration::from_secs(60)),
+            Missed::Skip,
+            "t",
+            &json!({}),
+            EnqueueOptions::new(),
+        )
+        .unwrap();
+        q.close().unwrap();
+    }
+    {
+        let db = common::raw_db(dir.path());
+        db.insert(omniq::keys::schedule("s"), vec![7u8, 0, 1, 0xff])
+            .unwrap();
+        db.insert(omniq::keys::limit(&LimitScope::queue("a")), vec![6u8, 0])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let q = common::reopen(|| Queue::open(dir.path())).unwrap();
+    assert!(q.schedules().unwrap().is_empty());
+    assert!(q.limits().unwrap().is_empty());
+    let report = q.check_consistency().unwrap();
+    let text = report.problems.join("\n");
+    assert!(text.contains("h/s") && text.contains("r/q/a"), "{text}");
 }

@@ -751,6 +751,46 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// The limits and counted starts that decode, and an error for each record that does not
+    /// (one bad record must not keep the queue from opening).
+    fn limit_state_checked(&self) -> Result<(LimitState, Vec<Error>)> {
+        let mut state = LimitState::default();
+        let mut bad = Vec::new();
+        for item in self.db.scan_prefix([keys::LIMIT]) {
+            let (k, v) = item?;
+            let decoded = keys::decode_limit(&k).and_then(|scope| {
+                codec::decode(RecordKind::Limit, &v, &|| keys::describe(&k)).map(|l| (scope, l))
+            });
+            match decoded {
+                Ok(entry) => state.limits.push(entry),
+                Err(e) => bad.push(e),
+            }
+        }
+        for item in self.db.scan_prefix([keys::RATE_START]).keys() {
+            match keys::decode_rate_start(&item?) {
+                Ok(start) => state.starts.push(start),
+                Err(e) => bad.push(e),
+            }
+        }
+        Ok((state, bad))
+    }
+
+    /// The schedules that decode, and an error for each record that does not.
+    fn schedules_checked(&self) -> Result<(Vec<ScheduleInfo>, Vec<Error>)> {
+        let mut out = Vec::new();
+        let mut bad = Vec::new();
+        for item in self.db.scan_prefix([keys::SCHEDULE]) {
+            let (k, v) = item?;
+            match codec::decode(RecordKind::Schedule, &v, &|| keys::describe(&k)) {
+                Ok(s) => out.push(s),
+                Err(e) => bad.push(e),
+            }
+        }
+        Ok((out, bad))
+    }
+}
+
 /// The smallest key greater than every key starting with `prefix`, for any prefix (a trailing
 /// 0xff is carried).
 fn prefix_end_full(prefix: &[u8]) -> Vec<u8> {
@@ -1046,26 +1086,17 @@ impl Store for SledStore {
     }
 
     fn limit_state(&self) -> Result<LimitState> {
-        let mut state = LimitState::default();
-        for item in self.db.scan_prefix([keys::LIMIT]) {
-            let (k, v) = item?;
-            let scope = keys::decode_limit(&k)?;
-            let limit = codec::decode(RecordKind::Limit, &v, &|| keys::describe(&k))?;
-            state.limits.push((scope, limit));
-        }
-        for item in self.db.scan_prefix([keys::RATE_START]).keys() {
-            state.starts.push(keys::decode_rate_start(&item?)?);
+        let (state, bad) = self.limit_state_checked()?;
+        for e in bad {
+            tracing::error!(error = %e, "a limit record does not decode; it is not enforced (omniq check lists it)");
         }
         Ok(state)
     }
 
     fn schedules(&self) -> Result<Vec<ScheduleInfo>> {
-        let mut out = Vec::new();
-        for item in self.db.scan_prefix([keys::SCHEDULE]) {
-            let (k, v) = item?;
-            out.push(codec::decode(RecordKind::Schedule, &v, &|| {
-                keys::describe(&k)
-            })?);
+        let (out, bad) = self.schedules_checked()?;
+        for e in bad {
+            tracing::error!(error = %e, "a schedule record does not decode; it does not fire (omniq check lists it)");
         }
         Ok(out)
     }
@@ -1457,10 +1488,10 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
             }
         }
     }
-    if let Err(e) = s.limit_state() {
+    for e in s.limit_state_checked()?.1 {
         p(e.to_string());
     }
-    if let Err(e) = s.schedules() {
+    for e in s.schedules_checked()?.1 {
         p(e.to_string());
     }
     report.tasks = tasks.len();
