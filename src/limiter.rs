@@ -397,16 +397,7 @@ pub(crate) fn waiting(
             .due(&QueueSet::Named(vec![q.clone()]), now, cap, &HashSet::new())?
             .ready
             .len(),
-        LimitScope::Kind(k) => {
-            let none = HashSet::new();
-            let others: HashSet<String> = HashSet::new();
-            store
-                .due_by_kind(&QueueSet::All, &none, &others, now, cap, &HashSet::new())?
-                .ready
-                .iter()
-                .filter(|d| d.kind.as_deref() == Some(k.as_str()))
-                .count()
-        }
+        LimitScope::Kind(k) => store.due_count_of_kind(k, now, cap)?,
     };
     Ok((due as u64).saturating_sub(u64::from(remaining)))
 }

@@ -122,6 +122,16 @@ pub(crate) trait Store: Send + Sync + 'static {
         let _ = (skip_kinds, skip_queues);
         self.due(queues, now, limit, skip)
     }
+    /// How many tasks of `kind` are due at `now` (counted up to `limit`), on unpaused queues.
+    fn due_count_of_kind(&self, kind: &str, now: Timestamp, limit: usize) -> Result<usize> {
+        let none = HashSet::new();
+        Ok(self
+            .due_by_kind(&QueueSet::All, &none, &none, now, limit, &HashSet::new())?
+            .ready
+            .iter()
+            .filter(|d| d.kind.as_deref() == Some(kind))
+            .count())
+    }
     /// Ids in one state, oldest first (recovery uses it for `Running`).
     fn ids_in_state(&self, status: Status) -> Result<Vec<TaskId>>;
     /// A page of tasks, newest first.

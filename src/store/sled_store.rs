@@ -1027,6 +1027,21 @@ impl Store for SledStore {
         self.due_by_kind_inner(queues, skip_queues, skip_kinds, now, limit, skip)
     }
 
+    fn due_count_of_kind(&self, kind: &str, now: Timestamp, limit: usize) -> Result<usize> {
+        let paused = self.paused.lock().clone();
+        let mut scan = DueScan::default();
+        let mut n = 0;
+        for q in self.names_under(&keys::kind_prefix(kind))? {
+            if paused.contains(&q) || n >= limit {
+                continue;
+            }
+            n += self
+                .due_in_kind_queue(kind, &q, now, limit - n, &HashSet::new(), &mut scan)?
+                .len();
+        }
+        Ok(n)
+    }
+
     fn ids_in_state(&self, status: Status) -> Result<Vec<TaskId>> {
         self.ids_in_state_inner(status)
             .map_err(|e| e.in_dir(&self.dir))
