@@ -171,6 +171,15 @@ impl TaskContext {
             .get(self.id)?
             .ok_or(Error::NotFound(self.id))
     }
+
+    /// The schedule tick that enqueued this task (`None` if no schedule did): the time the run
+    /// stands for, e.g. the day a nightly report covers, however late it runs.
+    pub fn scheduled(&self) -> Result<Option<crate::ScheduledFrom>> {
+        Ok(self
+            .live_queue()?
+            .extras(self.id)?
+            .and_then(|e| e.scheduled))
+    }
 }
 
 /// What [`Executions::request_cancel`] found.

@@ -41,7 +41,15 @@ fn noop(q: &Queue, kind: &str) {
 fn a_pool_fires_schedule_ticks_once_each() {
     let dir = tempfile::tempdir().unwrap();
     let q = Queue::open(dir.path()).unwrap();
-    noop(&q, "tick");
+    // The handler sees the tick it stands for.
+    q.register_fn("tick", |_v, ctx: &TaskContext| -> Result<_, TaskError> {
+        let s = ctx
+            .scheduled()
+            .unwrap()
+            .expect("a scheduled task knows its tick");
+        assert_eq!(s.schedule, "fast");
+        Ok(json!(s.at.as_millis()))
+    });
     q.schedule_json(
         "fast",
         Spec::every(Duration::from_millis(40)),
@@ -63,6 +71,12 @@ fn a_pool_fires_schedule_ticks_once_each() {
         .map(|t| q.extras(t.id).unwrap().unwrap().scheduled.unwrap().at)
         .collect();
     ticks.sort();
+    for t in q.list(&ListFilter::new().limit(1_000)).unwrap().tasks {
+        if t.status == Status::Completed {
+            let tick = q.extras(t.id).unwrap().unwrap().scheduled.unwrap().at;
+            assert_eq!(t.result::<u64>().unwrap(), Some(tick.as_millis()));
+        }
+    }
     let expected: Vec<Timestamp> = (1..=s.fired)
         .map(|k| Timestamp(s.created_at.0 + k * 40))
         .collect();
