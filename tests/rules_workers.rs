@@ -238,3 +238,48 @@ fn a_corrupt_schedule_or_limit_record_is_reported_not_fatal() {
     let text = report.problems.join("\n");
     assert!(text.contains("h/s") && text.contains("r/q/a"), "{text}");
 }
+
+/// The admin API and `/metrics` show limits (what runs, what waits) and schedules.
+#[cfg(feature = "admin")]
+#[test]
+fn the_admin_api_and_metrics_show_limits_and_schedules() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path()).unwrap();
+    q.set_limit(LimitScope::queue("mail"), Limit::new().concurrency(0))
+        .unwrap();
+    let held = q
+        .insert_json(
+            "send",
+            &json!({"to": 1}),
+            EnqueueOptions::new()
+                .queue("mail")
+                .unique(omniq::Unique::by_args()),
+        )
+        .unwrap();
+    q.schedule_json(
+        "hourly",
+        Spec::every(Duration::from_secs(3600)),
+        Missed::Skip,
+        "report",
+        &json!({}),
+        EnqueueOptions::new(),
+    )
+    .unwrap();
+    let _server = q.admin().serve().unwrap();
+    let c = omniq::admin::Client::new(omniq::admin::Endpoint::Unix(
+        omniq::admin::default_socket_path(dir.path()),
+    ));
+    let limits = c.limits().unwrap();
+    assert_eq!(limits, q.limits().unwrap());
+    assert_eq!(limits[0].waiting, 1);
+    assert_eq!(c.schedules().unwrap(), q.schedules().unwrap());
+    assert_eq!(c.extras(held.id).unwrap(), q.extras(held.id).unwrap());
+    assert!(c.extras(held.id).unwrap().unwrap().unique.is_some());
+    let text = c.request("GET", "/metrics", &[], b"").unwrap().text();
+    assert!(
+        text.contains("omniq_limit_waiting{scope=\"queue\",name=\"mail\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("omniq_limit_running{scope=\"queue\",name=\"mail\"} 0"));
+    assert!(text.contains("omniq_schedule_ticks_total{schedule=\"hourly\",outcome=\"fired\"} 0"));
+}

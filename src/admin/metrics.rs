@@ -267,6 +267,60 @@ impl Metrics {
         for q in queue.paused_queues() {
             let _ = writeln!(out, "omniq_queue_paused{{queue=\"{}\"}} 1", esc(&q));
         }
+        // Limits: what runs, what remains, what waits (issue 11).
+        if let Ok(limits) = queue.limits() {
+            for (name, help) in [
+                (
+                    "omniq_limit_running",
+                    "Running tasks of a limited queue or kind.",
+                ),
+                (
+                    "omniq_limit_started_in_window",
+                    "Executions a rate limit counts in its current window.",
+                ),
+                (
+                    "omniq_limit_waiting",
+                    "Due tasks held back by a limit (counted up to 10,000).",
+                ),
+            ] {
+                header(&mut out, name, "gauge", help);
+                for l in &limits {
+                    let (scope, n) = match &l.scope {
+                        crate::LimitScope::Queue(q) => ("queue", q),
+                        crate::LimitScope::Kind(k) => ("kind", k),
+                    };
+                    let v = match name {
+                        "omniq_limit_running" => u64::from(l.running),
+                        "omniq_limit_started_in_window" => u64::from(l.started_in_window),
+                        _ => l.waiting,
+                    };
+                    let _ = writeln!(out, "{name}{{scope=\"{scope}\",name=\"{}\"}} {v}", esc(n));
+                }
+            }
+        }
+        // Schedules: ticks fired and skipped since created.
+        if let Ok(schedules) = queue.schedules() {
+            header(
+                &mut out,
+                "omniq_schedule_ticks_total",
+                "counter",
+                "Schedule ticks, by schedule and outcome (fired, or skipped by the missed-tick policy).",
+            );
+            for s in &schedules {
+                let _ = writeln!(
+                    out,
+                    "omniq_schedule_ticks_total{{schedule=\"{}\",outcome=\"fired\"}} {}",
+                    esc(&s.name),
+                    s.fired
+                );
+                let _ = writeln!(
+                    out,
+                    "omniq_schedule_ticks_total{{schedule=\"{}\",outcome=\"skipped\"}} {}",
+                    esc(&s.name),
+                    s.skipped
+                );
+            }
+        }
         {
             let s = self.state.lock();
             header(
