@@ -486,7 +486,7 @@ impl Queue {
     /// ```
     pub fn insert_with<T: Task>(&self, task: T, options: EnqueueOptions) -> Result<Inserted> {
         let new = self.build_new(T::NAME, encode_payload(&task)?, &options)?;
-        Ok(self.insert_new(vec![new])?[0])
+        self.insert_one(new)
     }
 
     /// [`insert_with`](Queue::insert_with) by kind name with a JSON payload.
@@ -497,7 +497,7 @@ impl Queue {
         options: EnqueueOptions,
     ) -> Result<Inserted> {
         let new = self.build_new(kind, json_bytes(payload)?, &options)?;
-        Ok(self.insert_new(vec![new])?[0])
+        self.insert_one(new)
     }
 
     /// Enqueues many tasks of one kind in one atomic, durable write: all or none.
@@ -543,6 +543,13 @@ impl Queue {
         options: EnqueueOptions,
     ) -> Result<TaskId> {
         self.insert_json(kind, payload, options).map(|i| i.id)
+    }
+
+    fn insert_one(&self, task: NewTask) -> Result<Inserted> {
+        self.insert_new(vec![task])?
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Storage("the backend answered an insert with no result".into()))
     }
 
     fn insert_new(&self, tasks: Vec<NewTask>) -> Result<Vec<Inserted>> {
