@@ -282,4 +282,14 @@ fn the_admin_api_and_metrics_show_limits_and_schedules() {
     );
     assert!(text.contains("omniq_limit_running{scope=\"queue\",name=\"mail\"} 0"));
     assert!(text.contains("omniq_schedule_ticks_total{schedule=\"hourly\",outcome=\"fired\"} 0"));
+    // The dashboard's overview lists both, escaped.
+    let html = c.request("GET", "/", &[], b"").unwrap().text();
+    assert!(
+        html.contains("<table id=\"limits\">") && html.contains("queue mail"),
+        "{html}"
+    );
+    assert!(
+        html.contains("<table id=\"schedules\">") && html.contains("every 1h"),
+        "{html}"
+    );
 }

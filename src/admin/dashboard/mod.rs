@@ -188,6 +188,7 @@ fn overview(app: &App<'_>) -> Resp {
     b.push_str(&chart(&act));
     b.push_str("<h2>Queues</h2>");
     b.push_str(&queue_table(app, &stats, false));
+    b.push_str(&limits_and_schedules(app));
     if !app.read_only {
         let _ = write!(
             b,
@@ -206,6 +207,65 @@ fn overview(app: &App<'_>) -> Resp {
     }
     // The overview refreshes itself, except while an operator types in the purge box.
     page(app, 200, "Overview", "Overview", &b, Some(5000))
+}
+
+/// The limits (what runs, what waits) and schedules (last and next tick), when there are any.
+fn limits_and_schedules(app: &App<'_>) -> String {
+    let mut b = String::new();
+    let ts = |t: Option<crate::Timestamp>| t.map_or("-".to_string(), |t| t.to_string());
+    if let Ok(limits) = app.queue.limits() {
+        if !limits.is_empty() {
+            b.push_str(
+                "<h2>Limits</h2><table id=\"limits\"><thead><tr><th>On</th><th>Limit</th>\
+<th>Running</th><th>Started in window</th><th>Waiting</th><th>Window frees a slot at</th></tr>\
+</thead><tbody>",
+            );
+            for l in &limits {
+                let _ = write!(
+                    b,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(&l.scope.to_string()),
+                    esc(&l.limit.to_string()),
+                    l.running,
+                    l.started_in_window,
+                    l.waiting,
+                    ts(l.frees_at)
+                );
+            }
+            b.push_str("</tbody></table>");
+        }
+    }
+    if let Ok(schedules) = app.queue.schedules() {
+        if !schedules.is_empty() {
+            b.push_str(
+                "<h2>Schedules</h2><table id=\"schedules\"><thead><tr><th>Name</th><th>When</th>\
+<th>Task</th><th>State</th><th>Last tick</th><th>Next tick</th><th>Fired</th><th>Skipped</th>\
+</tr></thead><tbody>",
+            );
+            for s in &schedules {
+                let _ = write!(
+                    b,
+                    "<tr><td>{}</td><td>{}</td><td>{} on {}</td><td>{}</td><td>{}</td><td>{}</td>\
+<td>{}</td><td>{}</td></tr>",
+                    esc(&s.name),
+                    esc(&s.spec.to_string()),
+                    esc(&s.kind),
+                    esc(&s.options.queue),
+                    if s.paused { "paused" } else { "active" },
+                    if s.fired + s.skipped == 0 {
+                        "-".to_string()
+                    } else {
+                        s.last_fired.to_string()
+                    },
+                    ts(s.next_tick()),
+                    s.fired,
+                    s.skipped
+                );
+            }
+            b.push_str("</tbody></table>");
+        }
+    }
+    b
 }
 
 /// Completions (and failures) per minute over the last hour, as an inline SVG bar chart.
