@@ -498,14 +498,19 @@ impl Writer {
             std::sync::atomic::Ordering::Release,
         );
         let durable = self.durability != Durability::Relaxed || group.has_claim;
-        let result = if group.changes.is_empty() {
+        let (changes, seq) = (std::mem::take(&mut group.changes), group.seq);
+        // The limits and schedules are not needed for the write itself: readers (a pool asking
+        // what is due, `limits()`) need not wait for the sled write or an `Immediate` fsync.
+        drop(group);
+        drop(limiter);
+        drop(schedules);
+        let result = if changes.is_empty() {
             Ok(())
         } else {
             // Reads may see the group from here on: `wait` uses this to know which group it
             // must see acknowledged before it reports what it read.
-            self.notify.applying(group.seq);
-            self.store
-                .commit(&group.changes, group.seq, durable && sync_here)
+            self.notify.applying(seq);
+            self.store.commit(&changes, seq, durable && sync_here)
         };
         if let Err(e) = &result {
             // The group may be partly applied in memory: nothing after it can be trusted until
@@ -513,9 +518,9 @@ impl Writer {
             *self.poisoned.lock() = Some(e.to_string());
         }
         Applied {
-            changes: group.changes,
+            changes,
             replies,
-            seq: group.seq,
+            seq,
             durable: durable && !sync_here,
             error: result.err(),
             ticket: 0,
