@@ -1208,6 +1208,14 @@ fn schedules_unique_keys_and_limits_are_visible() {
         "{text}"
     );
     assert!(text.contains("1 per 1day, 4 at once"), "{text}");
+    assert!(
+        text.contains("FREES IN") && text.contains("22h59m"),
+        "{text}"
+    );
+    assert!(
+        text.lines().all(|l| l.chars().count() <= 80),
+        "stats fits 80 columns:\n{text}"
+    );
     let v = ok_json(d, &["stats"]);
     let l = &v["limits"][0];
     assert_eq!(

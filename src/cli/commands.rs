@@ -68,16 +68,13 @@ pub fn stats(queue: &Target, json: bool) -> Result<ExitCode, CliError> {
         table.render()
     );
     if !limits.is_empty() {
+        // Short headers and a relative time keep the table within 80 columns; `--json` has
+        // the exact instants.
         let mut t = Table::new(&[
-            "LIMIT ON",
-            "LIMIT",
-            "RUNNING",
-            "STARTED",
-            "REMAINING",
-            "WAITING",
-            "FREES AT",
+            "LIMIT ON", "LIMIT", "RUN", "STARTED", "LEFT", "WAITING", "FREES IN",
         ])
-        .right(&[2, 3, 4, 5]);
+        .right(&[2, 3, 4, 5, 6]);
+        let now = omniq::Timestamp::now();
         for l in &limits {
             t.row([
                 l.scope.to_string(),
@@ -86,16 +83,29 @@ pub fn stats(queue: &Target, json: bool) -> Result<ExitCode, CliError> {
                 l.started_in_window.to_string(),
                 remaining_text(l.remaining),
                 l.waiting.to_string(),
-                ts_opt(l.frees_at),
+                l.frees_at
+                    .map_or("-".to_string(), |t| short_duration(t.since(now))),
             ]);
         }
         text.push_str(&format!(
-            "\nlimits (STARTED: in the current window; WAITING: due tasks held back)\n{}",
+            "\nlimits (STARTED: in the current window; LEFT: may start now;\n\
+             WAITING: due tasks held back; FREES IN: until the window frees a slot)\n{}",
             t.render()
         ));
     }
     emit(&text)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `2h05m`, `4m10s`, `3.2s`, `850ms`: a duration in at most 6 characters or so.
+fn short_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0..=999 => format!("{ms}ms"),
+        1_000..=59_999 => format!("{:.1}s", ms as f64 / 1_000.0),
+        60_000..=3_599_999 => format!("{}m{:02}s", ms / 60_000, ms / 1_000 % 60),
+        _ => format!("{}h{:02}m", ms / 3_600_000, ms / 60_000 % 60),
+    }
 }
 
 fn remaining_text(n: u32) -> String {
@@ -704,4 +714,18 @@ pub fn migrate(json: bool, url: &str, schema: &str) -> Result<ExitCode, CliError
         ))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn short_durations() {
+        let d = Duration::from_millis;
+        assert_eq!(super::short_duration(d(850)), "850ms");
+        assert_eq!(super::short_duration(d(3_240)), "3.2s");
+        assert_eq!(super::short_duration(d(250_000)), "4m10s");
+        assert_eq!(super::short_duration(d(7_500_000)), "2h05m");
+    }
 }
