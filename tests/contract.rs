@@ -474,6 +474,35 @@ fn purge(h: &dyn Harness) {
     assert_eq!(listed, 2);
 }
 
+/// A paused queue's tasks are never claimed and nothing is charged; other queues go on; resume
+/// makes them claimable again, in order, and the pause survives a reopen.
+fn pause_holds_claims_and_charges_nothing(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    let held = enqueue(&q, "k", json!(1), EnqueueOptions::new().queue("held"));
+    let other = enqueue(&q, "k", json!(2), EnqueueOptions::new().queue("other"));
+    q.pause("held").unwrap();
+    assert!(q.is_paused("held"));
+    let c = testing::claim_next(&q).unwrap().unwrap();
+    assert_eq!(c.task.id, other);
+    assert!(c.succeed(&0).unwrap());
+    assert!(
+        testing::claim_next(&q).unwrap().is_none(),
+        "a paused queue was claimed"
+    );
+    let t = q.get(held).unwrap().unwrap();
+    assert_eq!((t.status, t.attempts), (Status::Pending, 0));
+    drop(q);
+    let q = h.reopen(&clock);
+    assert_eq!(q.paused_queues(), vec!["held".to_string()]);
+    assert!(
+        testing::claim_next(&q).unwrap().is_none(),
+        "the pause did not survive a reopen"
+    );
+    q.resume("held").unwrap();
+    let c = testing::claim_next(&q).unwrap().unwrap();
+    assert_eq!((c.task.id, c.task.attempts), (held, 1));
+}
+
 /// Per-task backoff overrides the queue's, which overrides the store's.
 fn backoff_configuration(h: &dyn Harness) {
     let clock = ManualClock::new(Timestamp(1_000_000));
@@ -1135,6 +1164,10 @@ macro_rules! contract_suite {
             #[test]
             fn purge() {
                 super::purge(&$harness);
+            }
+            #[test]
+            fn pause_holds_claims_and_charges_nothing() {
+                super::pause_holds_claims_and_charges_nothing(&$harness);
             }
             #[test]
             fn backoff_configuration() {
