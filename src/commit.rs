@@ -346,29 +346,6 @@ impl Group<'_> {
     }
 }
 
-fn refusal_to_error(id: TaskId, op: &'static str, expected: &'static str, r: Refusal) -> Error {
-    match r {
-        Refusal::WrongState(status) => Error::InvalidState {
-            id,
-            status,
-            op,
-            expected,
-        },
-        Refusal::NotDue => Error::InvalidState {
-            id,
-            status: Status::Pending,
-            op,
-            expected: "due",
-        },
-        Refusal::Stale => Error::InvalidState {
-            id,
-            status: Status::Running,
-            op,
-            expected: "held by this execution",
-        },
-    }
-}
-
 impl Writer {
     /// Starts the writer thread. It runs until every `Sender<Command>` is dropped.
     pub(crate) fn spawn(self, rx: Receiver<Command>) -> Result<JoinHandle<()>> {
@@ -767,7 +744,7 @@ fn apply(
                         Ok(Finished::Applied(Box::new(next)))
                     }
                     Err(Refusal::Stale) | Err(Refusal::WrongState(_)) => Ok(Finished::Stale),
-                    Err(r) => Err(refusal_to_error(id, "finish", "running", r)),
+                    Err(r) => Err(r.into_error(id, "finish", "running")),
                 }
             });
             pending(reply, result)
@@ -780,7 +757,7 @@ fn apply(
                         g.record(Some(rec), Some(next.clone()), Some(cause));
                         Ok(next)
                     }
-                    Err(r) => Err(refusal_to_error(id, "cancel", "PENDING", r)),
+                    Err(r) => Err(r.into_error(id, "cancel", "PENDING")),
                 });
             pending(reply, result)
         }
@@ -793,7 +770,7 @@ fn apply(
                         g.record(Some(rec), Some(next.clone()), Some(cause));
                         Ok(next)
                     }
-                    Err(r) => Err(refusal_to_error(id, "retry", "FAILED or CANCELLED", r)),
+                    Err(r) => Err(r.into_error(id, "retry", "FAILED or CANCELLED")),
                 });
             pending(reply, result)
         }

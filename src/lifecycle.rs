@@ -1,9 +1,10 @@
 //! The task state machine as pure functions: given a record and an event, the next record.
 //! No I/O here; the commit writer applies these and stores the results atomically.
 
+use crate::error::Error;
 use crate::log::Cause;
 use crate::retry::{decide, Backoff, Decision};
-use crate::task::{Status, TaskError, TaskInfo, Timestamp, ERROR_HISTORY_LIMIT};
+use crate::task::{Status, TaskError, TaskId, TaskInfo, Timestamp, ERROR_HISTORY_LIMIT};
 
 /// Why an event does not apply to a record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -14,6 +15,33 @@ pub(crate) enum Refusal {
     NotDue,
     /// A completion from an execution whose lease is no longer current (timed out, recovered).
     Stale,
+}
+
+impl Refusal {
+    /// The error a caller gets when `op` (which needs a task that is `expected`) is refused.
+    /// Both backends answer with it, so the words are the same on each.
+    pub(crate) fn into_error(self, id: TaskId, op: &'static str, expected: &'static str) -> Error {
+        match self {
+            Refusal::WrongState(status) => Error::InvalidState {
+                id,
+                status,
+                op,
+                expected,
+            },
+            Refusal::NotDue => Error::InvalidState {
+                id,
+                status: Status::Pending,
+                op,
+                expected: "due",
+            },
+            Refusal::Stale => Error::InvalidState {
+                id,
+                status: Status::Running,
+                op,
+                expected: "held by this execution",
+            },
+        }
+    }
 }
 
 /// Pending -> Running. `attempts + 1`; `lease` fences this execution.

@@ -361,29 +361,6 @@ fn backoff_for(sh: &Shared, t: &TaskInfo) -> Backoff {
         .unwrap_or(sh.backoff.default)
 }
 
-fn refusal_to_error(id: TaskId, op: &'static str, expected: &'static str, r: Refusal) -> Error {
-    match r {
-        Refusal::WrongState(status) => Error::InvalidState {
-            id,
-            status,
-            op,
-            expected,
-        },
-        Refusal::NotDue => Error::InvalidState {
-            id,
-            status: Status::Pending,
-            op,
-            expected: "due",
-        },
-        Refusal::Stale => Error::InvalidState {
-            id,
-            status: Status::Running,
-            op,
-            expected: "held by this execution",
-        },
-    }
-}
-
 /// Reads and locks `ids` (in id order, so concurrent transactions cannot deadlock on them).
 pub(crate) fn lock_rows(
     sh: &Shared,
@@ -500,7 +477,7 @@ fn run_submit(
                     Ok(Finished::Applied(Box::new(next)))
                 }
                 Err(Refusal::Stale) | Err(Refusal::WrongState(_)) => Ok(Finished::Stale),
-                Err(r) => Err(refusal_to_error(id, "finish", "running", r)),
+                Err(r) => Err(r.into_error(id, "finish", "running")),
             });
         }
     }
@@ -655,7 +632,7 @@ fn one_transition(
     let rec = lock_rows(sh, &mut tx, &stmts, &[id])?
         .remove(&id)
         .ok_or(Error::NotFound(id))??;
-    let (next, cause) = rule(&rec, now).map_err(|r| refusal_to_error(id, op, expected, r))?;
+    let (next, cause) = rule(&rec, now).map_err(|r| r.into_error(id, op, expected))?;
     let mut batch = Batch::new(stmts.clone());
     batch.update(&rec, &next);
     batch.record(sh, Some(rec), Some(next.clone()), Some(cause), now);
