@@ -130,6 +130,23 @@ pub struct RecoveryReport {
     pub duration: Duration,
 }
 
+impl RecoveryReport {
+    /// Counts one rescued orphan by where the retry rule sent it, and says so in the log.
+    pub(crate) fn count(&mut self, orphan: &crate::TaskInfo, after: crate::Status, how: &str) {
+        self.recovered += 1;
+        if after == crate::Status::Pending {
+            self.requeued += 1;
+        } else {
+            self.failed += 1;
+        }
+        tracing::warn!(
+            task = %orphan.id, kind = %orphan.kind, queue = %orphan.queue, attempt = orphan.attempts,
+            error_type = "crash", outcome = %after,
+            "{how}"
+        );
+    }
+}
+
 /// What a purge removed.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct PurgeReport {

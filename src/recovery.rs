@@ -59,17 +59,7 @@ pub(crate) fn recover(
         for (rec, rx) in replies {
             match rx.recv().map_err(|_| Error::Closed)?? {
                 Finished::Applied(after) => {
-                    report.recovered += 1;
-                    if after.status == Status::Pending {
-                        report.requeued += 1;
-                    } else {
-                        report.failed += 1;
-                    }
-                    tracing::warn!(
-                        task = %rec.id, kind = %rec.kind, queue = %rec.queue, attempt = rec.attempts,
-                        error_type = "crash", outcome = %after.status,
-                        "recovered a task orphaned by a crash"
-                    );
+                    report.count(&rec, after.status, "recovered a task orphaned by a crash")
                 }
                 Finished::Stale => {}
             }

@@ -26,7 +26,7 @@ use super::{pg_error, Shared};
 use crate::error::{Error, Result};
 use crate::inspect::{CorruptEntry, RecoveryReport};
 use crate::lifecycle;
-use crate::task::{Status, TaskError};
+use crate::task::TaskError;
 
 const NODES: &str = "SELECT id, session_pid, liveness, \
      extract(epoch FROM now() - heartbeat_at)::float8 AS age FROM omniq_nodes WHERE id <> $1 \
@@ -192,16 +192,10 @@ fn charge(
             continue;
         };
         batch.update(&rec, &next);
-        report.recovered += 1;
-        if next.status == Status::Pending {
-            report.requeued += 1;
-        } else {
-            report.failed += 1;
-        }
-        tracing::warn!(
-            task = %rec.id, kind = %rec.kind, queue = %rec.queue, attempt = rec.attempts,
-            error_type = "crash", outcome = %next.status,
-            "rescued an execution orphaned by a dead node"
+        report.count(
+            &rec,
+            next.status,
+            "rescued an execution orphaned by a dead node",
         );
         batch.record(sh, Some(rec), Some(next), Some(cause), now);
     }
