@@ -556,19 +556,6 @@ impl Queue {
         if tasks.is_empty() {
             return Ok(Vec::new());
         }
-        if tasks.iter().all(|t| t.extras.is_none()) {
-            let out = tasks
-                .iter()
-                .map(|t| Inserted {
-                    id: t.task.id,
-                    duplicate: false,
-                })
-                .collect();
-            self.inner
-                .backend
-                .insert(tasks.into_iter().map(|t| t.task).collect())?;
-            return Ok(out);
-        }
         self.inner.backend.insert_new(tasks)
     }
 
