@@ -151,7 +151,7 @@ pub mod postgres {
     #[doc(hidden)]
     pub use crate::backend::postgres::harness;
     pub use crate::backend::postgres::{
-        migrate, Liveness, MigrateReport, PgOptions, SCHEMA_VERSION,
+        migrate, schema_version, Liveness, MigrateReport, PgOptions, SCHEMA_VERSION,
     };
 }
 #[doc(hidden)]

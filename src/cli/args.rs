@@ -4,23 +4,27 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
-/// `omniq`: run the demo, inspect and operate a queue directory, benchmark the engine.
+/// `omniq`: run the demo, inspect and operate a queue (a directory, or a PostgreSQL schema with
+/// --url), benchmark the engine.
 #[derive(Parser, Debug)]
 #[command(
     name = "omniq",
     version,
-    about = "Operate an omniq queue directory: run the demo, inspect, retry, cancel, purge, check, benchmark.",
-    after_help = "Every command takes --data DIR (default ./omniq_data) and --json (one JSON document on stdout)."
+    about = "Operate an omniq queue (a directory, or PostgreSQL with --url): run the demo, inspect, retry, cancel, purge, check, benchmark.",
+    after_help = "Every command takes --data DIR (default ./omniq_data) or, for a queue in PostgreSQL, \
+--url URL [--schema NAME] (also OMNIQ_URL), and --json (one JSON document on stdout)."
 )]
 pub struct Cli {
-    /// The queue directory.
-    #[arg(
-        long,
-        global = true,
-        value_name = "DIR",
-        default_value = "./omniq_data"
-    )]
-    pub data: PathBuf,
+    /// The queue directory (default ./omniq_data). Not with --url.
+    #[arg(long, global = true, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// A queue in PostgreSQL instead of a directory: a postgres:// URL or a
+    /// "host=... user=... dbname=..." string (also OMNIQ_URL). Not with --data.
+    #[arg(long, global = true, value_name = "URL")]
+    pub url: Option<String>,
+    /// With --url: the schema holding the queue's tables (default omniq).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub schema: Option<String>,
     /// Print exactly one JSON document on stdout instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -33,7 +37,8 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Enqueue a mixed workload (or resume an unfinished one) and run it on a worker pool: ~20 s;
-    /// Ctrl-C stops it gracefully (exit 130) and the next run resumes.
+    /// Ctrl-C stops it gracefully (exit 130) and the next run resumes. Queue directories only
+    /// (not --url).
     Demo(DemoArgs),
     /// Task counts per status and per queue.
     Stats,
@@ -62,22 +67,17 @@ pub enum Command {
     },
     /// Verify every record, index, counter and log entry; exits non-zero if anything disagrees.
     Check,
-    /// Run the built-in benchmark in a temporary directory (--data is not used).
+    /// Run the built-in benchmark in a temporary directory (--data is not used; --url is
+    /// refused).
     Bench(BenchArgs),
-    /// Open a queue directory with no workers and serve its admin API, metrics and dashboard
-    /// (on DIR/admin/api.sock, and on TCP with --listen), until stopped.
+    /// Open a queue with no workers and serve its admin API, metrics and dashboard until
+    /// stopped: a directory on DIR/admin/api.sock (and on TCP with --listen); a PostgreSQL
+    /// queue (--url) on TCP only, at --listen (default 127.0.0.1:8080).
     Serve(ServeArgs),
-    /// Create or upgrade the PostgreSQL schema of a queue (--data is not used). Refuses a
-    /// schema migrated by a newer omniq.
+    /// Create or upgrade the PostgreSQL schema of a queue given by --url URL (or OMNIQ_URL)
+    /// and --schema NAME (default omniq). Refuses a schema migrated by a newer omniq.
     #[cfg(feature = "postgres")]
-    Migrate {
-        /// The database: a postgres:// URL or a "host=... user=... dbname=..." string.
-        #[arg(long, value_name = "URL")]
-        url: String,
-        /// The schema holding the queue's tables.
-        #[arg(long, value_name = "NAME", default_value = "omniq")]
-        schema: String,
-    },
+    Migrate,
     /// List recurring schedules: spec, missed-tick policy, last and next tick, counts.
     Schedules,
 }
@@ -86,7 +86,7 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Also listen on TCP at this address, e.g. 127.0.0.1:8080 (a non-loopback address needs
-    /// --token).
+    /// --token). With --url, the only listener (default 127.0.0.1:8080).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
     /// Bearer token required on TCP (also OMNIQ_ADMIN_TOKEN; at least 16 characters).

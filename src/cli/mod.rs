@@ -9,7 +9,7 @@ mod output;
 mod remote;
 mod serve;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
@@ -122,9 +122,140 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e, &args),
     };
-    match run(&cli) {
+    let location = match Location::of(&cli) {
+        Ok(l) => l,
+        Err(e) => return report(e, cli.json, Path::new(".")),
+    };
+    match run(&cli, &location) {
         Ok(code) => code,
-        Err(e) => report(e, cli.json, &cli.data),
+        Err(e) => report(e, cli.json, location.shown()),
+    }
+}
+
+/// The directory a command uses when neither `--data` nor `--url` (nor `OMNIQ_URL`) is given.
+const DEFAULT_DIR: &str = "./omniq_data";
+
+/// Where the command's queue lives: a directory (`--data`), or a PostgreSQL schema (`--url`,
+/// `--schema`, or `OMNIQ_URL`).
+pub enum Location {
+    /// A queue directory.
+    Dir(PathBuf),
+    /// A queue in PostgreSQL.
+    #[cfg(feature = "postgres")]
+    Pg {
+        /// The connection string as given (it may hold a password: never printed).
+        url: String,
+        /// The schema holding the queue's tables.
+        schema: String,
+        /// The server, database and schema, without the password, for messages and output.
+        label: PathBuf,
+    },
+}
+
+impl Location {
+    /// `--data` and `--url` are alternatives; an explicit `--data` wins over `OMNIQ_URL`.
+    fn of(cli: &Cli) -> Result<Location, CliError> {
+        let url =
+            match (&cli.data, &cli.url) {
+                (Some(_), Some(_)) => return Err(CliError::Usage(
+                    "--data and --url are alternatives: give --data DIR for a queue directory or \
+                     --url URL for a PostgreSQL queue, not both"
+                        .into(),
+                )),
+                (Some(_), None) => None,
+                (None, Some(u)) => Some(u.clone()),
+                (None, None) => std::env::var("OMNIQ_URL").ok().filter(|u| !u.is_empty()),
+            };
+        let Some(url) = url else {
+            if cli.schema.is_some() {
+                return Err(CliError::Usage(
+                    "--schema names a PostgreSQL schema: it needs --url URL (or OMNIQ_URL)".into(),
+                ));
+            }
+            let dir = cli
+                .data
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
+            return Ok(Location::Dir(dir));
+        };
+        Location::pg(url, cli.schema.clone())
+    }
+
+    #[cfg(feature = "postgres")]
+    fn pg(url: String, schema: Option<String>) -> Result<Location, CliError> {
+        use std::str::FromStr;
+        let schema = schema.unwrap_or_else(|| "omniq".to_string());
+        // Parsed here only to name the server in messages; the password is left out. The
+        // parser's message does not repeat the string.
+        let config = postgres::Config::from_str(&url).map_err(|e| {
+            CliError::Kind(
+                "invalid_argument",
+                format!(
+                    "--url is not a PostgreSQL connection string ({e}); expected \
+                     postgres://USER@HOST:PORT/DATABASE or \"host=... user=... dbname=...\""
+                ),
+            )
+        })?;
+        let hosts: Vec<String> = config
+            .get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let host = match h {
+                    postgres::config::Host::Tcp(name) => name.clone(),
+                    #[cfg(unix)]
+                    postgres::config::Host::Unix(path) => path.display().to_string(),
+                };
+                let port = config
+                    .get_ports()
+                    .get(i)
+                    .or(config.get_ports().first())
+                    .copied()
+                    .unwrap_or(5432);
+                format!("{host}:{port}")
+            })
+            .collect();
+        let hosts = if hosts.is_empty() {
+            "localhost:5432".to_string()
+        } else {
+            hosts.join(",")
+        };
+        let user = config
+            .get_user()
+            .map(|u| format!("{u}@"))
+            .unwrap_or_default();
+        let db = config.get_dbname().or(config.get_user()).unwrap_or("");
+        let label = PathBuf::from(format!("postgres://{user}{hosts}/{db} schema {schema}"));
+        Ok(Location::Pg { url, schema, label })
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    fn pg(_url: String, _schema: Option<String>) -> Result<Location, CliError> {
+        Err(CliError::Usage(
+            "--url needs the PostgreSQL backend: this omniq was built without feature `postgres`"
+                .into(),
+        ))
+    }
+
+    /// The directory, or the PostgreSQL label, as messages show it.
+    fn shown(&self) -> &Path {
+        match self {
+            Location::Dir(d) => d,
+            #[cfg(feature = "postgres")]
+            Location::Pg { label, .. } => label,
+        }
+    }
+
+    /// The directory, for the commands that work on a directory only.
+    fn dir_only(&self, command: &str) -> Result<&Path, CliError> {
+        match self {
+            Location::Dir(d) => Ok(d),
+            #[cfg(feature = "postgres")]
+            Location::Pg { .. } => Err(CliError::Usage(format!(
+                "`omniq {command}` works on a queue directory only: --url (or OMNIQ_URL) is not \
+                 supported here; pass --data DIR"
+            ))),
+        }
     }
 }
 
@@ -180,43 +311,55 @@ fn usage_error(e: clap::Error, args: &[std::ffi::OsString]) -> ExitCode {
     report(CliError::Usage(msg), json, Path::new("."))
 }
 
-fn run(cli: &Cli) -> Result<ExitCode, CliError> {
+fn run(cli: &Cli, location: &Location) -> Result<ExitCode, CliError> {
     let json = cli.json;
-    let dir = cli.data.as_path();
+    let open = || open_existing(location, json);
     match &cli.command {
-        Command::Demo(a) => demo::run(dir, json, a),
-        Command::Bench(a) => commands::bench(json, a),
-        Command::Stats => commands::stats(&open_existing(dir, json)?, json),
+        Command::Demo(a) => demo::run(location.dir_only("demo")?, json, a),
+        Command::Bench(a) => {
+            if cli.url.is_some() {
+                location.dir_only("bench")?;
+            }
+            commands::bench(json, a)
+        }
+        Command::Stats => commands::stats(&open()?, json),
         Command::List(a) => {
-            // Arguments are validated before the directory is touched.
+            // Arguments are validated before the queue is touched.
             let status = a.status.as_deref().map(parse_status).transpose()?;
             let cursor = a.cursor.as_deref().map(parse_id).transpose()?;
-            commands::list(&open_existing(dir, json)?, json, a, status, cursor)
+            commands::list(&open()?, json, a, status, cursor)
         }
         Command::Show { id } => {
             let id = parse_id(id)?;
-            commands::show(&open_existing(dir, json)?, json, id)
+            commands::show(&open()?, json, id)
         }
         Command::Retry(a) => {
             let id = a.id.as_deref().map(parse_id).transpose()?;
-            commands::retry(&open_existing(dir, json)?, json, id)
+            commands::retry(&open()?, json, id)
         }
         Command::Cancel { id } => {
             let id = parse_id(id)?;
-            commands::cancel(&open_existing(dir, json)?, json, id)
+            commands::cancel(&open()?, json, id)
         }
         Command::Purge {
             older_than,
             dry_run,
         } => {
             let age = parse_duration(older_than)?;
-            commands::purge(&open_existing(dir, json)?, json, older_than, age, *dry_run)
+            commands::purge(&open()?, json, older_than, age, *dry_run)
         }
-        Command::Check => commands::check(&open_existing(dir, json)?, json),
-        Command::Serve(a) => serve::run(dir, json, a),
+        Command::Check => commands::check(&open()?, json),
+        Command::Serve(a) => serve::run(location, json, a),
         #[cfg(feature = "postgres")]
-        Command::Migrate { url, schema } => commands::migrate(json, url, schema),
-        Command::Schedules => commands::schedules(&open_existing(dir, json)?, json),
+        Command::Migrate => match location {
+            Location::Pg { url, schema, .. } => commands::migrate(json, url, schema),
+            Location::Dir(_) => Err(CliError::Usage(
+                "`omniq migrate` needs --url URL (or OMNIQ_URL) naming the database; \
+                 --schema NAME picks the schema (default omniq)"
+                    .into(),
+            )),
+        },
+        Command::Schedules => commands::schedules(&open()?, json),
     }
 }
 
@@ -267,13 +410,64 @@ fn ensure_not_a_file(dir: &Path) -> Result<(), CliError> {
     ))
 }
 
-/// The queue directory a command works on: through its admin socket when a live process holds
-/// it and serves one (said on stderr), otherwise opened here (see `open_local`).
-fn open_existing(dir: &Path, json: bool) -> Result<Target, CliError> {
-    if let Some(remote) = remote::connect(dir) {
-        return Ok(remote);
+/// The queue a command works on. A directory: through its admin socket when a live process
+/// holds it and serves one (said on stderr), otherwise opened here (see `open_local`). A
+/// PostgreSQL queue: opened here, next to the processes that run it (see `open_pg`).
+fn open_existing(location: &Location, json: bool) -> Result<Target, CliError> {
+    match location {
+        Location::Dir(dir) => {
+            if let Some(remote) = remote::connect(dir) {
+                return Ok(remote);
+            }
+            open_local(dir, json).map(Target::Local)
+        }
+        #[cfg(feature = "postgres")]
+        Location::Pg { url, schema, label } => open_pg(url, schema, label, json).map(Target::Local),
     }
-    open_local(dir, json).map(Target::Local)
+}
+
+/// A bound no interval of the CLI's node reaches (a century).
+#[cfg(feature = "postgres")]
+const NEVER: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Opens a PostgreSQL queue that must already exist: a schema that holds no queue is reported
+/// (`no_queue`), never created, and an older schema is refused (run `omniq migrate`), never
+/// migrated. The queue runs no workers. It joins as a node, which takes nothing from live
+/// nodes: its heartbeat bound is a century, so it declares no heartbeat-mode node dead and
+/// terminates no session; it rescues only the tasks of nodes whose database session has
+/// ended (as every node does), runs no further rescue passes and no retention purge.
+#[cfg(feature = "postgres")]
+fn open_pg(url: &str, schema: &str, label: &Path, json: bool) -> Result<Queue, CliError> {
+    let options = omniq::postgres::PgOptions {
+        schema: schema.to_string(),
+        pool_size: 2,
+        dead_after: NEVER,
+        rescue_interval: NEVER,
+        retention: None,
+        auto_migrate: false,
+        ..Default::default()
+    };
+    let shown = label.display();
+    let version = omniq::postgres::schema_version(url, &options)?;
+    if version == 0 {
+        return Err(CliError::Kind(
+            "no_queue",
+            format!(
+                "no queue at {shown}: schema {schema:?} holds no omniq tables (pass --schema NAME \
+                 to name the queue's schema, or run `omniq migrate --url URL --schema {schema}` to \
+                 create one)"
+            ),
+        ));
+    }
+    let queue = Queue::builder(label).postgres_with(url, options).open()?;
+    let r = queue.recovery_report();
+    if r.recovered > 0 && !json {
+        eprintln!(
+            "note: opening {shown} recovered {} task(s) left RUNNING by a node found dead: {} requeued, {} failed",
+            r.recovered, r.requeued, r.failed
+        );
+    }
+    Ok(queue)
 }
 
 /// Opens a queue directory that must already exist: commands that inspect or operate never

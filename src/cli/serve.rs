@@ -1,8 +1,7 @@
-//! `omniq serve`: open a queue directory with no workers and serve its admin API, metrics and
-//! dashboard (to inspect a stopped application's queue); and the admin socket `omniq demo`
-//! serves while it runs.
+//! `omniq serve`: open a queue with no workers and serve its admin API, metrics and dashboard:
+//! a directory (to inspect a stopped application's queue), or a PostgreSQL queue (next to the
+//! processes that run it, on TCP only); and the admin socket `omniq demo` serves while it runs.
 
-use std::path::Path;
 use std::process::ExitCode;
 
 use omniq::admin::{AdminServer, Endpoint};
@@ -11,7 +10,7 @@ use serde_json::json;
 
 use super::args::ServeArgs;
 use super::output::{emit, emit_json};
-use super::CliError;
+use super::{CliError, Location};
 
 /// Serves `queue`'s admin socket for `omniq demo`; a failure is a warning, not fatal.
 pub fn for_demo(queue: &Queue) -> Option<AdminServer> {
@@ -25,7 +24,7 @@ pub fn for_demo(queue: &Queue) -> Option<AdminServer> {
 }
 
 /// `omniq serve`.
-pub fn run(dir: &Path, json: bool, a: &ServeArgs) -> Result<ExitCode, CliError> {
+pub fn run(location: &Location, json: bool, a: &ServeArgs) -> Result<ExitCode, CliError> {
     let listen = a
         .listen
         .as_deref()
@@ -37,16 +36,35 @@ pub fn run(dir: &Path, json: bool, a: &ServeArgs) -> Result<ExitCode, CliError> 
             })
         })
         .transpose()?;
-    if super::remote::connect(dir).is_some() {
-        return Err(CliError::Runtime(format!(
-            "{} is already served by a running process (its admin socket answers); use that process's server",
-            dir.display()
-        )));
-    }
-    let queue = super::open_local(dir, json)?;
+    let dir = location.shown();
+    let queue = match location {
+        Location::Dir(dir) => {
+            if super::remote::connect(dir).is_some() {
+                return Err(CliError::Runtime(format!(
+                    "{} is already served by a running process (its admin socket answers); use that process's server",
+                    dir.display()
+                )));
+            }
+            super::open_local(dir, json)?
+        }
+        #[cfg(feature = "postgres")]
+        Location::Pg { url, schema, label } => super::open_pg(url, schema, label, json)?,
+    };
     let mut b = queue.admin().read_only(a.read_only);
-    if let Some(addr) = listen {
-        b = b.tcp(addr);
+    match location {
+        Location::Dir(_) => {
+            if let Some(addr) = listen {
+                b = b.tcp(addr);
+            }
+        }
+        // Several processes may open a PostgreSQL queue, so there is no socket to find it by:
+        // this one serves it on TCP only.
+        #[cfg(feature = "postgres")]
+        Location::Pg { .. } => {
+            b = b
+                .no_unix_socket()
+                .tcp(listen.unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 8080))));
+        }
     }
     let token = a.token.clone().or_else(|| {
         std::env::var("OMNIQ_ADMIN_TOKEN")

@@ -227,6 +227,14 @@ pub fn migrate(url: &str, options: &PgOptions) -> Result<MigrateReport> {
     schema::migrate(&mut client, &target)
 }
 
+/// The version of the schema `options.schema` of the database at `url`: `0` when it holds no
+/// omniq queue (the schema or its tables do not exist). Reads only; creates nothing.
+pub fn schema_version(url: &str, options: &PgOptions) -> Result<u32> {
+    let target = Target::parse(url, &options.schema, options.connect_timeout)?;
+    let mut client = target.connect()?;
+    schema::version(&mut client, &target)
+}
+
 /// State shared by the backend's callers and its threads.
 pub(crate) struct Shared {
     pub target: Target,
