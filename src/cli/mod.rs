@@ -247,6 +247,7 @@ impl Location {
     }
 
     /// The directory, for the commands that work on a directory only.
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
     fn dir_only(&self, command: &str) -> Result<&Path, CliError> {
         match self {
             Location::Dir(d) => Ok(d),
