@@ -762,16 +762,15 @@ fn apply(
             pending(reply, result)
         }
         Command::Retry { id, reply } => {
-            let result = g
-                .existing(id)
-                .and_then(|rec| retry_keeps_uniqueness(g, &rec).map(|()| rec))
-                .and_then(|rec| match lifecycle::manual_retry(&rec, g.now) {
-                    Ok((next, cause)) => {
-                        g.record(Some(rec), Some(next.clone()), Some(cause));
-                        Ok(next)
-                    }
-                    Err(r) => Err(r.into_error(id, "retry", "FAILED or CANCELLED")),
-                });
+            // The state rule first: a task that cannot be retried at all is refused for that
+            // reason, whoever holds its unique key.
+            let result = g.existing(id).and_then(|rec| {
+                let (next, cause) = lifecycle::manual_retry(&rec, g.now)
+                    .map_err(|r| r.into_error(id, "retry", "FAILED or CANCELLED"))?;
+                retry_keeps_uniqueness(g, &rec)?;
+                g.record(Some(rec), Some(next.clone()), Some(cause));
+                Ok(next)
+            });
             pending(reply, result)
         }
         Command::SetPaused {

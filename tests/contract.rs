@@ -725,7 +725,22 @@ fn unique_manual_retry_conflict(h: &dyn Harness) {
         Status::Failed,
         "unchanged"
     );
-    q.cancel(b.id).unwrap();
+    // A task that cannot be retried at all says so, not that its key is taken (found by
+    // tests/rules_model.rs: the uniqueness check once ran before the state rule).
+    let c = q
+        .insert_json("other", &json!(3), EnqueueOptions::new())
+        .unwrap();
+    let running = testing::claim_next(&q).unwrap().unwrap();
+    assert_eq!(running.task.id, b.id);
+    assert!(running.succeed(&0).unwrap());
+    let d = q.insert_json("u", &json!(1), unique_opts()).unwrap();
+    assert!(!d.duplicate, "b completed: the key is free again");
+    match q.retry(b.id) {
+        Err(Error::InvalidState { status, .. }) => assert_eq!(status, Status::Completed),
+        other => panic!("retry of a Completed task: expected InvalidState, got {other:?}"),
+    }
+    q.cancel(c.id).unwrap();
+    q.cancel(d.id).unwrap();
     assert_eq!(q.retry(a.id).unwrap().status, Status::Pending);
     assert!(
         q.insert_json("u", &json!(1), unique_opts())
