@@ -415,6 +415,106 @@ fn finishes_ride_with_the_next_claim_in_one_transaction() {
 }
 
 #[test]
+fn submissions_queued_behind_a_transaction_commit_together_and_reply_in_order() {
+    let s = schema!("grouped");
+    let clock = clock();
+    let node = s.node(s.options(), &clock);
+    let tasks: Vec<TaskInfo> = (0..10)
+        .map(|i| new_task("q", 0, clock.now(), 3, i))
+        .collect();
+    node.insert(tasks).unwrap();
+    let first = node.claim(None, 4, clock.now()).unwrap();
+    assert_eq!(first.len(), 4);
+    // Another session holds first[0]'s row: the committer's transaction finishing it waits.
+    let mut locker = postgres::Client::connect(&s.url, postgres::NoTls).unwrap();
+    let mut lock_tx = locker.transaction().unwrap();
+    lock_tx
+        .execute(
+            &format!(
+                "SELECT 1 FROM \"{}\".omniq_tasks WHERE id = $1::text::uuid FOR UPDATE",
+                s.schema
+            ),
+            &[&first[0].id.to_string()],
+        )
+        .unwrap();
+    let locker_pid: i32 = lock_tx
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let (claim_tx, claim_rx) = crossbeam_channel::unbounded();
+    let now = clock.now();
+    let a = node
+        .submit(
+            vec![(first[0].id, first[0].lease, Ok(b"a".to_vec()))],
+            Some((None, 1, now)),
+            &claim_tx,
+        )
+        .unwrap();
+    // Wait until the committer is blocked on that row lock (an observation, not a guess).
+    let mut watcher = postgres::Client::connect(&s.url, postgres::NoTls).unwrap();
+    assert!(eventually(Duration::from_secs(10), || {
+        watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                &[&locker_pid],
+            )
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false)
+    }));
+    let before = node.transactions();
+    // Two more submissions queue behind it: one with a stale finish, one with an unknown task.
+    let b = node
+        .submit(
+            vec![
+                (first[1].id, first[1].lease, Ok(b"b".to_vec())),
+                (first[2].id, first[2].lease + 100, Ok(b"stale".to_vec())),
+            ],
+            Some((None, 2, now)),
+            &claim_tx,
+        )
+        .unwrap();
+    let c = node
+        .submit(
+            vec![
+                (first[2].id, first[2].lease, Ok(b"c".to_vec())),
+                (TaskId::from_bytes([7; 16]), 1, Ok(b"nobody".to_vec())),
+            ],
+            Some((None, 3, now)),
+            &claim_tx,
+        )
+        .unwrap();
+    lock_tx.commit().unwrap();
+    // Claims answer in the order they were sent, each with its own n.
+    let sizes: Vec<usize> = (0..3)
+        .map(|_| {
+            claim_rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("a claim reply")
+                .expect("claimed")
+                .len()
+        })
+        .collect();
+    assert_eq!(sizes, vec![1, 2, 3]);
+    assert!(
+        matches!(a[0].wait(), Ok(FinishResult::Applied(ref t)) if t.status == Status::Completed)
+    );
+    assert!(
+        matches!(b[0].wait(), Ok(FinishResult::Applied(ref t)) if t.status == Status::Completed)
+    );
+    assert!(matches!(b[1].wait(), Ok(FinishResult::Stale)));
+    assert!(
+        matches!(c[0].wait(), Ok(FinishResult::Applied(ref t)) if t.status == Status::Completed)
+    );
+    assert!(matches!(c[1].wait(), Err(Error::NotFound(_))));
+    // The first submission alone, then the two queued behind it in one transaction.
+    assert_eq!(node.transactions() - before, 2);
+    let report = node.check().unwrap();
+    assert!(report.is_consistent(), "{:?}", report.problems);
+    assert_eq!(node.counts().unwrap(), counted(&node));
+    node.shut_down().unwrap();
+}
+
+#[test]
 fn two_processes_racing_never_claim_the_same_task() {
     let s = schema!("race");
     let clock = clock();

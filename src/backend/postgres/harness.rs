@@ -29,6 +29,16 @@ pub enum FinishResult {
     Stale,
 }
 
+/// The reply to one finish queued with [`PgHarness::submit`].
+pub struct FinishReply(Receiver<Result<Finished>>);
+
+impl FinishReply {
+    /// Waits for the reply (sent once the finish's transaction committed).
+    pub fn wait(&self) -> Result<FinishResult> {
+        self.0.recv().map_err(|_| Error::Closed)?.map(finished)
+    }
+}
+
 /// One process's view of a PostgreSQL queue (one node).
 pub struct PgHarness {
     backend: PgBackend,
@@ -157,6 +167,46 @@ impl PgHarness {
             .collect();
         let claimed = claim_rx.recv().map_err(|_| Error::Closed)?;
         Ok((results, claimed))
+    }
+
+    /// Queues finishes and an optional claim (its reply goes to `claim_reply`, as a
+    /// dispatcher's claims share one channel) without waiting: what the committer thread
+    /// commits together with whatever else is queued.
+    #[allow(clippy::type_complexity)]
+    pub fn submit(
+        &self,
+        finishes: Vec<(TaskId, u64, std::result::Result<Vec<u8>, TaskError>)>,
+        claim: Option<(Option<&[&str]>, usize, Timestamp)>,
+        claim_reply: &crossbeam_channel::Sender<Result<Vec<TaskInfo>>>,
+    ) -> Result<Vec<FinishReply>> {
+        let mut reqs = Vec::new();
+        let mut rxs = Vec::new();
+        for (id, lease, outcome) in finishes {
+            let (reply, rx) = crossbeam_channel::bounded(1);
+            reqs.push(FinishRequest {
+                id,
+                lease,
+                outcome: match outcome {
+                    Ok(b) => Outcome::Success(b),
+                    Err(e) => Outcome::Failure(e),
+                },
+                reply,
+            });
+            rxs.push(FinishReply(rx));
+        }
+        let claim = claim.map(|(queues, n, now)| ClaimRequest {
+            queues: queue_set(queues),
+            n,
+            now,
+            reply: claim_reply.clone(),
+        });
+        self.backend.submit(reqs, claim)?;
+        Ok(rxs)
+    }
+
+    /// Transactions the committer thread has committed so far.
+    pub fn transactions(&self) -> u64 {
+        self.backend.transactions()
     }
 
     /// `Pending -> Cancelled`.

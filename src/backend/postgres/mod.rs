@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -38,6 +38,7 @@ use crate::retry::JitterSource;
 use crate::store::QueueSet;
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
+mod committer;
 #[doc(hidden)]
 pub mod harness;
 mod node;
@@ -255,6 +256,8 @@ pub(crate) struct Shared {
     pub paused: Mutex<BTreeSet<String>>,
     /// Queues to `NOTIFY` about (sent by the notifier thread, throttled).
     pub to_notify: crossbeam_channel::Sender<node::Signal>,
+    /// Transactions the committer has committed (each holds one or more submissions).
+    pub transactions: AtomicU64,
 }
 
 impl Shared {
@@ -282,6 +285,8 @@ impl Shared {
 pub(crate) struct PgBackend {
     shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Where `submit` queues work for the committer thread (`None` once shut down).
+    committer: Mutex<Option<(crossbeam_channel::Sender<ops::Submission>, JoinHandle<()>)>>,
 }
 
 impl PgBackend {
@@ -329,12 +334,24 @@ impl PgBackend {
             stopping: AtomicBool::new(false),
             paused: Mutex::new(BTreeSet::new()),
             to_notify: tx,
+            transactions: AtomicU64::new(0),
         });
         let threads = node::spawn(&shared, session, rx)?;
-        Ok(PgBackend {
+        let (submit_tx, submit_rx) = crossbeam_channel::unbounded();
+        let sh = shared.clone();
+        let committer = std::thread::Builder::new()
+            .name("omniq-pg-committer".into())
+            .spawn(move || committer::run(&sh, submit_rx));
+        let backend = PgBackend {
             shared,
             threads: Mutex::new(threads),
-        })
+            committer: Mutex::new(None),
+        };
+        let committer = committer.map_err(|e| {
+            Error::Storage(format!("cannot start the PostgreSQL committer thread: {e}"))
+        })?;
+        *backend.committer.lock() = Some((submit_tx, committer));
+        Ok(backend)
     }
 
     pub(crate) fn node_id(&self) -> u64 {
@@ -349,7 +366,24 @@ impl PgBackend {
         self.shared.lost.lock().is_some()
     }
 
+    /// Transactions committed by the committer thread so far.
+    pub(crate) fn transactions(&self) -> u64 {
+        self.shared.transactions.load(Ordering::Relaxed)
+    }
+
+    /// Stops taking submissions and waits until the committer has committed (and answered)
+    /// every one already queued.
+    fn stop_committer(&self) {
+        let committer = self.committer.lock().take();
+        if let Some((tx, thread)) = committer {
+            drop(tx);
+            let _ = thread.join();
+        }
+    }
+
     fn stop_threads(&self) {
+        // What was submitted commits while the node is still registered and notifying.
+        self.stop_committer();
         let threads = std::mem::take(&mut *self.threads.lock());
         if threads.is_empty() {
             return;
@@ -373,9 +407,13 @@ impl Backend for PgBackend {
         ops::insert(&self.shared, tasks)
     }
 
+    /// Queues the submission for the committer thread and returns; the replies arrive on
+    /// the requests' channels after the group's `COMMIT` (see `committer.rs`).
     fn submit(&self, finishes: Vec<FinishRequest>, claim: Option<ClaimRequest>) -> Result<()> {
-        ops::submit(&self.shared, finishes, claim);
-        Ok(())
+        let committer = self.committer.lock();
+        let (tx, _) = committer.as_ref().ok_or(Error::Closed)?;
+        tx.send(ops::Submission { finishes, claim })
+            .map_err(|_| Error::Closed)
     }
 
     fn cancel(&self, id: TaskId) -> Result<TaskInfo> {

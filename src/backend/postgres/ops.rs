@@ -384,71 +384,130 @@ pub(crate) fn lock_rows(
     Ok(out)
 }
 
-type FinishReply = crate::backend::Reply<Finished>;
+/// One `submit`: its finishes, then its claim, as the dispatcher sent them.
+pub(crate) struct Submission {
+    pub finishes: Vec<FinishRequest>,
+    pub claim: Option<ClaimRequest>,
+}
 
-/// Finishes, then a claim, in one transaction; each reply once it committed.
-pub(crate) fn submit(sh: &Shared, finishes: Vec<FinishRequest>, claim: Option<ClaimRequest>) {
-    let mut work = Vec::with_capacity(finishes.len());
-    let mut replies: Vec<FinishReply> = Vec::with_capacity(finishes.len());
-    for f in finishes {
-        work.push((f.id, f.lease, f.outcome));
-        replies.push(f.reply);
-    }
-    let (claim_args, claim_reply) = match claim {
-        Some(c) => (Some((c.queues, c.n, c.now)), Some(c.reply)),
-        None => (None, None),
-    };
-    match run_submit(sh, work, claim_args) {
-        Ok((results, claimed, batch)) => {
+/// What one submission gets back once its transaction committed.
+struct Answer {
+    finishes: Vec<Result<Finished>>,
+    claim: Option<Result<Vec<TaskInfo>>>,
+}
+
+/// Why a group's transaction did not commit, and whether `COMMIT` itself was under way (its
+/// outcome is then unknown, and nothing may be tried again).
+struct Failure {
+    error: Error,
+    at_commit: bool,
+}
+
+/// Commits a group of submissions in one transaction — every finish (each fenced by its lease
+/// and decided by `lifecycle`), then each claim in order with its own `n` — and only then
+/// replies, in submission order.
+///
+/// If the transaction fails before `COMMIT` was sent and the group holds more than one
+/// submission, each submission is tried again alone, so one request that cannot be written
+/// does not fail the others. If `COMMIT` itself failed (its outcome unknown), or a submission
+/// alone fails, every request in the failed transaction is answered with the error: a finish
+/// is then recorded by a later open's rescue, a claim is retried by the dispatcher.
+pub(crate) fn commit_group(sh: &Shared, group: Vec<Submission>) {
+    match run_group(sh, &group) {
+        Ok((answers, batch)) => {
+            sh.transactions
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             batch.publish(sh);
-            for (reply, r) in replies.into_iter().zip(results) {
-                let _ = reply.send(r);
-            }
-            if let (Some(reply), Some(c)) = (claim_reply, claimed) {
-                let _ = reply.send(c);
+            for (s, a) in group.into_iter().zip(answers) {
+                for (f, r) in s.finishes.into_iter().zip(a.finishes) {
+                    let _ = f.reply.send(r);
+                }
+                if let (Some(c), Some(r)) = (s.claim, a.claim) {
+                    let _ = c.reply.send(r);
+                }
             }
         }
-        Err(e) => {
-            for reply in replies {
-                let _ = reply.send(Err(e.duplicate()));
+        Err(f) if group.len() > 1 && !f.at_commit => {
+            tracing::warn!(error = %f.error, submissions = group.len(), "a grouped transaction failed; committing its submissions one by one");
+            for s in group {
+                commit_group(sh, vec![s]);
             }
-            if let Some(reply) = claim_reply {
-                let _ = reply.send(Err(e.duplicate()));
+        }
+        Err(f) => {
+            for s in group {
+                for r in s.finishes {
+                    let _ = r.reply.send(Err(f.error.duplicate()));
+                }
+                if let Some(c) = s.claim {
+                    let _ = c.reply.send(Err(f.error.duplicate()));
+                }
             }
         }
     }
 }
 
-type Submitted = (Vec<Result<Finished>>, Option<Result<Vec<TaskInfo>>>, Batch);
-
-fn run_submit(
+fn run_group(
     sh: &Shared,
-    work: Vec<(TaskId, u64, Outcome)>,
-    claim: Option<(QueueSet, usize, Timestamp)>,
-) -> Result<Submitted> {
+    group: &[Submission],
+) -> std::result::Result<(Vec<Answer>, Batch), Failure> {
+    let before = |error: Error| Failure {
+        error,
+        at_commit: false,
+    };
     let t = &sh.target;
-    let mut conn = sh.pool.get()?;
-    let stmts = conn.stmts().map_err(pg_error(t, "prepare statements"))?;
+    let mut conn = sh.pool.get().map_err(before)?;
+    let stmts = conn
+        .stmts()
+        .map_err(pg_error(t, "prepare statements"))
+        .map_err(before)?;
     let mut tx = conn
         .transaction()
-        .map_err(pg_error(t, "begin a transaction"))?;
+        .map_err(pg_error(t, "begin a transaction"))
+        .map_err(before)?;
+    let (answers, batch) = transitions(sh, &mut tx, &stmts, group).map_err(before)?;
+    tx.commit().map_err(|e| Failure {
+        error: pg_error(t, "commit")(e),
+        at_commit: true,
+    })?;
+    Ok((answers, batch))
+}
+
+/// The statements of a group's transaction: node check, one row-lock read for every finish,
+/// the rules, one fenced `UPDATE` for every finished row, the claims (one statement each),
+/// then one `INSERT` for every log row and one for the counters.
+fn transitions(
+    sh: &Shared,
+    tx: &mut Transaction<'_>,
+    stmts: &Arc<Stmts>,
+    group: &[Submission],
+) -> Result<(Vec<Answer>, Batch)> {
+    let t = &sh.target;
     // A claim first checks that this node is still registered (see NODE_ALIVE), before the
     // finishes lock task rows: a rescuer deleting the node row never waits on a task row lock
     // held by this transaction, so the two cannot deadlock.
-    let alive = match &claim {
-        Some(_) if sh.session_lost().is_none() => tx
-            .query_opt(&stmts.node_alive, &[&to_i64(sh.node)])
+    let alive = if group.iter().any(|s| s.claim.is_some()) && sh.session_lost().is_none() {
+        tx.query_opt(&stmts.node_alive, &[&to_i64(sh.node)])
             .map_err(pg_error(t, "check this node's row"))?
-            .is_some(),
-        _ => false,
+            .is_some()
+    } else {
+        false
     };
     let now = sh.clock.now();
     let mut batch = Batch::new(stmts.clone());
-    let mut results = Vec::with_capacity(work.len());
-    if !work.is_empty() {
-        let ids: Vec<TaskId> = work.iter().map(|w| w.0).collect();
-        let mut current = lock_rows(sh, &mut tx, &stmts, &ids)?;
-        for (id, lease, outcome) in work {
+    let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
+    let ids: Vec<TaskId> = group
+        .iter()
+        .flat_map(|s| s.finishes.iter().map(|f| f.id))
+        .collect();
+    let mut current = if ids.is_empty() {
+        HashMap::new()
+    } else {
+        lock_rows(sh, tx, stmts, &ids)?
+    };
+    for s in group {
+        let mut results = Vec::with_capacity(s.finishes.len());
+        for f in &s.finishes {
+            let id = f.id;
             let rec = match current.get(&id) {
                 None => {
                     results.push(Err(Error::NotFound(id)));
@@ -460,14 +519,14 @@ fn run_submit(
                 }
                 Some(Ok(rec)) => rec.clone(),
             };
-            let step = match outcome {
-                Outcome::Success(bytes) => lifecycle::succeed(&rec, lease, bytes, now),
+            let step = match &f.outcome {
+                Outcome::Success(bytes) => lifecycle::succeed(&rec, f.lease, bytes.clone(), now),
                 Outcome::Failure(err) => {
                     let b = backoff_for(sh, &rec);
                     let unit = sh.jitter.lock().unit();
-                    lifecycle::fail(&rec, lease, err, now, &b, unit)
+                    lifecycle::fail(&rec, f.lease, err.clone(), now, &b, unit)
                 }
-                Outcome::Cancelled => lifecycle::cancel_running(&rec, lease, now),
+                Outcome::Cancelled => lifecycle::cancel_running(&rec, f.lease, now),
             };
             results.push(match step {
                 Ok((next, cause)) => {
@@ -480,25 +539,27 @@ fn run_submit(
                 Err(r) => Err(r.into_error(id, "finish", "running")),
             });
         }
+        answers.push(Answer {
+            finishes: results,
+            claim: None,
+        });
     }
-    // The finishes' rows are written before the claim looks for due work (a retried task
+    // The finishes' rows are written before the claims look for due work (a retried task
     // with no backoff is claimable in the same transaction, as with the sled writer).
-    batch.flush(sh, &mut tx)?;
-    let claimed = match claim {
-        Some((queues, n, due_by)) => {
-            let stmt = match queues {
+    batch.flush(sh, tx)?;
+    for (s, a) in group.iter().zip(answers.iter_mut()) {
+        if let Some(c) = &s.claim {
+            let stmt = match c.queues {
                 QueueSet::All => &stmts.claim_any,
                 QueueSet::Named(_) => &stmts.claim_queues,
             };
-            Some(claim_in(
-                sh, &mut tx, stmt, &queues, n, due_by, now, alive, &mut batch,
-            )?)
+            a.claim = Some(claim_in(
+                sh, tx, stmt, &c.queues, c.n, c.now, now, alive, &mut batch,
+            )?);
         }
-        None => None,
-    };
-    batch.write(sh, &mut tx)?;
-    tx.commit().map_err(pg_error(t, "commit"))?;
-    Ok((results, claimed, batch))
+    }
+    batch.write(sh, tx)?;
+    Ok((answers, batch))
 }
 
 /// The claim inside a transaction. `Ok(Err(_))` refuses the claim alone (session lost); the
