@@ -3,8 +3,11 @@
 //!
 //! `cargo bench --bench postgres`; the server is `OMNIQ_PG_URL` (default
 //! `host=127.0.0.1 user=postgres dbname=postgres`), tasks per phase `OMNIQ_BENCH_TASKS` (default
-//! 5,000), worker counts `OMNIQ_BENCH_WORKERS` (default `4,16`). Plain timing, one run per
-//! figure: the server's WAL flush dominates, so repeat runs on the machine you care about.
+//! 5,000), worker counts `OMNIQ_BENCH_WORKERS` (default `4,16`). Then the drain rate of a deep
+//! queue: `OMNIQ_BENCH_DEPTHS` (default `10000,200000`; issue 9 compares 10,000 with
+//! 1,000,000) pending tasks are enqueued, the task table is vacuumed, and 16 workers run the
+//! first `OMNIQ_BENCH_TASKS` of them. Plain timing, one run per figure: the server's WAL flush
+//! dominates, so repeat runs on the machine you care about.
 
 mod common;
 
@@ -150,6 +153,46 @@ fn main() {
         println!(
             "postgres/disk: {:.0} bytes per completed task (tables, indexes, log)",
             bytes as f64 / tasks.max(1) as f64
+        );
+        pool.stop();
+    }
+    let depths: String = env("OMNIQ_BENCH_DEPTHS", "10000,200000".to_string());
+    for depth in depths
+        .split(',')
+        .filter_map(|d| d.trim().parse::<u64>().ok())
+    {
+        let s = Schema::new(&url, &format!("drain_{depth}"));
+        let q = s.open();
+        q.register(|_: Noop, _: &TaskContext| -> Result<(), TaskError> { Ok(()) });
+        let t0 = Instant::now();
+        let mut b = 0;
+        while b < depth {
+            let e = (b + 10_000).min(depth);
+            q.enqueue_many((b..e).map(|n| Noop { n }))
+                .expect("enqueue_many");
+            b = e;
+        }
+        let filled = t0.elapsed();
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        c.batch_execute(&format!("VACUUM ANALYZE \"{}\".omniq_tasks", s.name))
+            .expect("vacuum");
+        let events = q.subscribe();
+        let m = n.min(depth as usize);
+        let t0 = Instant::now();
+        let pool = q.workers().concurrency(16).start().expect("pool");
+        let mut done = 0;
+        while done < m {
+            let ev = events
+                .recv_timeout(Duration::from_secs(120))
+                .expect("a task finished within 120 s");
+            if ev.entry.to == Status::Completed {
+                done += 1;
+            }
+        }
+        println!(
+            "postgres/drain at depth {depth} (16 workers, first {m} tasks, after VACUUM; filled in {:.0} s): {:.0} tasks/s",
+            filled.as_secs_f64(),
+            rate(m, t0.elapsed())
         );
         pool.stop();
     }
