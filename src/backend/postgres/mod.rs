@@ -8,6 +8,9 @@
 //!   lease and state (`WHERE id = $1 AND lease = $2 AND state = $3`). Each transition writes its
 //!   log row and its counter deltas in the same transaction, and nothing is answered before
 //!   `COMMIT` returns (with `synchronous_commit = on`, set on every connection).
+//! - **One committer.** `submit` (a worker pool's finishes and claim) only queues; the committer
+//!   thread (`committer.rs`) commits everything queued in one transaction and replies in order.
+//!   Inserts, cancels, retries and reads run on the caller's thread.
 //! - **Wake-ups.** Local listeners hear every commit at once ([`Notify::after_commit`]); other
 //!   processes hear a `NOTIFY`, at most one per queue per `notify_interval` (every notifying
 //!   commit takes a global lock in PostgreSQL), sent after the commit by a notifier thread, and
