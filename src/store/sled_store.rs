@@ -578,12 +578,42 @@ impl SledStore {
         skip: &HashSet<TaskId>,
         scan: &mut DueScan,
     ) -> Result<Vec<DueTask>> {
-        let qprefix = keys::pending_queue_prefix(queue);
-        let mut end = qprefix.clone();
+        self.walk_buckets(
+            &keys::pending_queue_prefix(queue),
+            &keys::decode_pending,
+            None,
+            now,
+            limit,
+            skip,
+            scan,
+        )
+    }
+
+    /// The walk both pending indexes share. Keys under `qprefix` are `qprefix prio(1)
+    /// next_run(8) id(16)`: buckets best priority first, due-time order inside one. Takes the
+    /// due keys of each bucket and jumps past the rest of it with one seek at the first key not
+    /// yet due (noting its time in `scan.next_wake`).
+    #[allow(clippy::too_many_arguments)]
+    fn walk_buckets(
+        &self,
+        qprefix: &[u8],
+        decode: &dyn Fn(&[u8]) -> Result<keys::PendingKey>,
+        kind: Option<&str>,
+        now: Timestamp,
+        limit: usize,
+        skip: &HashSet<TaskId>,
+        scan: &mut DueScan,
+    ) -> Result<Vec<DueTask>> {
+        let mut end = qprefix.to_vec();
         end.push(0xff);
         end.push(0xff);
+        let bucket_prefix = |pb: u8| {
+            let mut k = qprefix.to_vec();
+            k.push(pb);
+            k
+        };
         let mut found = Vec::new();
-        let mut start = qprefix.clone();
+        let mut start = qprefix.to_vec();
         'buckets: loop {
             let mut iter = self.db.range(start.clone()..end.clone());
             let mut bucket: Option<i8> = None;
@@ -592,7 +622,7 @@ impl SledStore {
                     break 'buckets;
                 };
                 let (k, _) = item?;
-                let pk = keys::decode_pending(&k)?;
+                let pk = decode(&k)?;
                 if bucket.is_some_and(|b| b != pk.priority) {
                     // Entered the next bucket while collecting: continue from here.
                     start = k.to_vec();
@@ -606,14 +636,14 @@ impl SledStore {
                     if pb == u8::MAX {
                         break 'buckets;
                     }
-                    start = keys::pending_bucket_prefix(queue, pb + 1);
+                    start = bucket_prefix(pb + 1);
                     continue 'buckets;
                 }
                 if !skip.contains(&pk.id) {
                     found.push(DueTask {
                         id: pk.id,
                         queue: pk.queue.clone(),
-                        kind: None,
+                        kind: kind.map(str::to_string),
                         priority: pk.priority,
                         next_run: pk.next_run,
                     });
@@ -639,56 +669,15 @@ impl SledStore {
         skip: &HashSet<TaskId>,
         scan: &mut DueScan,
     ) -> Result<Vec<DueTask>> {
-        let qprefix = keys::kind_queue_prefix(kind, queue);
-        let mut end = qprefix.clone();
-        end.push(0xff);
-        end.push(0xff);
-        let bucket_prefix = |pb: u8| {
-            let mut k = qprefix.clone();
-            k.push(pb);
-            k
-        };
-        let mut found = Vec::new();
-        let mut start = qprefix.clone();
-        'buckets: loop {
-            let mut iter = self.db.range(start.clone()..end.clone());
-            let mut bucket: Option<i8> = None;
-            loop {
-                let Some(item) = iter.next() else {
-                    break 'buckets;
-                };
-                let (k, _) = item?;
-                let (_, pk) = keys::decode_kind_pending(&k)?;
-                if bucket.is_some_and(|b| b != pk.priority) {
-                    start = k.to_vec();
-                    continue 'buckets;
-                }
-                bucket = Some(pk.priority);
-                if pk.next_run > now {
-                    scan.next_wake =
-                        Some(scan.next_wake.map_or(pk.next_run, |w| w.min(pk.next_run)));
-                    let pb = keys::priority_byte(pk.priority);
-                    if pb == u8::MAX {
-                        break 'buckets;
-                    }
-                    start = bucket_prefix(pb + 1);
-                    continue 'buckets;
-                }
-                if !skip.contains(&pk.id) {
-                    found.push(DueTask {
-                        id: pk.id,
-                        queue: pk.queue.clone(),
-                        kind: Some(kind.to_string()),
-                        priority: pk.priority,
-                        next_run: pk.next_run,
-                    });
-                    if found.len() >= limit {
-                        break 'buckets;
-                    }
-                }
-            }
-        }
-        Ok(found)
+        self.walk_buckets(
+            &keys::kind_queue_prefix(kind, queue),
+            &|k: &[u8]| keys::decode_kind_pending(k).map(|(_, pk)| pk),
+            Some(kind),
+            now,
+            limit,
+            skip,
+            scan,
+        )
     }
 
     /// The distinct names under `prefix` (kinds, or queues within a kind): one seek each,
