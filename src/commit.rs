@@ -1082,6 +1082,7 @@ mod tests {
                 &SledOptions {
                     cache_bytes: 8 << 20,
                     flush_every_ms: None,
+                    ..SledOptions::default()
                 },
             )
             .unwrap();

@@ -67,6 +67,9 @@ pub const META_FORMAT: &[u8] = b"mformat";
 pub const META_SEQ: &[u8] = b"mseq";
 /// Meta key holding the last process-run id.
 pub const META_RUN: &[u8] = b"mrun";
+/// Meta key holding the last write-ahead log record applied (format 3), written in the same
+/// sled batch as the record's key writes.
+pub const META_WAL: &[u8] = b"mwal";
 
 /// Longest queue name (it is length-prefixed by one byte in keys).
 pub const MAX_QUEUE_NAME: usize = 128;

@@ -156,6 +156,15 @@ pub mod postgres {
 }
 #[doc(hidden)]
 pub mod fuzzing;
+/// The write-ahead log's record layout and fault points (for the format and crash tests).
+#[doc(hidden)]
+pub mod wal {
+    pub use crate::store::hook::FAULT_ENV;
+    pub use crate::store::wal::{
+        decode_payload, encode_record, parse_segment_name, segment_name, Op, HEADER_BYTES,
+        SEGMENT_PREFIX,
+    };
+}
 
 pub use clock::{Clock, SystemClock};
 pub use error::{Error, Result};

@@ -64,6 +64,10 @@ pub struct QueueBuilder {
     max_payload_bytes: usize,
     retention: Option<Duration>,
     purge_interval: Duration,
+    /// Write-ahead log segment size and checkpoint period (tests make them tiny).
+    wal_segment_bytes: u64,
+    checkpoint_bytes: u64,
+    checkpoint_every: Duration,
     /// `Some`: the queue lives in PostgreSQL (feature `postgres`), not in `path`.
     #[cfg(feature = "postgres")]
     postgres: Option<(String, crate::backend::postgres::PgOptions)>,
@@ -107,6 +111,16 @@ impl QueueBuilder {
     /// Background flush period, used by [`Durability::Relaxed`] (default 500 ms).
     pub fn flush_every(mut self, d: Duration) -> Self {
         self.flush_every = d;
+        self
+    }
+    /// Write-ahead log tuning, for tests that need its rare windows often: the segment size
+    /// (default 8 MiB), and the log bytes (default 32 MiB) or time (default 30 s) after which a
+    /// checkpoint makes sled durable and deletes the segments it covers.
+    #[doc(hidden)]
+    pub fn wal_tuning(mut self, segment_bytes: u64, checkpoint_bytes: u64, every: Duration) -> Self {
+        self.wal_segment_bytes = segment_bytes.max(1);
+        self.checkpoint_bytes = checkpoint_bytes.max(1);
+        self.checkpoint_every = every;
         self
     }
     /// Default retry budget and backoff for every queue (default: 3 retries, 1 s .. 60 s, ±25 %).
@@ -192,6 +206,9 @@ impl QueueBuilder {
                         .unwrap_or(500)
                         .max(1),
                 ),
+                wal_segment_bytes: self.wal_segment_bytes,
+                checkpoint_bytes: self.checkpoint_bytes,
+                checkpoint_every: self.checkpoint_every,
             },
             WriterConfig {
                 clock: self.clock.clone(),
@@ -411,6 +428,9 @@ impl Queue {
             max_payload_bytes: 256 << 10,
             retention: None,
             purge_interval: Duration::from_secs(60),
+            wal_segment_bytes: crate::store::wal::DEFAULT_SEGMENT_BYTES,
+            checkpoint_bytes: crate::store::sled_store::DEFAULT_CHECKPOINT_BYTES,
+            checkpoint_every: Duration::from_secs(30),
             #[cfg(feature = "postgres")]
             postgres: None,
         }

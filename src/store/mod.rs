@@ -11,8 +11,10 @@ use crate::log::LogEntry;
 use crate::rules::limit::{Limit, LimitScope};
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
+pub mod hook;
 pub(crate) mod probe;
 pub(crate) mod sled_store;
+pub mod wal;
 
 /// One task's state change, as the commit writer hands it to the store. `before` is the record
 /// as stored (so the store can drop its old index entries), `after` the new record (`None`

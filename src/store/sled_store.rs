@@ -1,16 +1,24 @@
 //! The sled implementation of [`Store`]: one sled tree, hand-encoded keys (`keys.rs`),
 //! enveloped values (`codec.rs`), one `apply_batch` per commit group.
 //!
-//! Durability: sled 0.34.7's `flush()` ends in `sync_file_range`, which does not survive power
-//! loss; only `fsync` does. So [`SledStore::sync`] is `flush()` + `sync_all()` on sled's data
-//! file (+ any new blob files and their directory). It is the only place that makes data durable.
+//! Durability (format 3): each commit group is first appended to omniq's write-ahead log
+//! (`wal.rs`) as one record, then applied to sled as one `apply_batch` that also writes `m/wal`
+//! = the record's number. [`SledStore::sync`] is one `fdatasync` of the log. sled is made
+//! durable only by checkpoints (a background thread, by log bytes or time, and at open and
+//! close): sled `flush()` + `fsync` of its data file (sled 0.34.7's `flush()` ends in
+//! `sync_file_range`, which does not survive power loss), after which the log segments sled
+//! wholly holds are deleted. After a crash sled holds a prefix of its batches, so `m/wal` says
+//! exactly which records it lacks, and the open replays them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::codec::{self, RecordKind};
 use crate::error::{Error, Result};
@@ -19,7 +27,9 @@ use crate::inspect::{ConsistencyReport, CorruptEntry, ListFilter, Page};
 use crate::keys;
 use crate::log::{Cause, LogEntry};
 use crate::rules::unique;
+use crate::store::hook;
 use crate::store::probe::{self, Found, Preflight};
+use crate::store::wal::{self, Op, Wal};
 use crate::store::{Change, DueScan, DueTask, LimitState, QueueSet, SideWrite, Store};
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
@@ -30,16 +40,147 @@ type Counters = BTreeMap<(String, Status), u64>;
 ///
 /// Format 2 (unique keys, limits, schedules) adds key prefixes `u o r a h` and changes no
 /// existing encoding. It is a new version because a format-1 build would ignore them and so
-/// break uniqueness and limits; a format-1 store is upgraded at open by rewriting `m/format`
-/// (it holds nothing to convert), after which format-1 builds refuse it.
-pub const FORMAT_VERSION: u32 = 2;
+/// break uniqueness and limits; a format-1 store is upgraded at open by building the
+/// pending-by-kind index and rewriting `m/format`, after which format-1 builds refuse it.
+///
+/// Format 3 adds the write-ahead log (`wal.*` segment files beside sled's, and `m/wal` in sled):
+/// acknowledged transitions may be only in the log, which a format-2 build would ignore. A
+/// format-2 store is migrated at open: any write-ahead entry (`w`) a crash left is applied, then
+/// `m/format` is rewritten; nothing else changes.
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Options for opening the store.
 #[derive(Clone, Debug)]
 pub(crate) struct SledOptions {
     pub cache_bytes: u64,
-    /// sled's background flusher period; `None` disables it.
+    /// sled's background flusher period; `None` disables it. Also how often records appended
+    /// without a sync (`Durability::Relaxed`) are made durable.
     pub flush_every_ms: Option<u64>,
+    /// Log segment size (a new segment file is started past it).
+    pub wal_segment_bytes: u64,
+    /// A checkpoint starts once this many log bytes were appended since the last one...
+    pub checkpoint_bytes: u64,
+    /// ... or this long after it, if anything was appended.
+    pub checkpoint_every: Duration,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions {
+            cache_bytes: 1 << 30,
+            flush_every_ms: Some(500),
+            wal_segment_bytes: wal::DEFAULT_SEGMENT_BYTES,
+            checkpoint_bytes: DEFAULT_CHECKPOINT_BYTES,
+            checkpoint_every: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Log bytes after which a checkpoint starts.
+pub(crate) const DEFAULT_CHECKPOINT_BYTES: u64 = 32 << 20;
+
+/// What the checkpoint thread and the store share.
+struct Checkpoint {
+    dir: PathBuf,
+    db: sled::Db,
+    /// sled's data file, opened separately so we can `fsync` it.
+    data_file: File,
+    wal: Arc<Wal>,
+    /// The last log record applied to sled (in memory).
+    applied: AtomicU64,
+    synced_blobs: Mutex<HashSet<OsString>>,
+    /// A checkpoint failed: sled's files may have lost dirty pages; every later sync fails.
+    failed: Mutex<Option<String>>,
+    stop: Mutex<bool>,
+    wake: Condvar,
+    bytes: u64,
+    every: Duration,
+    /// How often records appended without a sync are synced (`Relaxed`).
+    sync_every: Option<Duration>,
+}
+
+impl Checkpoint {
+    /// sled `flush()` + `fsync` (and new blob files), then deletes the log segments sled now
+    /// holds durably (`all`: the current one too, at close). Returns the record it covers.
+    fn run(&self, all: bool) -> Result<u64> {
+        let covered = self.applied.load(Ordering::Acquire);
+        self.wal.take_since_checkpoint();
+        hook::reached("checkpoint");
+        self.db.flush()?;
+        self.data_file.sync_all()?;
+        self.sync_new_blobs()?;
+        self.wal.prune(covered, all)?;
+        Ok(covered)
+    }
+
+    /// Syncs blob files sled created since the last checkpoint (sled writes them without fsync).
+    fn sync_new_blobs(&self) -> Result<()> {
+        let blob_dir = self.dir.join("blobs");
+        let Ok(entries) = std::fs::read_dir(&blob_dir) else {
+            return Ok(());
+        };
+        let mut synced = self.synced_blobs.lock();
+        let mut any = false;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if synced.contains(&name) {
+                continue;
+            }
+            if let Ok(f) = File::open(entry.path()) {
+                f.sync_all()?;
+            }
+            synced.insert(name);
+            any = true;
+        }
+        if any {
+            sync_dir(&blob_dir)?;
+        }
+        Ok(())
+    }
+
+    /// The checkpoint thread: wakes when the log passed `bytes` since the last checkpoint (the
+    /// writer signals it), or every `sync_every` to sync `Relaxed` records and see whether
+    /// `every` has passed.
+    fn thread(&self) {
+        let mut last = Instant::now();
+        let poll = self
+            .sync_every
+            .unwrap_or(Duration::from_millis(500))
+            .min(self.every);
+        loop {
+            {
+                let mut stop = self.stop.lock();
+                if *stop {
+                    return;
+                }
+                if self.wal.since_checkpoint() < self.bytes {
+                    self.wake.wait_for(&mut stop, poll);
+                }
+                if *stop {
+                    return;
+                }
+            }
+            if self.failed.lock().is_some() {
+                continue;
+            }
+            if self.sync_every.is_some() {
+                if let Err(e) = self.wal.sync() {
+                    tracing::error!(dir = %self.dir.display(), error = %e, "background sync of the write-ahead log failed");
+                    *self.failed.lock() = Some(e.to_string());
+                    continue;
+                }
+            }
+            let due = self.wal.since_checkpoint() >= self.bytes
+                || (self.wal.since_checkpoint() > 0 && last.elapsed() >= self.every);
+            if due {
+                last = Instant::now();
+                if let Err(e) = self.run(false) {
+                    tracing::error!(dir = %self.dir.display(), error = %e, "checkpoint failed; the queue refuses further commits");
+                    *self.failed.lock() = Some(e.to_string());
+                }
+            }
+        }
+    }
 }
 
 pub(crate) struct SledStore {
@@ -47,6 +188,9 @@ pub(crate) struct SledStore {
     db: sled::Db,
     /// sled's data file, opened separately so we can `fsync` it.
     data_file: File,
+    /// The write-ahead log and checkpoints (set at the end of `open`).
+    ckpt: Option<Arc<Checkpoint>>,
+    checkpointer: Option<std::thread::JoinHandle<()>>,
     counters: Mutex<Counters>,
     /// Paused queues, loaded at open and kept in step with the `q` keys.
     paused: Mutex<BTreeSet<String>>,
@@ -54,9 +198,6 @@ pub(crate) struct SledStore {
     metrics: crate::histogram::StoreMetrics,
     last_seq: Mutex<u64>,
     run_id: u64,
-    synced_blobs: Mutex<HashSet<OsString>>,
-    /// Numbers the write-ahead entries of this process run (see `apply_atomically`).
-    write_ahead_counter: Mutex<u64>,
     /// Set once `open` completed: only then does dropping the store update the marker.
     opened: bool,
     /// A sync failed: what was applied since may be lost (fsync errors can drop dirty pages), so
@@ -68,14 +209,21 @@ pub(crate) struct SledStore {
     _lock_release: LockRelease,
 }
 
-/// A clean close records the data file's final length in the marker (after making everything
-/// durable), so the next open can tell a `db` cut short from one sled shrank during the run.
-/// Best effort: if the final sync fails, or any sync failed during the run, the marker keeps the
-/// values of the last open.
+/// A clean close stops the checkpoint thread, syncs the log, checkpoints (deleting every log
+/// segment) and records the data file's final length in the marker, so the next open can tell
+/// a `db` cut short from one sled shrank during the run. Best effort: if the final sync fails,
+/// or any sync failed during the run, the log stays and the marker keeps the values of the last
+/// open.
 impl Drop for SledStore {
     fn drop(&mut self) {
-        let failed = self.sync_failed.load(std::sync::atomic::Ordering::SeqCst);
-        if self.opened && !failed && self.db.flush().is_ok() && self.data_file.sync_all().is_ok() {
+        self.stop_checkpointer();
+        let failed = self.sync_failed.load(std::sync::atomic::Ordering::SeqCst)
+            || self.ckpt.as_ref().is_some_and(|c| c.failed.lock().is_some());
+        let closed = match &self.ckpt {
+            Some(c) => !failed && c.wal.sync().is_ok() && c.run(true).is_ok(),
+            None => false,
+        };
+        if self.opened && closed {
             if let Err(e) = self.write_watermark() {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot update the OMNIQ marker at close");
             }
@@ -184,6 +332,9 @@ impl SledStore {
             reason,
         };
         let existed = dir.join("db").exists();
+        // The log is read (and checked) before sled touches the directory: a log damaged before
+        // its tail is refused with every file as it was.
+        let log = wal::read_log(dir)?;
         let open = || {
             probe::open_quietly(
                 sled::Config::new()
@@ -230,13 +381,13 @@ impl SledStore {
             dir: dir.to_path_buf(),
             db,
             data_file,
+            ckpt: None,
+            checkpointer: None,
             counters: Mutex::new(BTreeMap::new()),
             paused: Mutex::new(BTreeSet::new()),
             metrics: crate::histogram::StoreMetrics::default(),
             last_seq: Mutex::new(0),
             run_id: 0,
-            synced_blobs: Mutex::new(HashSet::new()),
-            write_ahead_counter: Mutex::new(0),
             opened: false,
             sync_failed: std::sync::atomic::AtomicBool::new(false),
             upgrade_from: Mutex::new(None),
@@ -271,16 +422,91 @@ impl SledStore {
             codec::encode(RecordKind::Meta, &store.run_id)?,
         )?;
         store.replay_write_ahead()?;
+        let applied = store.replay_log(log)?;
         store.upgrade()?;
         *store.last_seq.lock() = store.read_meta_u64(keys::META_SEQ)?;
         store.load_counters()?;
         store.load_paused()?;
-        store.sync()?;
+        // sled now holds every record of the log: make it durable, then start an empty log.
+        store.db.flush()?;
+        store.data_file.sync_all()?;
+        let wal = Arc::new(Wal::start(dir, applied + 1, opts.wal_segment_bytes)?);
+        let ckpt = Arc::new(Checkpoint {
+            dir: dir.to_path_buf(),
+            db: store.db.clone(),
+            data_file: store.data_file.try_clone()?,
+            wal,
+            applied: AtomicU64::new(applied),
+            synced_blobs: Mutex::new(HashSet::new()),
+            failed: Mutex::new(None),
+            stop: Mutex::new(false),
+            wake: Condvar::new(),
+            bytes: opts.checkpoint_bytes.max(1),
+            every: opts.checkpoint_every,
+            sync_every: opts.flush_every_ms.map(Duration::from_millis),
+        });
+        ckpt.sync_new_blobs()?;
+        let thread = ckpt.clone();
+        store.checkpointer = Some(
+            std::thread::Builder::new()
+                .name("omniq-checkpoint".into())
+                .spawn(move || thread.thread())
+                .map_err(|e| open_err(format!("cannot start the checkpoint thread: {e}")))?,
+        );
+        store.ckpt = Some(ckpt);
         // The watermark: this run's start is durable in sled. (For a format-1 store from before
         // the marker, this is where it gains one.)
         store.write_watermark()?;
         store.opened = true;
         Ok(store)
+    }
+
+    /// Stops the checkpoint thread (at close) and waits for it.
+    fn stop_checkpointer(&mut self) {
+        if let Some(c) = &self.ckpt {
+            *c.stop.lock() = true;
+            c.wake.notify_all();
+        }
+        if let Some(h) = self.checkpointer.take() {
+            let _ = h.join();
+        }
+    }
+
+    /// Applies the log records sled lacks (see `wal.rs`), each as one batch with its `m/wal`,
+    /// in order. Returns the last record sled then holds (the next one appended follows it).
+    fn replay_log(&self, log: Vec<(u64, Vec<Op>)>) -> Result<u64> {
+        let applied = self.read_meta_u64(keys::META_WAL)?;
+        let last_in_log = log.last().map_or(0, |r| r.0);
+        let records = wal::unapplied(&self.dir, log, applied)?;
+        let n = records.len();
+        for (lsn, ops) in records {
+            hook::reached("wal-replay");
+            self.db.apply_batch(batch_of(ops, lsn)?)?;
+        }
+        if n > 0 {
+            tracing::info!(records = n, path = %self.dir.display(), "replayed the write-ahead log");
+        }
+        Ok(applied.max(last_in_log))
+    }
+
+    fn ckpt(&self) -> Result<&Checkpoint> {
+        self.ckpt
+            .as_deref()
+            .ok_or_else(|| Error::Storage("the store is not open".into()))
+    }
+
+    /// Appends a group's key writes to the log, then applies them to sled as one batch with
+    /// `m/wal`. Not durable until [`sync`](Store::sync).
+    fn apply_logged(&self, ops: Vec<Op>) -> Result<()> {
+        let ckpt = self.ckpt()?;
+        hook::reached("wal-append");
+        let lsn = ckpt.wal.append(&ops)?;
+        self.db.apply_batch(batch_of(ops, lsn)?)?;
+        ckpt.applied.store(lsn, Ordering::Release);
+        if ckpt.wal.since_checkpoint() >= ckpt.bytes {
+            ckpt.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// Records in the marker this run and the length of sled's data file (see `probe.rs`).
@@ -336,14 +562,19 @@ impl SledStore {
         }
     }
 
-    /// Format 1 -> 2 (after any interrupted commit group is replayed): builds the
-    /// pending-by-kind index for the tasks already pending, then writes the new version. Until
-    /// the version is written an interrupted upgrade is simply redone.
+    /// Format 1 or 2 -> 3 (after any interrupted commit group is replayed): from format 1,
+    /// builds the pending-by-kind index for the tasks already pending; then writes the new
+    /// version. Until the version is written (and checkpointed, at the end of the open) an
+    /// interrupted upgrade is simply redone.
     fn upgrade(&self) -> Result<()> {
         let Some(found) = self.upgrade_from.lock().take() else {
             return Ok(());
         };
-        let n = self.backfill_kind_index()?;
+        let n = if found < 2 {
+            self.backfill_kind_index()?
+        } else {
+            0
+        };
         self.db.insert(
             keys::META_FORMAT,
             codec::encode(RecordKind::Meta, &FORMAT_VERSION)?,
@@ -384,50 +615,9 @@ impl SledStore {
         Ok(())
     }
 
-    /// Writes a group atomically with respect to crashes. The whole group is first stored as one
-    /// value under a `w` (write-ahead) key, then applied key by key, then the `w` key is removed.
-    /// sled recovers its log as a prefix, so after a crash either the `w` entry survives (and
-    /// [`replay_write_ahead`](SledStore::replay_write_ahead) re-applies the group at the next
-    /// open) or its removal survived, and with it every write before it.
-    ///
-    /// Why not always `apply_batch`: sled 0.34.7 writes a batch's manifest to its own log
-    /// buffer, so a flush after a batch costs two synchronous writebacks (`pwrite` +
-    /// `sync_file_range` each) where plain inserts share one: measured 261 us against 145-191 us
-    /// per flush here. Groups over `WRITE_AHEAD_MAX_BYTES` (an `enqueue_many`) still use one
-    /// `apply_batch`, where the extra buffer is amortized and a large copy would cost more.
-    fn apply_atomically(&self, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<()> {
-        let bytes: usize = ops
-            .iter()
-            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-            .sum();
-        if bytes > WRITE_AHEAD_MAX_BYTES {
-            // A big group (an `enqueue_many`): the batch's extra log buffer is amortized over
-            // many tasks, and copying it into one large value would cost more.
-            let mut batch = sled::Batch::default();
-            for (k, v) in ops {
-                match v {
-                    Some(v) => batch.insert(k.as_slice(), v.as_slice()),
-                    None => batch.remove(k.as_slice()),
-                }
-            }
-            self.db.apply_batch(batch)?;
-            return Ok(());
-        }
-        let id = {
-            let mut n = self.write_ahead_counter.lock();
-            *n += 1;
-            *n
-        };
-        let key = keys::write_ahead(id);
-        self.db
-            .insert(&key, codec::encode(RecordKind::WriteAhead, &ops)?)?;
-        apply_ops(&self.db, ops)?;
-        self.db.remove(&key)?;
-        Ok(())
-    }
-
-    /// Re-applies commit groups whose application a crash interrupted (see
-    /// [`apply_atomically`](SledStore::apply_atomically)), oldest first.
+    /// Re-applies commit groups whose application a crash interrupted in a format-2 store, oldest
+    /// first. Format 2 wrote each group first as one value under a `w` (write-ahead) key, then
+    /// applied it key by key, then removed the `w` key; format 3 writes no `w` keys.
     fn replay_write_ahead(&self) -> Result<usize> {
         let mut replayed = 0;
         for item in self.db.scan_prefix([keys::WRITE_AHEAD]) {
@@ -532,31 +722,6 @@ impl SledStore {
             }
         }
         out
-    }
-
-    /// Syncs blob files sled created since the last sync (sled writes them without fsync).
-    fn sync_new_blobs(&self) -> Result<()> {
-        let blob_dir = self.dir.join("blobs");
-        let Ok(entries) = std::fs::read_dir(&blob_dir) else {
-            return Ok(());
-        };
-        let mut synced = self.synced_blobs.lock();
-        let mut any = false;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if synced.contains(&name) {
-                continue;
-            }
-            if let Ok(f) = File::open(entry.path()) {
-                f.sync_all()?;
-            }
-            synced.insert(name);
-            any = true;
-        }
-        if any {
-            sync_dir(&blob_dir)?;
-        }
-        Ok(())
     }
 
     fn each_log(&self, id: TaskId) -> Result<Vec<LogEntry>> {
@@ -797,7 +962,7 @@ impl SledStore {
     fn commit_inner(&self, changes: &[Change], last_seq: u64, durable: bool) -> Result<()> {
         self.metrics.group_size.observe(changes.len() as f64);
         let (writes, counters) = self.write_set(changes, last_seq)?;
-        self.apply_atomically(&writes.ops)?;
+        self.apply_logged(writes.ops)?;
         *self.counters.lock() = counters;
         *self.last_seq.lock() = last_seq;
         if durable {
@@ -967,14 +1132,16 @@ impl SledStore {
     }
 
     fn size_on_disk_inner(&self) -> Result<u64> {
-        Ok(self.db.size_on_disk()?)
+        Ok(self.db.size_on_disk()? + self.ckpt()?.wal.bytes_on_disk())
     }
 
     fn sync_inner(&self) -> Result<()> {
+        let ckpt = self.ckpt()?;
+        if let Some(reason) = ckpt.failed.lock().clone() {
+            return Err(Error::Storage(format!("a checkpoint failed: {reason}")));
+        }
         let started = std::time::Instant::now();
-        self.db.flush()?;
-        self.data_file.sync_all()?;
-        let r = self.sync_new_blobs();
+        let r = ckpt.wal.sync();
         self.metrics
             .sync_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -1124,9 +1291,9 @@ impl Store for SledStore {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                 .unwrap_or(0);
-            self.db.insert(key, &at.to_be_bytes())?;
+            self.apply_logged(vec![(key, Some(at.to_be_bytes().to_vec()))])?;
         } else {
-            self.db.remove(key)?;
+            self.apply_logged(vec![(key, None)])?;
         }
         self.sync()?;
         let mut set = self.paused.lock();
@@ -1182,10 +1349,6 @@ fn side_write(batch: &mut WriteSet, w: &SideWrite) -> Result<()> {
     Ok(())
 }
 
-/// Groups whose writes exceed this many bytes are written with one `apply_batch` instead of a
-/// write-ahead entry (see `SledStore::apply_atomically`).
-const WRITE_AHEAD_MAX_BYTES: usize = 32 << 10;
-
 /// The key writes of one commit group, in order (a later write to the same key wins).
 #[derive(Default)]
 struct WriteSet {
@@ -1199,6 +1362,19 @@ impl WriteSet {
     fn remove(&mut self, key: impl AsRef<[u8]>) {
         self.ops.push((key.as_ref().to_vec(), None));
     }
+}
+
+/// One sled batch: a log record's key writes, then `m/wal` = its number.
+fn batch_of(ops: Vec<Op>, lsn: u64) -> Result<sled::Batch> {
+    let mut batch = sled::Batch::default();
+    for (k, v) in ops {
+        match v {
+            Some(v) => batch.insert(k, v),
+            None => batch.remove(k),
+        }
+    }
+    batch.insert(keys::META_WAL, codec::encode(RecordKind::Meta, &lsn)?);
+    Ok(batch)
 }
 
 fn apply_ops(db: &sled::Db, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<()> {
@@ -1512,6 +1688,7 @@ mod tests {
         SledOptions {
             cache_bytes: 8 << 20,
             flush_every_ms: Some(500),
+            ..SledOptions::default()
         }
     }
 
@@ -1533,9 +1710,9 @@ mod tests {
         }
     }
 
-    /// A crash after a group's write-ahead entry reached disk but before all of its writes (or
-    /// the entry's removal) did: the next open applies the whole group, whatever prefix of it
-    /// had been written.
+    /// A format-2 store left by a crash after a group's write-ahead entry reached disk but before
+    /// all of its writes (or the entry's removal) did: the next open applies the whole group,
+    /// whatever prefix of it had been written.
     #[test]
     fn a_group_interrupted_mid_apply_is_replayed_whole_at_open() {
         for prefix in [0usize, 1, 4, usize::MAX] {
@@ -1579,35 +1756,68 @@ mod tests {
         }
     }
 
-    /// Small groups go through the write-ahead path, big ones through `apply_batch`; both leave
-    /// no write-ahead entry behind and the same consistent state.
+    /// Small and large groups both go through the log and one batch; a clean close leaves no
+    /// log segment, and the reopened store holds every group.
     #[test]
-    fn small_and_large_groups_commit_the_same_way() {
+    fn groups_are_logged_and_a_clean_close_leaves_no_log() {
         let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path(), &options()).unwrap();
+            let small: Vec<Change> = (1..=2)
+                .map(|s| enqueued(&crate::task::test_task(3), s))
+                .collect();
+            store.commit(&small, 2, true).unwrap();
+            let large: Vec<Change> = (3..=400)
+                .map(|s| enqueued(&crate::task::test_task(3), s))
+                .collect();
+            store.commit(&large, 400, true).unwrap();
+            assert_eq!(wal::segments(dir.path()).unwrap().len(), 1);
+            assert_eq!(wal::read_log(dir.path()).unwrap().len(), 2, "one record per group");
+            assert_eq!(store.read_meta_u64(keys::META_WAL).unwrap(), 2);
+        }
+        assert!(wal::segments(dir.path()).unwrap().is_empty());
         let store = SledStore::open(dir.path(), &options()).unwrap();
-        let small: Vec<Change> = (1..=2)
-            .map(|s| enqueued(&crate::task::test_task(3), s))
-            .collect();
-        store.commit(&small, 2, true).unwrap();
-        let large: Vec<Change> = (3..=400)
-            .map(|s| enqueued(&crate::task::test_task(3), s))
-            .collect();
-        let (writes, _) = store.write_set(&large, 400).unwrap();
-        let bytes: usize = writes
-            .ops
-            .iter()
-            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
-            .sum();
-        assert!(
-            bytes > WRITE_AHEAD_MAX_BYTES,
-            "the large group must take the batch path"
-        );
-        store.commit(&large, 400, true).unwrap();
         assert_eq!(
             store.counts()[&("default".to_string(), Status::Pending)],
             400
         );
         assert_eq!(store.db.scan_prefix([keys::WRITE_AHEAD]).count(), 0);
         assert!(store.check().unwrap().is_consistent());
+    }
+
+    /// A crash before any checkpoint: sled never flushed, the log holds every group; the next
+    /// open replays them.
+    #[test]
+    fn the_log_is_replayed_onto_a_sled_that_never_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let tasks: Vec<TaskInfo> = (0..3).map(|_| crate::task::test_task(3)).collect();
+        let log_copy = {
+            let store = SledStore::open(dir.path(), &options()).unwrap();
+            for (i, t) in tasks.iter().enumerate() {
+                store.commit(&[enqueued(t, i as u64 + 1)], i as u64 + 1, true).unwrap();
+            }
+            let segs = wal::segments(dir.path()).unwrap();
+            segs.iter()
+                .map(|(_, p)| (p.clone(), std::fs::read(p).unwrap()))
+                .collect::<Vec<_>>()
+        };
+        // The close checkpointed and deleted the log: put it back and roll sled back to its
+        // state at open by removing what the groups wrote (as if it had never flushed them).
+        {
+            let store = SledStore::open(dir.path(), &options()).unwrap();
+            for t in &tasks {
+                store.db.remove(keys::task(t.id)).unwrap();
+            }
+            store.db.insert(keys::META_WAL, codec::encode(RecordKind::Meta, &0u64).unwrap()).unwrap();
+            // (Its close checkpoints this and deletes its own, empty, log.)
+        }
+        for (p, bytes) in &log_copy {
+            std::fs::write(p, bytes).unwrap();
+        }
+        let store = SledStore::open(dir.path(), &options()).unwrap();
+        for t in &tasks {
+            assert_eq!(store.get(t.id).unwrap().unwrap().status, Status::Pending);
+        }
+        assert!(wal::segments(dir.path()).unwrap().len() == 1, "a fresh log");
     }
 }
