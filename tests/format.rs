@@ -1,6 +1,6 @@
-//! Golden bytes pinning on-disk formats 1 and 2: value envelopes (task records, log entries,
+//! Golden bytes pinning on-disk formats 1, 2 and 3: value envelopes (task records, log entries,
 //! meta values; format 2 adds task extras, limits and schedules) and every key layout in
-//! `src/keys.rs`. If one of these tests fails, the bytes
+//! `src/keys.rs`; format 3 adds the write-ahead log's record layout and `m/wal`. If one of these tests fails, the bytes
 //! omniq writes have changed: existing directories would no longer read. Do not update the
 //! golden bytes; add a new schema/format version with a conversion instead.
 //!
@@ -118,8 +118,8 @@ fn full_task() -> TaskInfo {
 }
 
 #[test]
-fn format_version_is_two() {
-    assert_eq!(FORMAT_VERSION, 2);
+fn format_version_is_three() {
+    assert_eq!(FORMAT_VERSION, 3);
     assert_eq!(omniq::codec::SCHEMA_VERSION, 1);
     assert_eq!(
         [
@@ -359,8 +359,14 @@ fn meta_values_v1() {
     assert_golden(
         "format version",
         RecordKind::Meta,
-        &FORMAT_VERSION,
+        &2u32,
         &["03 0001", "02"],
+    );
+    assert_golden(
+        "format version",
+        RecordKind::Meta,
+        &FORMAT_VERSION,
+        &["03 0001", "03"],
     );
     assert_golden(
         "last sequence",
@@ -539,6 +545,7 @@ fn a_queue_writes_the_pinned_layout() {
         keys::META_FORMAT.to_vec(),
         keys::META_SEQ.to_vec(),
         keys::META_RUN.to_vec(),
+        keys::META_WAL.to_vec(),
     ];
     let logs: Vec<Vec<u8>> = db
         .scan_prefix(keys::log_prefix(id))
@@ -560,12 +567,17 @@ fn a_queue_writes_the_pinned_layout() {
 
     assert_eq!(
         db.get(keys::META_FORMAT).unwrap().unwrap().as_ref(),
-        golden(&["03 0001 02"])
+        golden(&["03 0001 03"])
     );
     assert_eq!(
         db.get(keys::META_RUN).unwrap().unwrap().as_ref(),
         golden(&["03 0001 01"]),
         "first run"
+    );
+    assert_eq!(
+        db.get(keys::META_WAL).unwrap().unwrap().as_ref(),
+        golden(&["03 0001 01"]),
+        "the one group's log record (the first) is applied"
     );
     assert_eq!(
         db.get(keys::count(Status::Pending, "emails"))
@@ -613,13 +625,13 @@ fn a_newer_format_is_refused_without_touching_the_directory() {
         q.enqueue_json("k", &serde_json::json!(1), EnqueueOptions::new())
             .unwrap()
     };
-    let newer = encode(RecordKind::Meta, &3u32).unwrap();
+    let newer = encode(RecordKind::Meta, &4u32).unwrap();
     {
         let db = raw_db(dir.path());
         db.insert(keys::META_FORMAT, newer.clone()).unwrap();
         db.flush().unwrap();
     }
-    let err = reopen(|| Queue::open(dir.path())).expect_err("a format-3 directory must be refused");
+    let err = reopen(|| Queue::open(dir.path())).expect_err("a format-4 directory must be refused");
     match &err {
         Error::FormatTooNew {
             path,
@@ -627,14 +639,14 @@ fn a_newer_format_is_refused_without_touching_the_directory() {
             supported,
         } => {
             assert_eq!(path, dir.path());
-            assert_eq!((*found, *supported), (3, 2));
+            assert_eq!((*found, *supported), (4, 3));
         }
         other => panic!("expected FormatTooNew, got {other:?}"),
     }
     let text = err.to_string();
     assert!(text.contains(&dir.path().display().to_string()), "{text}");
     assert!(
-        text.contains("format 3") && text.contains("format 2"),
+        text.contains("format 4") && text.contains("format 3"),
         "{text}"
     );
 
@@ -682,7 +694,7 @@ fn a_sled_directory_omniq_did_not_write_is_refused() {
     assert_eq!(db.len(), 1, "nothing was written to it");
 }
 
-/// The marker omniq writes when it creates a store (`omniq queue directory`, `format 2`; before
+/// The marker omniq writes when it creates a store (`omniq queue directory`, `format 3`; before
 /// sled creates anything), and the watermark each open and clean close add (`run N`: the run
 /// whose start is durable in sled; `seq S`: the last durable transition; `db_bytes L`: the data
 /// file's length): pinned.
@@ -696,7 +708,7 @@ fn marker_file_v1() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines[..3],
-        ["omniq queue directory", "format 2", "run 2"],
+        ["omniq queue directory", "format 3", "run 2"],
         "{text}"
     );
     assert_eq!(lines[3], "seq 0", "no transition yet: {text}");
@@ -712,7 +724,7 @@ fn a_newer_marker_is_refused_before_sled_runs() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("OMNIQ"),
-        "omniq queue directory\nformat 3\n",
+        "omniq queue directory\nformat 4\n",
     )
     .unwrap();
     let err = Queue::open(dir.path()).expect_err("refused");
@@ -720,8 +732,8 @@ fn a_newer_marker_is_refused_before_sled_runs() {
         matches!(
             err,
             Error::FormatTooNew {
-                found: 3,
-                supported: 2,
+                found: 4,
+                supported: 3,
                 ..
             }
         ),
@@ -772,7 +784,7 @@ fn write_ahead_key_and_kind_are_pinned() {
 }
 
 /// A format-1 directory (what builds before unique keys, limits and schedules wrote) opens: it
-/// is upgraded to format 2 in place (format 2 adds key prefixes and converts nothing: the
+/// is upgraded (to format 3) in place (format 2 adds key prefixes and converts nothing: the
 /// upgrade builds the pending-by-kind index for pending tasks and rewrites `m/format`), and its
 /// tasks read.
 #[test]
@@ -806,7 +818,7 @@ fn a_format_1_directory_is_upgraded_on_open() {
     let db = raw_db(dir.path());
     assert_eq!(
         db.get(keys::META_FORMAT).unwrap().unwrap().as_ref(),
-        golden(&["03 0001 02"])
+        golden(&["03 0001 03"])
     );
     type Entries = Vec<(Vec<u8>, Vec<u8>)>;
     let (built, after): (Entries, Entries) = db
@@ -967,4 +979,124 @@ fn format_2_records() {
         &every,
         &["03 0001", "01 fc 905f0100"],
     );
+}
+
+/// The write-ahead log's record layout (format 3), pinned: `[payload length u32 LE][crc32 of the
+/// rest u32 LE][lsn u64 LE][synced u64 LE]`, then each key write as `[key length u32 LE][key]`
+/// and `[value length u32 LE][value]` or `ffffffff` for a remove. Segment file names too.
+#[test]
+fn wal_record_v3() {
+    let ops: Vec<omniq::wal::Op> = vec![(b"t1".to_vec(), Some(vec![7])), (b"s1".to_vec(), None)];
+    let mut bytes = Vec::new();
+    omniq::wal::encode_record(5, 4, &ops, &mut bytes);
+    let expected = golden(&[
+        "15000000",         // payload: 21 bytes
+        "4ab06d6a",         // crc32 (IEEE) of everything after it
+        "0500000000000000", // lsn 5
+        "0400000000000000", // synced through 4
+        "02000000 't1",     // key "t1"
+        "01000000 07",      // value [7]
+        "02000000 's1",     // key "s1"
+        "ffffffff",         // removed
+    ]);
+    assert_eq!(hex(&bytes), hex(&expected));
+    assert_eq!(
+        crc32fast_reference(&expected[8..]),
+        u32::from_le_bytes(expected[4..8].try_into().unwrap()),
+        "the checksum is CRC-32 (IEEE) of the bytes after it"
+    );
+    assert_eq!(
+        omniq::wal::decode_payload(&expected[omniq::wal::HEADER_BYTES..]),
+        Some(ops)
+    );
+    assert_eq!(omniq::wal::HEADER_BYTES, 24);
+    assert_eq!(omniq::wal::segment_name(1), "wal.00000000000000000001");
+    assert_eq!(
+        omniq::wal::parse_segment_name("wal.00000000000000000258"),
+        Some(258)
+    );
+    assert_eq!(omniq::wal::parse_segment_name("wal.1"), None);
+}
+
+/// CRC-32 (IEEE, reflected, polynomial 0xedb88320), bit by bit: an independent reference.
+fn crc32fast_reference(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A format-2 store (no log, `m/format` 2, marker `format 2`, and a write-ahead entry `w` a
+/// crash left mid-apply) is migrated at open: the entry is applied, `m/format` and the marker
+/// become 3, nothing else changes, and its tasks read; the next transition goes through the log.
+#[test]
+fn a_format_2_directory_is_migrated_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let q = Queue::open(dir.path()).unwrap();
+        q.enqueue_json("k", &serde_json::json!(1), EnqueueOptions::new())
+            .unwrap()
+    };
+    let interrupted = b"t-not-a-real-key".to_vec();
+    let before: Vec<(Vec<u8>, Vec<u8>)> = {
+        let db = raw_db(dir.path());
+        db.insert(keys::META_FORMAT, encode(RecordKind::Meta, &2u32).unwrap())
+            .unwrap();
+        db.remove(keys::META_WAL).unwrap();
+        // A format-2 group interrupted after its `w` entry reached disk, before its writes.
+        let ops: Vec<(Vec<u8>, Option<Vec<u8>>)> = vec![(interrupted.clone(), Some(vec![1]))];
+        db.insert(
+            keys::write_ahead(1),
+            encode(RecordKind::WriteAhead, &ops).unwrap(),
+        )
+        .unwrap();
+        db.flush().unwrap();
+        db.iter()
+            .map(|kv| kv.unwrap())
+            .filter(|(k, _)| !k.starts_with(b"m") && !k.starts_with(b"w"))
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .collect()
+    };
+    let marker = std::fs::read_to_string(dir.path().join("OMNIQ")).unwrap();
+    std::fs::write(
+        dir.path().join("OMNIQ"),
+        marker.replace("format 3", "format 2"),
+    )
+    .unwrap();
+    assert!(!std::fs::read_dir(dir.path())
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with("wal.")));
+    {
+        let q = reopen(|| Queue::open(dir.path())).unwrap();
+        assert_eq!(q.get(id).unwrap().unwrap().status, Status::Pending);
+        q.cancel(id).unwrap();
+    }
+    let marker = std::fs::read_to_string(dir.path().join("OMNIQ")).unwrap();
+    assert!(marker.contains("\nformat 3\n"), "{marker}");
+    let db = raw_db(dir.path());
+    assert_eq!(
+        db.get(keys::META_FORMAT).unwrap().unwrap().as_ref(),
+        golden(&["03 0001 03"])
+    );
+    assert_eq!(db.get(&interrupted).unwrap().unwrap().as_ref(), [1]);
+    assert_eq!(db.scan_prefix([keys::WRITE_AHEAD]).count(), 0);
+    assert!(db.get(keys::META_WAL).unwrap().is_some(), "the cancel was logged");
+    let after: Vec<(Vec<u8>, Vec<u8>)> = db
+        .iter()
+        .map(|kv| kv.unwrap())
+        .filter(|(k, _)| !k.starts_with(b"m") && !k.starts_with(b"w") && k != &interrupted)
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect();
+    assert_ne!(before, after, "the cancel changed the task");
+    drop(db);
+    let q = reopen(|| Queue::open(dir.path())).unwrap();
+    assert_eq!(q.get(id).unwrap().unwrap().status, Status::Cancelled);
 }
