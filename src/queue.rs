@@ -117,7 +117,12 @@ impl QueueBuilder {
     /// (default 8 MiB), and the log bytes (default 32 MiB) or time (default 30 s) after which a
     /// checkpoint makes sled durable and deletes the segments it covers.
     #[doc(hidden)]
-    pub fn wal_tuning(mut self, segment_bytes: u64, checkpoint_bytes: u64, every: Duration) -> Self {
+    pub fn wal_tuning(
+        mut self,
+        segment_bytes: u64,
+        checkpoint_bytes: u64,
+        every: Duration,
+    ) -> Self {
         self.wal_segment_bytes = segment_bytes.max(1);
         self.checkpoint_bytes = checkpoint_bytes.max(1);
         self.checkpoint_every = every;

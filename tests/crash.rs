@@ -161,6 +161,9 @@ fn builder(dir: &Path, durability: Durability) -> QueueBuilder {
         .durability(durability)
         .cache_bytes(8 << 20)
         .flush_every(Duration::from_millis(50))
+        // Tiny log segments and frequent checkpoints, so kills land during segment rotation,
+        // checkpoints and segment deletion, and opens find logs to replay.
+        .wal_tuning(4 << 10, 16 << 10, Duration::from_millis(20))
         .retry_policy(RetryPolicy {
             max_retries: 3,
             backoff: Backoff::new(Duration::from_millis(5), Duration::from_millis(50), 0.25),
@@ -458,6 +461,8 @@ struct ChildSpec<'a> {
     durability: Durability,
     phase: &'a Path,
     stdout: Stdio,
+    /// `OMNIQ_FAULT_AT` for the child: it aborts at that point of the write-ahead log.
+    fault: Option<String>,
 }
 
 fn spawn_child(spec: ChildSpec<'_>) -> ChildGuard {
@@ -474,6 +479,10 @@ fn spawn_child(spec: ChildSpec<'_>) -> ChildGuard {
         .env(PRODUCERS_ENV, spec.producers.to_string())
         .env(DURABILITY_ENV, durability_name(spec.durability))
         .env(PHASE_ENV, spec.phase)
+        .env(
+            omniq::wal::FAULT_ENV,
+            spec.fault.as_deref().unwrap_or("none:0"),
+        )
         .stdin(Stdio::null())
         .stdout(spec.stdout)
         .stderr(Stdio::inherit())
@@ -677,6 +686,7 @@ fn durability_run(durability: Durability, producers: u64, assert_no_loss: bool) 
             durability,
             phase: &tmp.path().join("phase"),
             stdout: Stdio::piped(),
+            fault: None,
         });
         let want = rng.random_range(20..=60usize);
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -777,6 +787,7 @@ fn kill_during_first_open() {
             durability,
             phase: &tmp.path().join(format!("phase{round}")),
             stdout: Stdio::null(),
+            fault: None,
         });
         std::thread::sleep(Duration::from_millis(rng.random_range(0..=25)));
         child.0.kill().unwrap();
@@ -1194,6 +1205,8 @@ struct Coverage {
     recovered_by_parent: usize,
     /// Relaxed-mode cycles.
     relaxed: usize,
+    /// Children that aborted themselves at their write-ahead log fault point.
+    faults: usize,
 }
 
 #[test]
@@ -1249,8 +1262,24 @@ fn kill_loop() {
             rng.random_range(0..=300)
         });
         let on_copy = rng.random_bool(0.5);
+        // One cycle in four, the child aborts itself inside a chosen window of the write-ahead
+        // log instead (if it gets there before the kill).
+        let fault = rng.random_bool(0.25).then(|| {
+            let points = [
+                "wal-append",
+                "wal-rotate",
+                "checkpoint",
+                "wal-prune",
+                "wal-replay",
+            ];
+            format!(
+                "{}:{}",
+                points[rng.random_range(0..points.len())],
+                rng.random_range(1..=5)
+            )
+        });
         *context.borrow_mut() = format!(
-            "{durability:?}, {producers} producers, quota {quota}, killed after {kill_after:?}, checked on {}",
+            "{durability:?}, {producers} producers, quota {quota}, killed after {kill_after:?}, fault {fault:?}, checked on {}",
             if on_copy { "a copy" } else { "the directory" }
         );
         let _ = std::fs::remove_file(&phase_path);
@@ -1271,17 +1300,22 @@ fn kill_loop() {
             durability,
             phase: &phase_path,
             stdout: Stdio::null(),
+            fault: fault.clone(),
         });
         std::thread::sleep(kill_after);
         if let Ok(Some(status)) = child.0.try_wait() {
-            fail(
-                cycle,
-                format!(
+            if fault.is_some() && !status.success() {
+                cov.faults += 1;
+            } else {
+                fail(
+                    cycle,
+                    format!(
                     "the child exited by itself ({status}) before the kill (see its stderr above)"
                 ),
-            );
+                );
+            }
         }
-        child.0.kill().unwrap();
+        let _ = child.0.kill();
         child.0.wait().unwrap();
 
         let phases = std::fs::read_to_string(&phase_path).unwrap_or_default();
@@ -1351,6 +1385,7 @@ fn kill_loop() {
         durability: Durability::Group,
         phase: &phase_path,
         stdout: Stdio::null(),
+        fault: None,
     });
     let status = child.0.wait().unwrap();
     if !status.success() {

@@ -1071,9 +1071,11 @@ fn a_format_2_directory_is_migrated_on_open() {
         marker.replace("format 3", "format 2"),
     )
     .unwrap();
-    assert!(!std::fs::read_dir(dir.path())
+    assert!(!std::fs::read_dir(dir.path()).unwrap().any(|e| e
         .unwrap()
-        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with("wal.")));
+        .file_name()
+        .to_string_lossy()
+        .starts_with("wal.")));
     {
         let q = reopen(|| Queue::open(dir.path())).unwrap();
         assert_eq!(q.get(id).unwrap().unwrap().status, Status::Pending);
@@ -1088,7 +1090,10 @@ fn a_format_2_directory_is_migrated_on_open() {
     );
     assert_eq!(db.get(&interrupted).unwrap().unwrap().as_ref(), [1]);
     assert_eq!(db.scan_prefix([keys::WRITE_AHEAD]).count(), 0);
-    assert!(db.get(keys::META_WAL).unwrap().is_some(), "the cancel was logged");
+    assert!(
+        db.get(keys::META_WAL).unwrap().is_some(),
+        "the cancel was logged"
+    );
     let after: Vec<(Vec<u8>, Vec<u8>)> = db
         .iter()
         .map(|kv| kv.unwrap())

@@ -12,6 +12,8 @@ use crate::rules::limit::{Limit, LimitScope};
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
 pub mod hook;
+#[cfg(test)]
+mod power_loss;
 pub(crate) mod probe;
 pub(crate) mod sled_store;
 pub mod wal;

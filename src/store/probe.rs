@@ -582,7 +582,7 @@ fn sled_words(e: &sled::Error) -> String {
     }
 }
 
-fn copy_sled_files(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(crate) fn copy_sled_files(from: &Path, to: &Path) -> std::io::Result<()> {
     fs::create_dir_all(to)?;
     for entry in fs::read_dir(from)? {
         let entry = entry?;

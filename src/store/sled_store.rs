@@ -218,7 +218,10 @@ impl Drop for SledStore {
     fn drop(&mut self) {
         self.stop_checkpointer();
         let failed = self.sync_failed.load(std::sync::atomic::Ordering::SeqCst)
-            || self.ckpt.as_ref().is_some_and(|c| c.failed.lock().is_some());
+            || self
+                .ckpt
+                .as_ref()
+                .is_some_and(|c| c.failed.lock().is_some());
         let closed = match &self.ckpt {
             Some(c) => !failed && c.wal.sync().is_ok() && c.run(true).is_ok(),
             None => false,
@@ -487,6 +490,26 @@ impl SledStore {
             tracing::info!(records = n, path = %self.dir.display(), "replayed the write-ahead log");
         }
         Ok(applied.max(last_in_log))
+    }
+
+    /// Runs a checkpoint now, on the caller's thread (the power-loss test).
+    #[cfg(test)]
+    pub(crate) fn checkpoint_now(&self) -> Result<()> {
+        self.ckpt()?.run(false).map(|_| ())
+    }
+
+    /// The log's durable image (see [`Wal::durable_image`]).
+    #[cfg(test)]
+    pub(crate) fn wal_image(&self) -> Vec<(PathBuf, u64, u64)> {
+        self.ckpt()
+            .map(|c| c.wal.durable_image())
+            .unwrap_or_default()
+    }
+
+    /// The store directory.
+    #[cfg(test)]
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn ckpt(&self) -> Result<&Checkpoint> {
@@ -1772,7 +1795,11 @@ mod tests {
                 .collect();
             store.commit(&large, 400, true).unwrap();
             assert_eq!(wal::segments(dir.path()).unwrap().len(), 1);
-            assert_eq!(wal::read_log(dir.path()).unwrap().len(), 2, "one record per group");
+            assert_eq!(
+                wal::read_log(dir.path()).unwrap().len(),
+                2,
+                "one record per group"
+            );
             assert_eq!(store.read_meta_u64(keys::META_WAL).unwrap(), 2);
         }
         assert!(wal::segments(dir.path()).unwrap().is_empty());
@@ -1794,7 +1821,9 @@ mod tests {
         let log_copy = {
             let store = SledStore::open(dir.path(), &options()).unwrap();
             for (i, t) in tasks.iter().enumerate() {
-                store.commit(&[enqueued(t, i as u64 + 1)], i as u64 + 1, true).unwrap();
+                store
+                    .commit(&[enqueued(t, i as u64 + 1)], i as u64 + 1, true)
+                    .unwrap();
             }
             let segs = wal::segments(dir.path()).unwrap();
             segs.iter()
@@ -1808,7 +1837,13 @@ mod tests {
             for t in &tasks {
                 store.db.remove(keys::task(t.id)).unwrap();
             }
-            store.db.insert(keys::META_WAL, codec::encode(RecordKind::Meta, &0u64).unwrap()).unwrap();
+            store
+                .db
+                .insert(
+                    keys::META_WAL,
+                    codec::encode(RecordKind::Meta, &0u64).unwrap(),
+                )
+                .unwrap();
             // (Its close checkpoints this and deletes its own, empty, log.)
         }
         for (p, bytes) in &log_copy {

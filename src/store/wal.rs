@@ -270,6 +270,9 @@ pub(crate) struct Wal {
     synced: AtomicU64,
     /// Bytes appended since the last checkpoint started.
     since_checkpoint: AtomicU64,
+    /// What the last sync covered: (first lsn of the segment it synced last, its length then).
+    /// Older segments were wholly synced. Read by the power-loss test.
+    durable: Mutex<(u64, u64)>,
 }
 
 impl Wal {
@@ -297,6 +300,7 @@ impl Wal {
             sync_lock: Mutex::new(()),
             synced: AtomicU64::new(next_lsn - 1),
             since_checkpoint: AtomicU64::new(0),
+            durable: Mutex::new((next_lsn, 0)),
         })
     }
 
@@ -329,13 +333,14 @@ impl Wal {
     /// the last sync, and of the directory if a segment was created.
     pub(crate) fn sync(&self) -> Result<()> {
         let _one = self.sync_lock.lock();
-        let (file, old, dir_dirty, upto) = {
+        let (file, old, dir_dirty, upto, covers) = {
             let mut app = self.app.lock();
             (
                 app.file.clone(),
                 std::mem::take(&mut app.unsynced),
                 std::mem::take(&mut app.dir_dirty),
                 app.next_lsn - 1,
+                (app.live.back().map_or(0, |l| l.0), app.len),
             )
         };
         if upto <= self.synced.load(Ordering::Acquire) && old.is_empty() && !dir_dirty {
@@ -349,7 +354,29 @@ impl Wal {
             sync_dir(&self.dir)?;
         }
         self.synced.store(upto, Ordering::Release);
+        *self.durable.lock() = covers;
         Ok(())
+    }
+
+    /// Every live segment with the bytes of it the last sync made durable and its length now
+    /// (what a power loss would keep, at least, and at most). For the power-loss test.
+    #[cfg(test)]
+    pub(crate) fn durable_image(&self) -> Vec<(PathBuf, u64, u64)> {
+        let _one = self.sync_lock.lock();
+        let (dfirst, dlen) = *self.durable.lock();
+        let app = self.app.lock();
+        app.live
+            .iter()
+            .map(|(first, path)| {
+                let len = std::fs::metadata(path).map_or(0, |m| m.len());
+                let synced = match first.cmp(&dfirst) {
+                    std::cmp::Ordering::Less => len,
+                    std::cmp::Ordering::Equal => dlen,
+                    std::cmp::Ordering::Greater => 0,
+                };
+                (path.clone(), synced, len)
+            })
+            .collect()
     }
 
     /// Bytes appended since the last [`take_since_checkpoint`](Wal::take_since_checkpoint).
@@ -396,7 +423,13 @@ impl Wal {
 
     /// Bytes of every live segment.
     pub(crate) fn bytes_on_disk(&self) -> u64 {
-        let live: Vec<PathBuf> = self.app.lock().live.iter().map(|(_, p)| p.clone()).collect();
+        let live: Vec<PathBuf> = self
+            .app
+            .lock()
+            .live
+            .iter()
+            .map(|(_, p)| p.clone())
+            .collect();
         live.iter()
             .filter_map(|p| std::fs::metadata(p).ok())
             .map(|m| m.len())
@@ -417,7 +450,10 @@ mod tests {
 
     fn ops(i: u64) -> Vec<Op> {
         vec![
-            (format!("key{i}").into_bytes(), Some(vec![i as u8; (i % 7) as usize])),
+            (
+                format!("key{i}").into_bytes(),
+                Some(vec![i as u8; (i % 7) as usize]),
+            ),
             (b"gone".to_vec(), None),
         ]
     }
@@ -526,7 +562,10 @@ mod tests {
         assert_eq!(read.len(), 10);
         wal.prune(4, false).unwrap();
         let read = unapplied(dir.path(), read_log(dir.path()).unwrap(), 4).unwrap();
-        assert_eq!(read.iter().map(|r| r.0).collect::<Vec<_>>(), (5..=10).collect::<Vec<_>>());
+        assert_eq!(
+            read.iter().map(|r| r.0).collect::<Vec<_>>(),
+            (5..=10).collect::<Vec<_>>()
+        );
         assert!(segments(dir.path()).unwrap().len() < n);
         wal.prune(10, true).unwrap();
         assert!(segments(dir.path()).unwrap().is_empty());
@@ -543,7 +582,10 @@ mod tests {
         let segs = segments(dir.path()).unwrap();
         std::fs::remove_file(&segs[1].1).unwrap();
         let log = read_log(dir.path()).unwrap();
-        assert!(log.first().is_some_and(|r| r.0 > 1), "only the run after the gap");
+        assert!(
+            log.first().is_some_and(|r| r.0 > 1),
+            "only the run after the gap"
+        );
         assert!(matches!(
             unapplied(dir.path(), log, 0),
             Err(Error::Damaged { .. })
