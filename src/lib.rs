@@ -49,7 +49,8 @@
 //! - **Durability** is chosen per queue with [`Durability`]: `Immediate` and `Group` (default)
 //!   fsync before a call returns, and [`Queue::wait`], [`Queue::wait_all`] and
 //!   [`Queue::subscribe`] report only durable state; `Relaxed` acknowledges from memory and
-//!   flushes in the background (a crash can lose its last `flush_every`).
+//!   syncs its write-ahead log in the background (a power loss can lose its last
+//!   `flush_every`).
 //! - **At-least-once delivery.** A process that dies mid-handler is found at the next open: the
 //!   task is charged a `crash` failure and retried or failed by the same rule. A handler's side
 //!   effects can therefore repeat; make handlers idempotent (key external effects by

@@ -34,19 +34,20 @@ pub const DEFAULT_QUEUE: &str = "default";
 /// When a write is acknowledged relative to when it is safe.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Durability {
-    /// Every write is its own commit: flushed and fsync'd before the call returns. Lowest
+    /// Every write is its own commit: logged and `fdatasync`'d before the call returns. Lowest
     /// throughput under concurrency, simplest to reason about.
     Immediate,
-    /// Default. Concurrent writes are grouped: one flush + fsync acknowledges the whole group.
+    /// Default. Concurrent writes are grouped: one `fdatasync` of the log acknowledges the
+    /// whole group.
     /// Every acknowledged write, everything `wait` returns and every event is on disk, exactly
     /// as with `Immediate`.
     #[default]
     Group,
-    /// Writes are acknowledged once applied in memory, without waiting for any fsync (not even
-    /// one in progress for an earlier claim); sled's background flusher writes and fsyncs them
-    /// every `flush_every` (default 500 ms). A process kill or power loss can lose the
-    /// transitions of the last `flush_every`, and `wait` and events report acknowledged, not
-    /// durable, state. Claims stay durable before the handler runs, so even here no execution
+    /// Writes are acknowledged once appended to the write-ahead log and applied in memory,
+    /// without waiting for any fsync (not even one in progress for an earlier claim); a
+    /// background `fdatasync` of the log runs every `flush_every` (default 500 ms). A process
+    /// kill loses none of them; a power loss can lose the transitions of the last
+    /// `flush_every`, and `wait` and events report acknowledged, not durable, state. Claims stay durable before the handler runs, so even here no execution
     /// goes uncounted.
     Relaxed,
 }
