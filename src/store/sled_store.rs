@@ -2,7 +2,7 @@
 //! enveloped values (`codec.rs`), one `apply_batch` per commit group.
 //!
 //! Durability (format 3): each commit group is first appended to omniq's write-ahead log
-//! (`wal.rs`) as one record, then applied to sled as one `apply_batch` that also writes `m/wal`
+//! (`wal.rs`) as one record, then applied to sled atomically (`apply_atomically`), with `m/wal`
 //! = the record's number. [`SledStore::sync`] is one `fdatasync` of the log. sled is made
 //! durable only by checkpoints (a background thread, by log bytes or time, and at open and
 //! close): sled `flush()` + `fsync` of its data file (sled 0.34.7's `flush()` ends in
@@ -198,6 +198,8 @@ pub(crate) struct SledStore {
     metrics: crate::histogram::StoreMetrics,
     last_seq: Mutex<u64>,
     run_id: u64,
+    /// Numbers the write-ahead entries of this process run (see `apply_atomically`).
+    write_ahead_counter: Mutex<u64>,
     /// Set once `open` completed: only then does dropping the store update the marker.
     opened: bool,
     /// A sync failed: what was applied since may be lost (fsync errors can drop dirty pages), so
@@ -391,6 +393,7 @@ impl SledStore {
             metrics: crate::histogram::StoreMetrics::default(),
             last_seq: Mutex::new(0),
             run_id: 0,
+            write_ahead_counter: Mutex::new(0),
             opened: false,
             sync_failed: std::sync::atomic::AtomicBool::new(false),
             upgrade_from: Mutex::new(None),
@@ -484,7 +487,7 @@ impl SledStore {
         let n = records.len();
         for (lsn, ops) in records {
             hook::reached("wal-replay");
-            self.db.apply_batch(batch_of(ops, lsn)?)?;
+            self.apply_atomically(with_lsn(ops, lsn)?)?;
         }
         if n > 0 {
             tracing::info!(records = n, path = %self.dir.display(), "replayed the write-ahead log");
@@ -524,7 +527,7 @@ impl SledStore {
         let ckpt = self.ckpt()?;
         hook::reached("wal-append");
         let lsn = ckpt.wal.append(&ops)?;
-        self.db.apply_batch(batch_of(ops, lsn)?)?;
+        self.apply_atomically(with_lsn(ops, lsn)?)?;
         ckpt.applied.store(lsn, Ordering::Release);
         if ckpt.wal.since_checkpoint() >= ckpt.bytes {
             ckpt.wake.notify_one();
@@ -638,9 +641,49 @@ impl SledStore {
         Ok(())
     }
 
-    /// Re-applies commit groups whose application a crash interrupted in a format-2 store, oldest
-    /// first. Format 2 wrote each group first as one value under a `w` (write-ahead) key, then
-    /// applied it key by key, then removed the `w` key; format 3 writes no `w` keys.
+    /// Writes a group to sled atomically with respect to crashes. The whole group is first stored
+    /// as one value under a `w` (write-ahead) key, then applied key by key, then the `w` key is
+    /// removed. sled recovers its log as a prefix, so after a crash either the `w` entry survives
+    /// (and [`replay_write_ahead`](SledStore::replay_write_ahead) re-applies the group at the
+    /// next open) or its removal survived, and with it every write before it.
+    ///
+    /// Why not always `apply_batch`: sled 0.34.7's `apply_batch` rolls its I/O buffer before and
+    /// after the batch (`pin_log`), i.e. two synchronous writebacks (`pwrite` +
+    /// `sync_file_range` each, ~125 us apiece here) on the writer thread for every group, which
+    /// would cost more than the log's `fdatasync`. Groups over `WRITE_AHEAD_MAX_BYTES` (an
+    /// `enqueue_many`) still use one `apply_batch`, where the writebacks are amortized over many
+    /// tasks and a large copy would cost more.
+    fn apply_atomically(&self, ops: Vec<Op>) -> Result<()> {
+        let bytes: usize = ops
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum();
+        if bytes > WRITE_AHEAD_MAX_BYTES {
+            let mut batch = sled::Batch::default();
+            for (k, v) in ops {
+                match v {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
+                }
+            }
+            self.db.apply_batch(batch)?;
+            return Ok(());
+        }
+        let id = {
+            let mut n = self.write_ahead_counter.lock();
+            *n += 1;
+            *n
+        };
+        let key = keys::write_ahead(id);
+        self.db
+            .insert(&key, codec::encode(RecordKind::WriteAhead, &ops)?)?;
+        apply_ops(&self.db, &ops)?;
+        self.db.remove(&key)?;
+        Ok(())
+    }
+
+    /// Re-applies commit groups whose application a crash interrupted, oldest first (see
+    /// [`apply_atomically`](SledStore::apply_atomically); format 2 wrote every group this way).
     fn replay_write_ahead(&self) -> Result<usize> {
         let mut replayed = 0;
         for item in self.db.scan_prefix([keys::WRITE_AHEAD]) {
@@ -1387,18 +1430,18 @@ impl WriteSet {
     }
 }
 
-/// One sled batch: a log record's key writes, then `m/wal` = its number.
-fn batch_of(ops: Vec<Op>, lsn: u64) -> Result<sled::Batch> {
-    let mut batch = sled::Batch::default();
-    for (k, v) in ops {
-        match v {
-            Some(v) => batch.insert(k, v),
-            None => batch.remove(k),
-        }
-    }
-    batch.insert(keys::META_WAL, codec::encode(RecordKind::Meta, &lsn)?);
-    Ok(batch)
+/// A log record's key writes, then `m/wal` = its number: what sled applies atomically.
+fn with_lsn(mut ops: Vec<Op>, lsn: u64) -> Result<Vec<Op>> {
+    ops.push((
+        keys::META_WAL.to_vec(),
+        Some(codec::encode(RecordKind::Meta, &lsn)?),
+    ));
+    Ok(ops)
 }
+
+/// Groups whose writes exceed this many bytes are written to sled with one `apply_batch` instead
+/// of a write-ahead entry (see `SledStore::apply_atomically`).
+const WRITE_AHEAD_MAX_BYTES: usize = 32 << 10;
 
 fn apply_ops(db: &sled::Db, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<()> {
     for (k, v) in ops {
