@@ -4,9 +4,10 @@
 //! task failing once then succeeding (1 retry, no delay). Public API only, so the same file
 //! builds against an older checkout for before/after runs.
 //!
-//! `cargo bench --bench wal -- [N] [rounds]` (default 5,000 tasks per row, 1 round;
-//! `WAL_BENCH_ROWS=a,b` picks rows, `WAL_BENCH_DIR` the directory). Prints one line per row:
-//! `row rate/s raw <raw rate/s measured just before it> ratio <rate / raw>`.
+//! `cargo bench --bench wal -- [N] [blocks]` (default 5,000 tasks per row in 10 blocks;
+//! `WAL_BENCH_ROWS=a,b` picks rows, `WAL_BENCH_DIR` the directory). Each block of tasks is timed
+//! right after 100 raw appends + `fdatasync` and divided by their rate, so the disk's drift on a
+//! shared machine cancels; each row prints the medians of its blocks.
 
 use std::io::Write;
 use std::path::Path;
@@ -40,25 +41,15 @@ fn rate(n: usize, d: Duration) -> f64 {
     n as f64 / d.as_secs_f64().max(1e-9)
 }
 
-fn raw(dir: &Path) -> f64 {
-    let path = dir.join("raw");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .unwrap();
+/// `n` appends of 128 bytes to `f`, each followed by `fdatasync`: writes/s.
+fn raw(f: &mut std::fs::File, n: usize) -> f64 {
     let block = [0x5au8; 128];
-    f.write_all(&block).unwrap();
-    f.sync_all().unwrap();
-    let n = 1000;
     let t0 = Instant::now();
     for _ in 0..n {
         f.write_all(&block).unwrap();
         f.sync_data().unwrap();
     }
-    let r = rate(n, t0.elapsed());
-    std::fs::remove_file(path).unwrap();
-    r
+    rate(n, t0.elapsed())
 }
 
 fn open(dir: &Path, name: &str) -> Queue {
@@ -94,29 +85,6 @@ fn await_completed(events: &crossbeam_channel::Receiver<omniq::TransitionEvent>,
     }
 }
 
-fn enqueue_alone(dir: &Path, n: usize) -> f64 {
-    let q = open(dir, "enqueue");
-    let t0 = Instant::now();
-    for i in 0..n as u64 {
-        q.enqueue(Noop { n: i }).unwrap();
-    }
-    rate(n, t0.elapsed())
-}
-
-fn producer_and_workers(dir: &Path, n: usize) -> f64 {
-    let q = open(dir, "lifecycle");
-    let pool = q.workers().concurrency(4).start().unwrap();
-    let events = q.subscribe();
-    let t0 = Instant::now();
-    for i in 0..n as u64 {
-        q.enqueue(Noop { n: i }).unwrap();
-    }
-    await_completed(&events, n);
-    let r = rate(n, t0.elapsed());
-    pool.stop();
-    r
-}
-
 fn enqueue_many<T: Task>(q: &Queue, n: usize, make: impl Fn(u64) -> T) {
     let mut i = 0u64;
     while (i as usize) < n {
@@ -126,20 +94,59 @@ fn enqueue_many<T: Task>(q: &Queue, n: usize, make: impl Fn(u64) -> T) {
     }
 }
 
-fn drain(dir: &Path, n: usize, fail_once: bool) -> f64 {
-    let q = open(dir, if fail_once { "fail_once" } else { "drain" });
-    if fail_once {
-        enqueue_many(&q, n, |n| FailOnce { n });
-    } else {
-        enqueue_many(&q, n, |n| Noop { n });
+/// One workload, measured in blocks of `k` tasks on one queue (and pool).
+struct Row {
+    q: Queue,
+    events: crossbeam_channel::Receiver<omniq::TransitionEvent>,
+    _pool: Option<omniq::WorkerPool>,
+    kind: &'static str,
+}
+
+impl Row {
+    fn new(dir: &Path, kind: &'static str) -> Row {
+        let q = open(dir, kind);
+        let events = q.subscribe();
+        let pool = (kind != "enqueue_alone").then(|| q.workers().concurrency(4).start().unwrap());
+        Row {
+            q,
+            events,
+            _pool: pool,
+            kind,
+        }
     }
-    let events = q.subscribe();
-    let t0 = Instant::now();
-    let pool = q.workers().concurrency(4).start().unwrap();
-    await_completed(&events, n);
-    let r = rate(n, t0.elapsed());
-    pool.stop();
-    r
+
+    /// Runs one block of `k` tasks: tasks/s.
+    fn block(&mut self, k: usize) -> f64 {
+        while self.events.try_recv().is_ok() {}
+        let t0 = Instant::now();
+        match self.kind {
+            "enqueue_alone" => {
+                for i in 0..k as u64 {
+                    self.q.enqueue(Noop { n: i }).unwrap();
+                }
+            }
+            "producer_4_workers" => {
+                for i in 0..k as u64 {
+                    self.q.enqueue(Noop { n: i }).unwrap();
+                }
+                await_completed(&self.events, k);
+            }
+            "drain_4_workers" => {
+                enqueue_many(&self.q, k, |n| Noop { n });
+                await_completed(&self.events, k);
+            }
+            _ => {
+                enqueue_many(&self.q, k, |n| FailOnce { n });
+                await_completed(&self.events, k);
+            }
+        }
+        rate(k, t0.elapsed())
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
 
 fn main() {
@@ -148,29 +155,45 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let n: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(5000);
-    let rounds: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(1);
+    let blocks: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10);
     // `WAL_BENCH_ROWS=enqueue_alone,fail_once` runs only those rows.
     let only = std::env::var("WAL_BENCH_ROWS").ok();
-    let wanted = |name: &str| {
-        only.as_deref()
-            .is_none_or(|o| o.split(',').any(|r| r == name))
-    };
-    type Row = fn(&Path, usize) -> f64;
-    let rows: [(&str, Row); 4] = [
-        ("enqueue_alone", enqueue_alone),
-        ("producer_4_workers", producer_and_workers),
-        ("drain_4_workers", |d, n| drain(d, n, false)),
-        ("fail_once", |d, n| drain(d, n, true)),
-    ];
-    for _ in 0..rounds {
-        let tmp =
-            tempfile::tempdir_in(std::env::var("WAL_BENCH_DIR").unwrap_or("/tmp".into())).unwrap();
-        // The raw rate is measured right before each row (the disk's speed drifts on a shared
-        // machine), and the row is given as a ratio to it.
-        for (name, row) in rows.iter().filter(|(name, _)| wanted(name)) {
-            let raw = raw(tmp.path());
-            let r = row(tmp.path(), n);
-            println!("{name} {r:.0} raw {raw:.0} ratio {:.2}", r / raw);
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|r| r == name));
+    let tmp = tempfile::tempdir_in(std::env::var("WAL_BENCH_DIR").unwrap_or("/tmp".into()))
+        .unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(tmp.path().join("raw"))
+        .unwrap();
+    f.write_all(&[0u8; 128]).unwrap();
+    f.sync_all().unwrap();
+    for kind in [
+        "enqueue_alone",
+        "producer_4_workers",
+        "drain_4_workers",
+        "fail_once",
+    ] {
+        if !wanted(kind) {
+            continue;
         }
+        let mut row = Row::new(tmp.path(), kind);
+        let k = (n / blocks).max(1);
+        // Each block is timed right after 100 raw appends + fdatasync, and given as a ratio
+        // to them, so the disk's drift on a shared machine cancels out; medians of the blocks.
+        let (mut rates, mut raws, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..blocks {
+            let r0 = raw(&mut f, 100);
+            let r = row.block(k);
+            rates.push(r);
+            raws.push(r0);
+            ratios.push(r / r0);
+        }
+        println!(
+            "{kind} {:.0}/s raw {:.0}/s ratio {:.2} (median of {blocks} blocks of {k})",
+            median(rates),
+            median(raws),
+            median(ratios)
+        );
     }
 }
