@@ -158,9 +158,12 @@ fn main() {
     let blocks: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10);
     // `WAL_BENCH_ROWS=enqueue_alone,fail_once` runs only those rows.
     let only = std::env::var("WAL_BENCH_ROWS").ok();
-    let wanted = |name: &str| only.as_deref().is_none_or(|o| o.split(',').any(|r| r == name));
-    let tmp = tempfile::tempdir_in(std::env::var("WAL_BENCH_DIR").unwrap_or("/tmp".into()))
-        .unwrap();
+    let wanted = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|r| r == name))
+    };
+    let tmp =
+        tempfile::tempdir_in(std::env::var("WAL_BENCH_DIR").unwrap_or("/tmp".into())).unwrap();
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -466,3 +466,72 @@ fn an_older_backup_under_a_newer_marker_is_refused_until_the_marker_is_removed()
     assert_eq!(q.stats().unwrap().total, 10, "the backup's state");
     assert!(dir.join("OMNIQ").is_file());
 }
+
+/// The write-ahead log (format 3) at open: records past what sled holds are replayed and a torn
+/// last record dropped; a record damaged before valid records written after it was made durable
+/// is `Error::Damaged` naming the file, with every file left as it was; log files without a
+/// marker are not a store.
+#[test]
+fn a_damaged_write_ahead_log_is_refused_untouched_and_a_torn_tail_dropped() {
+    use omniq::wal::{encode_record, segment_name};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("q");
+    {
+        let q = Queue::open(&dir).unwrap();
+        q.enqueue_json("k", &serde_json::json!(1), EnqueueOptions::new())
+            .unwrap();
+    }
+    let applied: u64 = {
+        let db = raw_db(&dir);
+        let v = db.get(omniq::keys::META_WAL).unwrap().unwrap();
+        omniq::codec::decode(omniq::codec::RecordKind::Meta, &v, &|| "m/wal".into()).unwrap()
+    };
+    let put = |k: &str| vec![(k.as_bytes().to_vec(), Some(b"v".to_vec()))];
+    // Three records after sled's last, each written after the one before was made durable.
+    let mut log = Vec::new();
+    let mut ends = Vec::new();
+    for (i, k) in ["zz-1", "zz-2", "zz-3"].iter().enumerate() {
+        let lsn = applied + 1 + i as u64;
+        encode_record(lsn, lsn - 1, &put(k), &mut log);
+        ends.push(log.len());
+    }
+    let seg = dir.join(segment_name(applied + 1));
+
+    // Damage in the second record: refused, untouched.
+    let mut bad = log.clone();
+    bad[ends[0] + 30] ^= 0x40;
+    std::fs::write(&seg, &bad).unwrap();
+    let before = tree(&dir);
+    let err = reopen(|| Queue::open(&dir)).expect_err("a damaged log must be refused");
+    assert!(matches!(err, Error::Damaged { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(&segment_name(applied + 1)),
+        "{err}"
+    );
+    assert_eq!(tree(&dir), before, "a refused open changed the directory");
+
+    // Only the last record torn: the first two are replayed, the third dropped.
+    std::fs::write(&seg, &log[..ends[2] - 3]).unwrap();
+    drop(reopen(|| Queue::open(&dir)).unwrap());
+    let db = raw_db(&dir);
+    assert!(db.get("zz-1").unwrap().is_some() && db.get("zz-2").unwrap().is_some());
+    assert!(db.get("zz-3").unwrap().is_none());
+    drop(db);
+    assert!(
+        !std::fs::read_dir(&dir).unwrap().any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("wal.")),
+        "a clean close leaves no log"
+    );
+
+    // Log files without a marker: not a store.
+    let stray = tmp.path().join("stray");
+    std::fs::create_dir(&stray).unwrap();
+    std::fs::write(stray.join(segment_name(1)), &log).unwrap();
+    let before = tree(&stray);
+    let err = Queue::open(&stray).expect_err("refused");
+    assert!(matches!(err, Error::NotAStore { .. }), "{err:?}");
+    assert_eq!(tree(&stray), before);
+}
