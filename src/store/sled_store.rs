@@ -115,27 +115,7 @@ impl Checkpoint {
 
     /// Syncs blob files sled created since the last checkpoint (sled writes them without fsync).
     fn sync_new_blobs(&self) -> Result<()> {
-        let blob_dir = self.dir.join("blobs");
-        let Ok(entries) = std::fs::read_dir(&blob_dir) else {
-            return Ok(());
-        };
-        let mut synced = self.synced_blobs.lock();
-        let mut any = false;
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if synced.contains(&name) {
-                continue;
-            }
-            if let Ok(f) = File::open(entry.path()) {
-                f.sync_all()?;
-            }
-            synced.insert(name);
-            any = true;
-        }
-        if any {
-            sync_dir(&blob_dir)?;
-        }
-        Ok(())
+        sync_new_blobs(&self.dir, &mut self.synced_blobs.lock())
     }
 
     /// The checkpoint thread: wakes when the log passed `bytes` since the last checkpoint (the
@@ -433,9 +413,12 @@ impl SledStore {
         *store.last_seq.lock() = store.read_meta_u64(keys::META_SEQ)?;
         store.load_counters()?;
         store.load_paused()?;
-        // sled now holds every record of the log: make it durable, then start an empty log.
+        // sled now holds every record of the log: make it durable (blob files too), then start
+        // an empty log.
         store.db.flush()?;
         store.data_file.sync_all()?;
+        let mut blobs = HashSet::new();
+        sync_new_blobs(dir, &mut blobs)?;
         let wal = Arc::new(Wal::start(dir, applied + 1, opts.wal_segment_bytes)?);
         let ckpt = Arc::new(Checkpoint {
             dir: dir.to_path_buf(),
@@ -443,7 +426,7 @@ impl SledStore {
             data_file: store.data_file.try_clone()?,
             wal,
             applied: AtomicU64::new(applied),
-            synced_blobs: Mutex::new(HashSet::new()),
+            synced_blobs: Mutex::new(blobs),
             failed: Mutex::new(None),
             stop: Mutex::new(false),
             wake: Condvar::new(),
@@ -451,7 +434,6 @@ impl SledStore {
             every: opts.checkpoint_every,
             sync_every: opts.flush_every_ms.map(Duration::from_millis),
         });
-        ckpt.sync_new_blobs()?;
         let thread = ckpt.clone();
         store.checkpointer = Some(
             std::thread::Builder::new()
@@ -1484,6 +1466,31 @@ fn remove_unfinished_snapshots(dir: &Path) -> Result<usize> {
         sync_dir(dir)?;
     }
     Ok(removed)
+}
+
+/// Syncs the blob files sled created that are not in `synced` (sled writes them without fsync),
+/// and their directory; adds them to `synced`.
+fn sync_new_blobs(dir: &Path, synced: &mut HashSet<OsString>) -> Result<()> {
+    let blob_dir = dir.join("blobs");
+    let Ok(entries) = std::fs::read_dir(&blob_dir) else {
+        return Ok(());
+    };
+    let mut any = false;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if synced.contains(&name) {
+            continue;
+        }
+        if let Ok(f) = File::open(entry.path()) {
+            f.sync_all()?;
+        }
+        synced.insert(name);
+        any = true;
+    }
+    if any {
+        sync_dir(&blob_dir)?;
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
