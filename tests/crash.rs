@@ -1267,6 +1267,7 @@ fn kill_loop() {
         let fault = rng.random_bool(0.25).then(|| {
             let points = [
                 "wal-append",
+                "wal-torn",
                 "wal-rotate",
                 "checkpoint",
                 "wal-prune",
@@ -1275,7 +1276,7 @@ fn kill_loop() {
             format!(
                 "{}:{}",
                 points[rng.random_range(0..points.len())],
-                rng.random_range(1..=5)
+                rng.random_range(1..=3)
             )
         });
         *context.borrow_mut() = format!(

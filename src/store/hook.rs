@@ -1,7 +1,7 @@
 //! Fault points for the crash tests. With `OMNIQ_FAULT_AT=<point>:<n>` in its environment, the
 //! process aborts (as a `SIGKILL` would: no destructor runs, nothing more is written) the `n`th
 //! time it reaches `<point>`, so a kill can be made to land inside a chosen window: `wal-append`
-//! (a record half written), `wal-rotate` (a segment being created), `checkpoint` (sled being
+//! (before a record is written), `wal-torn` (half of a record written), `wal-rotate` (a segment being created), `checkpoint` (sled being
 //! flushed), `wal-prune` (segments being deleted) and `wal-replay` (an open replaying the log).
 //! Without the variable, reaching a point costs one atomic load.
 
@@ -20,6 +20,11 @@ fn spec() -> &'static Option<(String, u64)> {
         let (point, n) = v.split_once(':')?;
         Some((point.to_string(), n.parse().ok()?))
     })
+}
+
+/// Whether `point` is the armed fault point (so a caller can split a write around it).
+pub(crate) fn armed(point: &str) -> bool {
+    spec().as_ref().is_some_and(|(p, _)| p == point)
 }
 
 /// Marks that the process reached `point` (see the module documentation).

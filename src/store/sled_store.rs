@@ -7,8 +7,9 @@
 //! durable only by checkpoints (a background thread, by log bytes or time, and at open and
 //! close): sled `flush()` + `fsync` of its data file (sled 0.34.7's `flush()` ends in
 //! `sync_file_range`, which does not survive power loss), after which the log segments sled
-//! wholly holds are deleted. After a crash sled holds a prefix of its batches, so `m/wal` says
-//! exactly which records it lacks, and the open replays them.
+//! wholly holds are deleted. After a crash sled holds each group whole or not at all
+//! (`apply_atomically`), so `m/wal` says exactly which records it lacks, and the open replays
+//! them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ffi::OsString;

@@ -321,7 +321,15 @@ impl Wal {
             app.len = 0;
             app.live.push_back((lsn, path));
         }
-        (&*app.file).write_all(&app.buf)?;
+        if crate::store::hook::armed("wal-torn") {
+            // Crash tests: die with half of the record written.
+            let half = app.buf.len() / 2;
+            (&*app.file).write_all(&app.buf[..half])?;
+            crate::store::hook::reached("wal-torn");
+            (&*app.file).write_all(&app.buf[half..])?;
+        } else {
+            (&*app.file).write_all(&app.buf)?;
+        }
         app.len += app.buf.len() as u64;
         app.next_lsn += 1;
         self.since_checkpoint
