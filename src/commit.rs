@@ -366,20 +366,36 @@ impl Writer {
         // `Immediate` keeps everything on this thread: each write is its own flush + fsync.
         let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<Applied>();
         let mut order = SyncOrder::default();
-        let syncer = match self.durability {
+        let sequencer = Arc::new(Sequencer::default());
+        let syncer: Option<Vec<JoinHandle<()>>> = match self.durability {
             Durability::Immediate => None,
             _ => {
-                let store = self.store.clone();
-                let notify = self.notify.clone();
-                let poisoned = self.poisoned.clone();
-                let synced = order.synced.clone();
-                std::thread::Builder::new()
-                    .name("omniq-syncer".into())
-                    .spawn(move || run_syncer(&*store, &notify, &poisoned, &synced, sync_rx))
-                    .map_err(|e| tracing::error!(error = %e, "cannot start the syncer thread; syncing on the writer"))
-                    .ok()
+                let mut threads = Vec::new();
+                for _ in 0..syncers() {
+                    let store = self.store.clone();
+                    let notify = self.notify.clone();
+                    let poisoned = self.poisoned.clone();
+                    let synced = order.synced.clone();
+                    let sequencer = sequencer.clone();
+                    let rx = sync_rx.clone();
+                    match std::thread::Builder::new()
+                        .name("omniq-syncer".into())
+                        .spawn(move || {
+                            run_syncer(&*store, &notify, &poisoned, &synced, &sequencer, rx)
+                        }) {
+                        Ok(h) => threads.push(h),
+                        Err(e) => tracing::error!(error = %e, "cannot start a syncer thread"),
+                    }
+                }
+                if threads.is_empty() {
+                    tracing::error!("no syncer thread; syncing on the writer");
+                    None
+                } else {
+                    Some(threads)
+                }
             }
         };
+        drop(sync_rx);
         while let Ok(first) = rx.recv() {
             let mut commands = vec![first];
             while commands.len() < max {
@@ -406,7 +422,7 @@ impl Writer {
             }
         }
         drop(sync_tx);
-        if let Some(h) = syncer {
+        for h in syncer.into_iter().flatten() {
             let _ = h.join();
         }
     }
@@ -583,14 +599,73 @@ fn finish(applied: Applied, sync_error: Option<&Error>, notify: &Notify) {
     }
 }
 
-/// The syncer: takes every group applied since its last sync, makes them durable with one
-/// flush + fsync, then acknowledges them in order. A failed sync poisons the queue: what was
-/// applied after it can no longer be promised, so every later command is refused.
+/// How many syncer threads run (`OMNIQ_SYNCERS`, 1 or 2; default 1). With two, a group that
+/// arrives while a sync is in flight starts its own at once instead of waiting for it.
+fn syncers() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("OMNIQ_SYNCERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1usize)
+            .clamp(1, 2)
+    })
+}
+
+/// Acknowledges groups in ticket order whichever syncer thread finished them; once one group's
+/// sync failed, every later group is refused too.
+#[derive(Default)]
+struct Sequencer {
+    state: Mutex<SeqState>,
+}
+
+#[derive(Default)]
+struct SeqState {
+    /// The last ticket acknowledged.
+    last: u64,
+    done: BTreeMap<u64, (Applied, Option<Error>)>,
+    failed: Option<Error>,
+}
+
+impl Sequencer {
+    fn complete(
+        &self,
+        batch: Vec<Applied>,
+        result: &Result<()>,
+        notify: &Notify,
+        synced: &std::sync::atomic::AtomicU64,
+    ) {
+        let mut st = self.state.lock();
+        for applied in batch {
+            let err = result.as_ref().err().map(Error::duplicate);
+            st.done.insert(applied.ticket, (applied, err));
+        }
+        loop {
+            let next = st.last + 1;
+            let Some((applied, err)) = st.done.remove(&next) else {
+                break;
+            };
+            st.last = next;
+            let err = err.or_else(|| st.failed.as_ref().map(Error::duplicate));
+            if let (Some(e), None) = (&err, &st.failed) {
+                st.failed = Some(e.duplicate());
+            }
+            finish(applied, err.as_ref(), notify);
+            synced.fetch_max(next, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+/// A syncer: takes every group applied since it last looked, makes them durable with one sync,
+/// then hands them to the sequencer, which acknowledges in order. A failed sync poisons the
+/// queue: what was applied after it can no longer be promised, so every later command is
+/// refused.
 fn run_syncer(
     store: &dyn Store,
     notify: &Notify,
     poisoned: &Mutex<Option<String>>,
     synced: &std::sync::atomic::AtomicU64,
+    sequencer: &Sequencer,
     rx: Receiver<Applied>,
 ) {
     while let Ok(first) = rx.recv() {
@@ -611,11 +686,7 @@ fn run_syncer(
         if let Err(e) = &result {
             *poisoned.lock() = Some(e.to_string());
         }
-        for applied in batch {
-            let ticket = applied.ticket;
-            finish(applied, result.as_ref().err(), notify);
-            synced.fetch_max(ticket, std::sync::atomic::Ordering::Release);
-        }
+        sequencer.complete(batch, &result, notify, synced);
     }
 }
 

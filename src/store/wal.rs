@@ -264,8 +264,10 @@ pub(crate) struct Wal {
     dir: PathBuf,
     segment_bytes: u64,
     app: Mutex<Appender>,
-    /// Serialises syncs (so `synced` only grows).
-    sync_lock: Mutex<()>,
+    /// Held by a sync that took rotated-away segments (or a directory sync) until it finished:
+    /// a sync that started after it waits for it before counting records in those segments
+    /// as durable. Syncs otherwise run concurrently.
+    rotation: Mutex<()>,
     /// The highest lsn known durable.
     synced: AtomicU64,
     /// Bytes appended since the last checkpoint started.
@@ -297,7 +299,7 @@ impl Wal {
                 live: VecDeque::from([(next_lsn, path)]),
                 buf: Vec::new(),
             }),
-            sync_lock: Mutex::new(()),
+            rotation: Mutex::new(()),
             synced: AtomicU64::new(next_lsn - 1),
             since_checkpoint: AtomicU64::new(0),
             durable: Mutex::new((next_lsn, 0)),
@@ -338,20 +340,24 @@ impl Wal {
     }
 
     /// Makes every record appended so far durable: `fdatasync` of the segments written since
-    /// the last sync, and of the directory if a segment was created.
+    /// the last sync, and of the directory if a segment was created. Several may run at once.
     pub(crate) fn sync(&self) -> Result<()> {
-        let _one = self.sync_lock.lock();
-        let (file, old, dir_dirty, upto, covers) = {
+        let (file, old, dir_dirty, upto, covers, rotation) = {
             let mut app = self.app.lock();
+            let old = std::mem::take(&mut app.unsynced);
+            let dir_dirty = std::mem::take(&mut app.dir_dirty);
+            // Taken under `app`, so any sync that snapshots after this one waits for it.
+            let rotation = (!old.is_empty() || dir_dirty).then(|| self.rotation.lock());
             (
                 app.file.clone(),
-                std::mem::take(&mut app.unsynced),
-                std::mem::take(&mut app.dir_dirty),
+                old,
+                dir_dirty,
                 app.next_lsn - 1,
                 (app.live.back().map_or(0, |l| l.0), app.len),
+                rotation,
             )
         };
-        if upto <= self.synced.load(Ordering::Acquire) && old.is_empty() && !dir_dirty {
+        if upto <= self.synced.load(Ordering::Acquire) && rotation.is_none() {
             return Ok(());
         }
         for f in &old {
@@ -361,8 +367,14 @@ impl Wal {
         if dir_dirty {
             sync_dir(&self.dir)?;
         }
-        self.synced.store(upto, Ordering::Release);
-        *self.durable.lock() = covers;
+        match rotation {
+            Some(guard) => drop(guard),
+            // Records before ours may be in a segment another sync is still syncing.
+            None => drop(self.rotation.lock()),
+        }
+        self.synced.fetch_max(upto, Ordering::AcqRel);
+        let mut durable = self.durable.lock();
+        *durable = (*durable).max(covers);
         Ok(())
     }
 
@@ -370,7 +382,6 @@ impl Wal {
     /// (what a power loss would keep, at least, and at most). For the power-loss test.
     #[cfg(test)]
     pub(crate) fn durable_image(&self) -> Vec<(PathBuf, u64, u64)> {
-        let _one = self.sync_lock.lock();
         let (dfirst, dlen) = *self.durable.lock();
         let app = self.app.lock();
         app.live
