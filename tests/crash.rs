@@ -1340,6 +1340,9 @@ fn kill_loop() {
         let relaxed_acks = read_acks(&relaxed_acks_path).unwrap_or_else(|m| fail(cycle, m));
         let cancels = read_cancels(&acks_path).unwrap_or_else(|m| fail(cycle, m));
         let runs = read_runs(&runs_path).unwrap_or_else(|m| fail(cycle, m));
+        // A child killed before it created the directory (cycle 0, a kill within its first
+        // milliseconds) leaves nothing to copy.
+        let on_copy = on_copy && dir.exists();
         let check_dir = if on_copy {
             let copy = tmp.path().join(format!("copy{cycle}"));
             copy_dir(&dir, &copy)
