@@ -2,7 +2,8 @@
 //!
 //! [`PowerCut`] wraps a real [`SledStore`] and keeps what a power loss would leave on disk: sled
 //! as of its last checkpoint (a copy of its files taken right after the checkpoint's flush +
-//! fsync, while nothing writes), and each log segment up to the bytes its last `fdatasync`
+//! fsync, while nothing writes) — or, sometimes, as of a flush taken after a group was applied
+//! but before the log's sync covered it (sled's pages reaching disk first) — and each log segment up to the bytes its last `fdatasync`
 //! covered. At seeded random points (before or after a group is applied, before or after a sync)
 //! it cuts the power: it builds a directory from that image plus a random prefix of the
 //! un-synced log bytes (sometimes ending in garbage, as a torn sector would), and every later
@@ -118,6 +119,10 @@ impl Store for PowerCut {
         });
         if st.rng.random_bool(0.1) {
             self.inner.checkpoint_now()?;
+            self.snapshot_sled()?;
+        } else if st.rng.random_bool(0.05) {
+            // sled's pages reach disk ahead of the log's sync (this group is not synced yet).
+            self.inner.flush_sled_now()?;
             self.snapshot_sled()?;
         }
         if st.rng.random_bool(0.01) {
