@@ -28,6 +28,8 @@
 //! 10. Row 1 again, as a drift check: when it differs much from row 1, other I/O on the machine
 //!     moved the disk's speed during the run and the ratios are not to be trusted.
 
+pub mod disk;
+
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -366,8 +368,8 @@ struct Rows<'a> {
 impl Rows<'_> {
     fn push(&mut self, key: &str, label: String, value: f64, unit: &str) {
         let vs_raw = match unit {
-            _ if key == "raw_fdatasync_per_s" => None,
-            "bytes/task" => None,
+            _ if key == "raw_fdatasync_per_s" || self.raw_per_s <= 0.0 => None,
+            "bytes/task" | "MiB" => None,
             // A latency against the mean time of one raw write.
             "ms" => Some(value / (1e3 / self.raw_per_s)),
             _ => Some(value / self.raw_per_s),

@@ -162,6 +162,26 @@ pub struct BenchArgs {
     /// (to compare with a run without it).
     #[arg(long)]
     pub poll_dashboard: bool,
+    /// Which benchmark: `default` (the rows above), `disk` (issue 12's table: raw fdatasync, then
+    /// enqueue / drain / producer + workers / fail-once / bytes per completed task, medians of
+    /// --runs, durability group), or `rss` (peak RSS building --tasks pending with enqueue_many
+    /// and draining them).
+    #[arg(long, value_enum, default_value_t = SuiteArg::Default)]
+    pub suite: SuiteArg,
+    /// Runs per row for `--suite disk` (the median is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    pub runs: u64,
+}
+
+/// `--suite` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SuiteArg {
+    /// The default rows (all three durability modes, latency, enqueue_many).
+    Default,
+    /// Issue 12's table in one run.
+    Disk,
+    /// Peak memory building and draining a deep queue.
+    Rss,
 }
 
 /// `--durability` values.

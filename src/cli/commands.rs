@@ -659,6 +659,9 @@ pub fn check(queue: &Target, json: bool) -> Result<ExitCode, CliError> {
 
 /// `omniq bench`: runs in a temporary directory.
 pub fn bench(json: bool, a: &BenchArgs) -> Result<ExitCode, CliError> {
+    if a.suite != crate::cli::args::SuiteArg::Default {
+        return bench_suite(json, a);
+    }
     let opts = BenchOptions {
         tasks: usize::try_from(a.tasks).unwrap_or(usize::MAX),
         workers: usize::try_from(a.workers).unwrap_or(usize::MAX),
@@ -678,6 +681,45 @@ pub fn bench(json: bool, a: &BenchArgs) -> Result<ExitCode, CliError> {
         return Ok(ExitCode::SUCCESS);
     }
     emit(&bench_table(&report))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `omniq bench --suite disk|rss`.
+fn bench_suite(json: bool, a: &BenchArgs) -> Result<ExitCode, CliError> {
+    use omniq::bench::disk;
+    let opts = disk::SuiteOptions {
+        tasks: usize::try_from(a.tasks).unwrap_or(usize::MAX),
+        workers: usize::try_from(a.workers).unwrap_or(usize::MAX),
+        runs: usize::try_from(a.runs).unwrap_or(usize::MAX),
+    };
+    let mut progress = |line: &str| {
+        if !json {
+            eprintln!("{line}");
+        }
+    };
+    let report = if a.suite == crate::cli::args::SuiteArg::Rss {
+        disk::run_rss(&opts, &mut progress)?
+    } else {
+        disk::run_disk(&opts, &mut progress)?
+    };
+    if json {
+        let v = serde_json::to_value(&report)
+            .map_err(|e| CliError::Runtime(format!("cannot encode the bench report: {e}")))?;
+        emit_json(&v)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = Table::new(&["MEASURE", "VALUE", "VS RAW FDATASYNC"]).right(&[1, 2]);
+    for row in &report.rows {
+        t.row([row.label.clone(), row.value_text(), row.vs_raw_text()]);
+    }
+    emit(&format!(
+        "omniq bench --suite {}: {} tasks, {} workers, {} runs per row\n\n{}",
+        report.suite,
+        report.tasks,
+        report.workers,
+        report.runs,
+        t.render()
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
