@@ -2,6 +2,8 @@
 //! (human and `--json`), every bad input (clear one-line error, non-zero exit, stored data
 //! unchanged), and the demo killed mid-run and resumed with nothing lost.
 
+mod common;
+
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -459,7 +461,7 @@ fn check_passes_on_a_good_store_and_fails_on_a_corrupt_record() {
 
     // Overwrite one task record with bytes that do not decode.
     {
-        let db = sled::open(d).unwrap();
+        let db = common::sled_config(d).open().unwrap();
         db.insert(omniq::keys::task(f.completed[0]), &b"\x01\x00garbage"[..])
             .unwrap();
         db.flush().unwrap();

@@ -15,6 +15,7 @@ pub mod hook;
 #[cfg(test)]
 mod power_loss;
 pub(crate) mod probe;
+pub(crate) mod sled_config;
 pub(crate) mod sled_store;
 pub mod wal;
 

@@ -451,7 +451,12 @@ pub(crate) fn trial_open_copy(
         path: dir.to_path_buf(),
         reason: format!("{why}, so omniq opens a temporary copy first, but copying failed: {e}"),
     })?;
-    let opened = open_quietly(sled::Config::new().path(&copy).flush_every_ms(None));
+    let opened = open_quietly(
+        sled::Config::new()
+            .path(&copy)
+            .flush_every_ms(None)
+            .segment_size(super::sled_config::segment_size(&copy)),
+    );
     let damaged = |detail: String| Error::Damaged {
         path: Some(dir.to_path_buf()),
         detail: format!("{detail}; omniq left its files as they were"),

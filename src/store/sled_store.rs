@@ -322,13 +322,11 @@ impl SledStore {
         // its tail is refused with every file as it was.
         let log = wal::read_log(dir)?;
         let open = || {
-            probe::open_quietly(
-                sled::Config::new()
-                    .path(dir)
-                    .cache_capacity(opts.cache_bytes)
-                    .flush_every_ms(opts.flush_every_ms)
-                    .mode(sled::Mode::HighThroughput),
-            )
+            probe::open_quietly(super::sled_config::config(
+                dir,
+                opts.cache_bytes,
+                opts.flush_every_ms,
+            ))
             // sled panicked: it found data it cannot read.
             .unwrap_or(Err(sled::Error::Corruption { at: None, bt: () }))
         };

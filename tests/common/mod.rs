@@ -23,10 +23,24 @@ pub fn retry_while_locked<T, E: std::fmt::Debug>(
     }
 }
 
+/// The segment size sled recorded in `dir/conf` (omniq creates stores with 128 KiB segments,
+/// older ones have sled's default 512 KiB; sled refuses to open a store with another size).
+pub fn sled_config(dir: &std::path::Path) -> sled::Config {
+    let segment = std::fs::read(dir.join("conf"))
+        .ok()
+        .and_then(|b| {
+            String::from_utf8_lossy(&b)
+                .lines()
+                .find_map(|l| l.strip_prefix("segment_size: ")?.trim().parse().ok())
+        })
+        .unwrap_or(128 << 10);
+    sled::Config::new().path(dir).segment_size(segment)
+}
+
 /// `sled::open`, once sled's previous holder in this process has let go of the lock.
 pub fn raw_db(dir: &std::path::Path) -> sled::Db {
     retry_while_locked(
-        || sled::open(dir),
+        || sled_config(dir).open(),
         |e| e.to_string().contains("could not acquire lock"),
     )
     .unwrap()
