@@ -105,6 +105,11 @@ impl QueueBuilder {
         self
     }
     /// sled's page cache size in bytes (default 64 MiB).
+    ///
+    /// It does not bound the process's memory: sled counts pages by their size on disk, and
+    /// pages it evicts still cost memory, so a smaller cache can *raise* RSS (measured: 200,000
+    /// pending tasks, 16 MiB cache 1,166 MiB peak vs 867 MiB with the default; BENCHMARKS.md,
+    /// "Issue 12").
     pub fn cache_bytes(mut self, bytes: u64) -> Self {
         self.cache_bytes = bytes;
         self

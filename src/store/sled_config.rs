@@ -3,7 +3,7 @@
 //! sled 0.34's resident memory while a store grows scales with its log segment size, not with
 //! `cache_capacity`: building 200,000 pending tasks with `enqueue_many` reached 867 MiB RSS
 //! with sled's default 512 KiB segments, 3.7 GiB with 4 MiB segments and 350 MiB with 64 KiB
-//! (BENCHMARKS.md, "Memory"). New stores therefore use [`SEGMENT_SIZE`]. sled refuses to open a
+//! (BENCHMARKS.md, "Issue 12"). New stores therefore use [`SEGMENT_SIZE`]. sled refuses to open a
 //! directory with a segment size other than the one it was created with (it records it in its
 //! `conf` file), so an existing store keeps its own: the size is read back from `conf`.
 
