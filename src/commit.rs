@@ -1027,7 +1027,7 @@ fn tick(g: &mut Group<'_>, now: Timestamp) -> Result<Vec<TaskId>> {
 }
 
 /// The task a schedule's tick at `at` enqueues (due at `at`, carrying the tick).
-fn scheduled_task(s: &ScheduleInfo, at: Timestamp, now: Timestamp) -> Result<NewTask> {
+pub(crate) fn scheduled_task(s: &ScheduleInfo, at: Timestamp, now: Timestamp) -> Result<NewTask> {
     let o = &s.options;
     let unique = match &o.unique {
         Some((key, states, period)) => {

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::error::Result;
 use crate::rules::limit::{self, Limit, LimitScope};
-use crate::store::{DueTask, QueueSet, SideWrite, Store};
+use crate::store::{DueScan, DueTask, QueueSet, SideWrite, Store};
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
 #[derive(Clone, Debug, Default)]
@@ -62,6 +62,46 @@ impl Limiter {
             }
         }
         Ok(l)
+    }
+
+    /// A limiter built from stored state (the PostgreSQL backend reads it in the claim's
+    /// transaction): the limits, the starts counted so far (any order), and how many tasks run
+    /// per (queue, kind).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn from_state(
+        limits: Vec<(LimitScope, Limit)>,
+        starts: Vec<(LimitScope, Timestamp, TaskId)>,
+        running: &[(String, String, u32)],
+    ) -> Limiter {
+        let mut l = Limiter::default();
+        for (scope, limit) in limits {
+            l.scopes.insert(
+                scope,
+                ScopeState {
+                    limit,
+                    ..ScopeState::default()
+                },
+            );
+        }
+        let mut starts = starts;
+        starts.sort();
+        for (scope, at, id) in starts {
+            if let Some(s) = l.scopes.get_mut(&scope) {
+                s.times.push(at);
+                s.ids.push(id);
+            }
+        }
+        for (queue, kind, n) in running {
+            for sc in [
+                LimitScope::Queue(queue.clone()),
+                LimitScope::Kind(kind.clone()),
+            ] {
+                if let Some(s) = l.scopes.get_mut(&sc) {
+                    s.running = s.running.saturating_add(*n);
+                }
+            }
+        }
+        l
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -320,42 +360,72 @@ pub(crate) fn plan(
     want: usize,
     skip: &HashSet<TaskId>,
 ) -> Result<Plan> {
+    if want == 0 {
+        return Ok(Plan::default());
+    }
+    if budgets.is_unlimited() {
+        let scan = store.due(queues, now, want, skip)?;
+        return Ok(Plan {
+            picks: scan.ready,
+            held: 0,
+            next_wake: scan.next_wake,
+        });
+    }
+    let by_kind = budgets.has_kinds();
+    plan_with(budgets, want, skip, |spent, need, seen| {
+        if by_kind {
+            return store.due_by_kind(queues, &spent.queues, &spent.kinds, now, need, seen);
+        }
+        let names: Vec<String> = match queues {
+            QueueSet::Named(v) => v.clone(),
+            QueueSet::All => store
+                .counts()
+                .into_iter()
+                .filter(|((_, s), n)| *s == Status::Pending && *n > 0)
+                .map(|((q, _), _)| q)
+                .collect(),
+        }
+        .into_iter()
+        .filter(|q| !spent.queues.contains(q))
+        .collect();
+        if names.is_empty() {
+            return Ok(DueScan::default());
+        }
+        store.due(&QueueSet::Named(names), now, need, seen)
+    })
+}
+
+/// The queues and kinds whose limits are spent, as a [`plan_with`] scan is told them.
+#[derive(Debug, Default)]
+pub(crate) struct Spent {
+    pub queues: HashSet<String>,
+    pub kinds: HashSet<String>,
+}
+
+/// The planner itself, for any storage: `scan(spent, need, seen)` returns up to `need` due
+/// tasks in claim order, leaving out spent queues and kinds and the ids in `seen` (tasks it
+/// returns without a kind are checked against their queue's limit only). The budgets admit
+/// them in order; when one runs out part-way, the scan is redone without that scope (at most
+/// once per scope). The sled writer scans its indexes; PostgreSQL runs a query (under the
+/// limit rows' locks, so the budgets are exact across processes).
+pub(crate) fn plan_with(
+    budgets: &mut Budgets,
+    want: usize,
+    skip: &HashSet<TaskId>,
+    mut scan: impl FnMut(&Spent, usize, &HashSet<TaskId>) -> Result<DueScan>,
+) -> Result<Plan> {
     let mut out = Plan::default();
     if want == 0 {
         return Ok(out);
     }
-    if budgets.is_unlimited() {
-        let scan = store.due(queues, now, want, skip)?;
-        out.picks = scan.ready;
-        out.next_wake = scan.next_wake;
-        return Ok(out);
-    }
-    let by_kind = budgets.has_kinds();
-    let mut spent_queues = budgets.spent_queues();
-    let mut spent_kinds = budgets.spent_kinds();
+    let mut spent = Spent {
+        queues: budgets.spent_queues(),
+        kinds: budgets.spent_kinds(),
+    };
     let mut seen: HashSet<TaskId> = skip.clone();
     loop {
         let need = want - out.picks.len();
-        let scan = if by_kind {
-            store.due_by_kind(queues, &spent_queues, &spent_kinds, now, need, &seen)?
-        } else {
-            let names: Vec<String> = match queues {
-                QueueSet::Named(v) => v.clone(),
-                QueueSet::All => store
-                    .counts()
-                    .into_iter()
-                    .filter(|((_, s), n)| *s == Status::Pending && *n > 0)
-                    .map(|((q, _), _)| q)
-                    .collect(),
-            }
-            .into_iter()
-            .filter(|q| !spent_queues.contains(q))
-            .collect();
-            if names.is_empty() {
-                break;
-            }
-            store.due(&QueueSet::Named(names), now, need, &seen)?
-        };
+        let scan = scan(&spent, need, &seen)?;
         if let Some(w) = scan.next_wake {
             out.next_wake = Some(out.next_wake.map_or(w, |x: Timestamp| x.min(w)));
         }
@@ -366,12 +436,12 @@ pub(crate) fn plan(
             match budgets.admit(&d.queue, d.kind.as_deref()) {
                 Admit::Yes => out.picks.push(d),
                 Admit::QueueSpent => {
-                    newly_spent |= spent_queues.insert(d.queue.clone());
+                    newly_spent |= spent.queues.insert(d.queue.clone());
                     out.held += 1;
                 }
                 Admit::KindSpent => {
                     if let Some(k) = d.kind {
-                        newly_spent |= spent_kinds.insert(k);
+                        newly_spent |= spent.kinds.insert(k);
                     }
                     out.held += 1;
                 }

@@ -1192,10 +1192,9 @@ macro_rules! contract_suite {
     };
 }
 
-/// Unique keys, limits and schedules (issue 11): the same contract, for the backends that
-/// implement those operations (`Backend::insert_new`, `set_limit`, `put_schedule`, `tick`...;
-/// see ARCHITECTURE.md for how SQL enforces them). The PostgreSQL backend joins with one line
-/// once it does; until then its `Backend` defaults refuse them with an error saying so.
+/// Unique keys, limits and schedules (issue 11): the same contract on every backend
+/// (`Backend::insert_new`, `set_limit`, `put_schedule`, `tick`...; see ARCHITECTURE.md for how
+/// SQL enforces them).
 macro_rules! rules_contract_suite {
     ($backend:ident, $harness:expr) => {
         mod $backend {
@@ -1268,6 +1267,14 @@ rules_contract_suite!(sled_rules, Sled::new());
 contract_suite!(
     postgres,
     match common::pg::PgSchema::new("contract") {
+        Some(s) => Pg(s),
+        None => return,
+    }
+);
+#[cfg(feature = "postgres")]
+rules_contract_suite!(
+    postgres_rules,
+    match common::pg::PgSchema::new("contract_rules") {
         Some(s) => Pg(s),
         None => return,
     }

@@ -33,8 +33,11 @@ use parking_lot::Mutex;
 use crate::backend::{Backend, ClaimRequest, DueSummary, FinishRequest};
 use crate::clock::Clock;
 use crate::commit::BackoffTable;
+use crate::commit::NewTask;
 use crate::error::{Error, Result};
 use crate::events::Notify;
+use crate::extras::{Inserted, LimitStatus, ScheduleInfo, TaskExtras};
+use crate::rules::limit::{Limit, LimitScope};
 use crate::inspect::{ConsistencyReport, ListFilter, Page, RecoveryReport};
 use crate::log::LogEntry;
 use crate::retry::JitterSource;
@@ -49,6 +52,7 @@ mod ops;
 mod pool;
 mod rescue;
 mod rows;
+mod rules;
 pub(crate) mod schema;
 
 pub use schema::{MigrateReport, SCHEMA_VERSION};
@@ -261,6 +265,11 @@ pub(crate) struct Shared {
     pub to_notify: crossbeam_channel::Sender<node::Signal>,
     /// Transactions the committer has committed (each holds one or more submissions).
     pub transactions: AtomicU64,
+    /// The earliest next schedule tick as last read (ms; `u64::MAX`: none; 0: not read yet).
+    pub next_tick: AtomicU64,
+    /// When the schedules were last read (`tick` reads them again after `poll_interval`, to
+    /// see other processes' changes).
+    pub ticks_read: Mutex<Option<std::time::Instant>>,
 }
 
 impl Shared {
@@ -338,7 +347,14 @@ impl PgBackend {
             paused: Mutex::new(BTreeSet::new()),
             to_notify: tx,
             transactions: AtomicU64::new(0),
+            next_tick: AtomicU64::new(0),
+            ticks_read: Mutex::new(None),
         });
+        {
+            let mut conn = shared.pool.get()?;
+            let concurrency = rules::has_concurrency(&shared, &mut *conn)?;
+            shared.notify.set_wake_on_exit(concurrency);
+        }
         let threads = node::spawn(&shared, session, rx)?;
         let (submit_tx, submit_rx) = crossbeam_channel::unbounded();
         let sh = shared.clone();
@@ -408,6 +424,57 @@ impl Drop for PgBackend {
 impl Backend for PgBackend {
     fn insert(&self, tasks: Vec<TaskInfo>) -> Result<()> {
         ops::insert(&self.shared, tasks)
+    }
+
+    fn insert_new(&self, tasks: Vec<NewTask>) -> Result<Vec<Inserted>> {
+        if tasks.iter().all(|t| t.extras.is_none()) {
+            let out = tasks
+                .iter()
+                .map(|t| Inserted {
+                    id: t.task.id,
+                    duplicate: false,
+                })
+                .collect();
+            ops::insert(&self.shared, tasks.into_iter().map(|t| t.task).collect())?;
+            return Ok(out);
+        }
+        rules::insert_new(&self.shared, tasks)
+    }
+
+    fn set_limit(&self, scope: LimitScope, limit: Option<Limit>) -> Result<()> {
+        rules::set_limit(&self.shared, scope, limit)
+    }
+
+    fn limits(&self, now: Timestamp) -> Result<Vec<LimitStatus>> {
+        rules::limits(&self.shared, now)
+    }
+
+    fn put_schedule(&self, info: ScheduleInfo) -> Result<bool> {
+        rules::put_schedule(&self.shared, info)
+    }
+
+    fn pause_schedule(&self, name: &str, paused: bool) -> Result<()> {
+        rules::pause_schedule(&self.shared, name, paused)
+    }
+
+    fn remove_schedule(&self, name: &str) -> Result<bool> {
+        rules::remove_schedule(&self.shared, name)
+    }
+
+    fn tick(&self, now: Timestamp) -> Result<Vec<TaskId>> {
+        rules::tick(&self.shared, now)
+    }
+
+    fn next_tick(&self) -> Option<Timestamp> {
+        rules::next_tick(&self.shared)
+    }
+
+    fn schedules(&self) -> Result<Vec<ScheduleInfo>> {
+        rules::schedules(&self.shared)
+    }
+
+    fn extras(&self, id: TaskId) -> Result<Option<TaskExtras>> {
+        rules::extras(&self.shared, id)
     }
 
     /// Queues the submission for the committer thread and returns; the replies arrive on

@@ -32,8 +32,9 @@ const READ_FOR_UPDATE: &str = concat!(
 );
 
 /// The fence: each row is written only if it still has the lease and state the rule saw. One
-/// statement for every transition of a transaction.
-const UPDATE_FENCED: &str = "UPDATE omniq_tasks t SET state = u.state, attempts = u.attempts, \
+/// statement for every transition of a transaction. The same statement releases the unique key
+/// of every task it takes out of its hold set (`rules::unique`; bit `1 << status code`).
+const UPDATE_FENCED: &str = "WITH upd AS (UPDATE omniq_tasks t SET state = u.state, attempts = u.attempts, \
      run_at = u.run_at, started_at = u.started_at, finished_at = u.finished_at, \
      result = u.result, last_error = u.last_error, errors = u.errors, node = u.node, \
      lease = u.lease \
@@ -41,7 +42,12 @@ const UPDATE_FENCED: &str = "UPDATE omniq_tasks t SET state = u.state, attempts 
      $7::int8[], $8::bytea[], $9::jsonb[], $10::jsonb[], $11::int8[], $12::int8[], $13::text[]) \
      AS u(id, old_lease, state, attempts, run_at, started_at, finished_at, result, last_error, \
      errors, node, lease, old_state) \
-     WHERE t.id = u.id AND t.lease = u.old_lease AND t.state = u.old_state RETURNING t.id";
+     WHERE t.id = u.id AND t.lease = u.old_lease AND t.state = u.old_state \
+     RETURNING t.id, t.state), \
+     released AS (DELETE FROM omniq_unique k USING upd WHERE k.task_id = upd.id \
+     AND (k.states::int & (CASE upd.state WHEN 'pending' THEN 2 WHEN 'running' THEN 4 \
+     WHEN 'completed' THEN 8 WHEN 'failed' THEN 16 ELSE 32 END)) = 0) \
+     SELECT id FROM upd";
 
 const INSERT_TASK: &str = concat!(
     "INSERT INTO omniq_tasks (",
@@ -80,7 +86,10 @@ const CLAIM_QUEUES: &str = claim_sql!(" AND queue = ANY($2)");
 /// This node still counts as alive: its row exists (a rescuer deletes it before charging its
 /// executions). `FOR KEY SHARE` makes a rescuer's delete wait for this claim's commit. It also
 /// takes the pause lock shared: a pause waits for claims in flight, and later claims see it.
-const NODE_ALIVE: &str = "SELECT 1 FROM omniq_nodes, \
+/// Its one column says whether any limit exists (then the claims of this transaction go
+/// through `rules::claim_limited`, which locks the limit rows and reads them again; a limit set
+/// while this claim is in flight applies from the next claim, as if set just after it).
+const NODE_ALIVE: &str = "SELECT EXISTS (SELECT 1 FROM omniq_limits) FROM omniq_nodes, \
      (SELECT pg_advisory_xact_lock_shared(hashtext(current_schema()), -1)) AS pause_lock \
      WHERE id = $1 FOR KEY SHARE OF omniq_nodes";
 
@@ -492,13 +501,22 @@ fn transitions(
     // A claim first checks that this node is still registered (see NODE_ALIVE), before the
     // finishes lock task rows: a rescuer deleting the node row never waits on a task row lock
     // held by this transaction, so the two cannot deadlock.
-    let alive = if group.iter().any(|s| s.claim.is_some()) && sh.session_lost().is_none() {
-        tx.query_opt(&stmts.node_alive, &[&to_i64(sh.node)])
-            .map_err(pg_error(t, "check this node's row"))?
-            .is_some()
-    } else {
-        false
-    };
+    let (alive, limited) =
+        if group.iter().any(|s| s.claim.is_some()) && sh.session_lost().is_none() {
+            match tx
+                .query_opt(&stmts.node_alive, &[&to_i64(sh.node)])
+                .map_err(pg_error(t, "check this node's row"))?
+            {
+                Some(row) => (
+                    true,
+                    row.try_get::<_, bool>(0)
+                        .map_err(pg_error(t, "check this node's row"))?,
+                ),
+                None => (false, false),
+            }
+        } else {
+            (false, false)
+        };
     let now = sh.clock.now();
     let mut batch = Batch::new(stmts.clone());
     let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
@@ -561,7 +579,13 @@ fn transitions(
                 QueueSet::Named(_) => &stmts.claim_queues,
             };
             a.claim = Some(claim_in(
-                sh, tx, stmt, &c.queues, c.n, c.now, now, alive, &mut batch,
+                sh,
+                tx,
+                stmt,
+                c,
+                now,
+                (alive, limited),
+                &mut batch,
             )?);
         }
     }
@@ -571,19 +595,18 @@ fn transitions(
 
 /// The claim inside a transaction. `Ok(Err(_))` refuses the claim alone (session lost); the
 /// finishes of the same transaction still commit.
-#[allow(clippy::too_many_arguments)]
+/// `(alive, limited)` is what `NODE_ALIVE` answered.
 fn claim_in(
     sh: &Shared,
     tx: &mut Transaction<'_>,
     stmt: &postgres::Statement,
-    queues: &QueueSet,
-    n: usize,
-    due_by: Timestamp,
+    c: &ClaimRequest,
     now: Timestamp,
-    alive: bool,
+    (alive, limited): (bool, bool),
     batch: &mut Batch,
 ) -> Result<Result<Vec<TaskInfo>>> {
     let t = &sh.target;
+    let (queues, n, due_by) = (&c.queues, c.n, c.now);
     if let Some(e) = sh.session_lost() {
         return Ok(Err(e));
     }
@@ -598,6 +621,11 @@ fn claim_in(
     // Claimed at the later of the claimer's idea of now and the backend's clock, as the sled
     // writer does (the rule then checks the task is due by that time).
     let claim_at = due_by.max(now);
+    if limited {
+        if let Some(claimed) = super::rules::claim_limited(sh, tx, queues, n, claim_at, batch)? {
+            return Ok(Ok(claimed));
+        }
+    }
     let names: Option<Vec<String>> = match queues {
         QueueSet::All => None,
         QueueSet::Named(v) => Some(v.clone()),
@@ -606,8 +634,20 @@ fn claim_in(
     let rows = tx
         .query(stmt, &[&to_i64(claim_at.0), &names, &limit, &node])
         .map_err(pg_error(t, "claim due tasks"))?;
+    claimed_rows(sh, &rows, claim_at, batch).map(Ok)
+}
+
+/// The rows a claim statement returned, checked against the claim rule and recorded; best
+/// first.
+pub(crate) fn claimed_rows(
+    sh: &Shared,
+    rows: &[postgres::Row],
+    claim_at: Timestamp,
+    batch: &mut Batch,
+) -> Result<Vec<TaskInfo>> {
+    let t = &sh.target;
     let mut claimed = Vec::with_capacity(rows.len());
-    for row in &rows {
+    for row in rows {
         let after_db = task_from_row(row, t)?;
         let old_lease: i64 = row
             .try_get("old_lease")
@@ -647,7 +687,7 @@ fn claim_in(
             .then(a.next_run_at.cmp(&b.next_run_at))
             .then(a.id.cmp(&b.id))
     });
-    Ok(Ok(claimed))
+    Ok(claimed)
 }
 
 /// New pending tasks, all or none.
@@ -683,10 +723,15 @@ pub(crate) fn insert(sh: &Shared, tasks: Vec<TaskInfo>) -> Result<()> {
 
 type Rule = fn(&TaskInfo, Timestamp) -> std::result::Result<(TaskInfo, Cause), Refusal>;
 
+/// What a transition must also do in its transaction once the rule said yes (a manual retry
+/// takes its unique key back).
+type Also = fn(&Shared, &mut Transaction<'_>, &TaskInfo) -> Result<()>;
+
 fn one_transition(
     sh: &Shared,
     id: TaskId,
     rule: Rule,
+    also: Option<Also>,
     op: &'static str,
     expected: &'static str,
 ) -> Result<TaskInfo> {
@@ -701,6 +746,9 @@ fn one_transition(
         .remove(&id)
         .ok_or(Error::NotFound(id))??;
     let (next, cause) = rule(&rec, now).map_err(|r| r.into_error(id, op, expected))?;
+    if let Some(also) = also {
+        also(sh, &mut tx, &rec)?;
+    }
     let mut batch = Batch::new(stmts.clone());
     batch.update(&rec, &next);
     batch.record(sh, Some(rec), Some(next.clone()), Some(cause), now);
@@ -711,7 +759,7 @@ fn one_transition(
 }
 
 pub(crate) fn cancel(sh: &Shared, id: TaskId) -> Result<TaskInfo> {
-    one_transition(sh, id, lifecycle::cancel, "cancel", "PENDING")
+    one_transition(sh, id, lifecycle::cancel, None, "cancel", "PENDING")
 }
 
 pub(crate) fn retry(sh: &Shared, id: TaskId) -> Result<TaskInfo> {
@@ -719,6 +767,9 @@ pub(crate) fn retry(sh: &Shared, id: TaskId) -> Result<TaskInfo> {
         sh,
         id,
         lifecycle::manual_retry,
+        // The state rule first: a task that cannot be retried at all is refused for that
+        // reason, whoever holds its unique key.
+        Some(super::rules::retake_key),
         "retry",
         "FAILED or CANCELLED",
     )
@@ -757,6 +808,7 @@ pub(crate) fn purge(sh: &Shared, cutoff: Timestamp, limit: usize) -> Result<usiz
     if !ids.is_empty() {
         tx.execute("DELETE FROM omniq_log WHERE task_id = ANY($1)", &[&ids])
             .map_err(pg_error(t, "delete finished tasks' history"))?;
+        super::rules::forget(sh, &mut tx, &ids)?;
     }
     batch.write(sh, &mut tx)?;
     tx.commit().map_err(pg_error(t, "commit"))?;
@@ -894,7 +946,8 @@ pub(crate) fn due_summary(
              OR NOT EXISTS (SELECT 1 FROM omniq_paused p WHERE p.queue = t.queue)) LIMIT $3) d), \
              (SELECT min(run_at) FROM omniq_tasks t WHERE state = 'pending' AND run_at > $1 \
              AND ($2::text[] IS NULL OR queue = ANY($2)) \
-             AND NOT EXISTS (SELECT 1 FROM omniq_paused p WHERE p.queue = t.queue))",
+             AND NOT EXISTS (SELECT 1 FROM omniq_paused p WHERE p.queue = t.queue)), \
+             EXISTS (SELECT 1 FROM omniq_limits)",
             &[
                 &to_i64(now.0),
                 &names,
@@ -904,10 +957,20 @@ pub(crate) fn due_summary(
         .map_err(pg_error(t, "look for due tasks"))?;
     let ready: i64 = row.try_get(0).map_err(pg_error(t, "look for due tasks"))?;
     let next: Option<i64> = row.try_get(1).map_err(pg_error(t, "look for due tasks"))?;
-    Ok(DueSummary {
-        ready: usize::try_from(ready).unwrap_or(0),
-        next_wake: next.and_then(|n| u64::try_from(n).ok()).map(Timestamp),
-    })
+    let limited: bool = row.try_get(2).map_err(pg_error(t, "look for due tasks"))?;
+    let mut next_wake = next.and_then(|n| u64::try_from(n).ok()).map(Timestamp);
+    let mut ready = usize::try_from(ready).unwrap_or(0);
+    if limited && ready > 0 {
+        // What the limits leave of it, and when a window frees a slot (no polling while a
+        // limit holds work back).
+        let (admitted, frees) =
+            super::rules::due_within_limits(sh, &mut *conn, queues, now, limit)?;
+        ready = admitted;
+        if let Some(f) = frees {
+            next_wake = Some(next_wake.map_or(f, |w: Timestamp| w.min(f)));
+        }
+    }
+    Ok(DueSummary { ready, next_wake })
 }
 
 pub(crate) fn finished_before(sh: &Shared, cutoff: Timestamp, limit: usize) -> Result<Vec<TaskId>> {
@@ -1039,6 +1102,16 @@ pub(crate) fn check(sh: &Shared) -> Result<ConsistencyReport> {
         report.problems.push(format!(
             "task {id} is {state} but its last log row says {}",
             last.as_deref().unwrap_or("nothing")
+        ));
+    }
+    // Every unique key is held by a task in its hold set.
+    for row in &q(&mut tx, super::rules::CHECK_KEYS)? {
+        let digest: String = row.try_get(0).unwrap_or_default();
+        let id: String = row.try_get(1).unwrap_or_default();
+        let state: Option<String> = row.try_get(2).unwrap_or(None);
+        report.problems.push(format!(
+            "unique key {digest} names task {id}, which is {} (outside its hold set)",
+            state.as_deref().unwrap_or("missing")
         ));
     }
     // Attempts equal the claims logged since the last manual retry.

@@ -9,10 +9,13 @@ use super::{pg_error, quote_ident, Target};
 use crate::error::{Error, Result};
 
 /// The schema version this build creates and understands.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Every migration, oldest first: `(version, SQL)`. Version `n` takes a schema at `n - 1`.
-const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("0001_init.sql"))];
+const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("0001_init.sql")),
+    (2, include_str!("0002_rules.sql")),
+];
 
 /// What [`migrate`](crate::postgres::migrate) did.
 #[derive(Clone, Debug, PartialEq, Eq)]
