@@ -74,6 +74,12 @@ impl Notify {
             .store(on, std::sync::atomic::Ordering::Release);
     }
 
+    /// Whether a task leaving `Running` wakes dispatchers.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn wakes_on_exit(&self) -> bool {
+        self.wake_on_exit.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// A channel that receives (at most one queued) signal whenever new Pending work commits.
     pub(crate) fn add_waker(&self) -> Receiver<()> {
         let (tx, rx) = crossbeam_channel::bounded(1);

@@ -229,6 +229,15 @@ impl PgHarness {
         self.backend.set_paused(queue, paused)
     }
 
+    /// Sets (`Some`) or removes a rate / concurrency limit.
+    pub fn set_limit(
+        &self,
+        scope: crate::rules::limit::LimitScope,
+        limit: Option<crate::rules::limit::Limit>,
+    ) -> Result<()> {
+        self.backend.set_limit(scope, limit)
+    }
+
     /// The paused queues.
     pub fn paused(&self) -> std::collections::BTreeSet<String> {
         self.backend.paused()

@@ -37,10 +37,10 @@ use crate::commit::NewTask;
 use crate::error::{Error, Result};
 use crate::events::Notify;
 use crate::extras::{Inserted, LimitStatus, ScheduleInfo, TaskExtras};
-use crate::rules::limit::{Limit, LimitScope};
 use crate::inspect::{ConsistencyReport, ListFilter, Page, RecoveryReport};
 use crate::log::LogEntry;
 use crate::retry::JitterSource;
+use crate::rules::limit::{Limit, LimitScope};
 use crate::store::QueueSet;
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 

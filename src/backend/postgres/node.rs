@@ -198,7 +198,8 @@ fn run_session(sh: &Arc<Shared>, mut client: Client) {
             done = true;
             next_poll = now + o.poll_interval;
         }
-        if work {
+        // Another process's task that finished may free a concurrency-limit slot.
+        if work || (done && sh.notify.wakes_on_exit()) {
             sh.notify.wake_all();
         }
         if done {

@@ -34,7 +34,8 @@ const READ_FOR_UPDATE: &str = concat!(
 /// The fence: each row is written only if it still has the lease and state the rule saw. One
 /// statement for every transition of a transaction. The same statement releases the unique key
 /// of every task it takes out of its hold set (`rules::unique`; bit `1 << status code`).
-const UPDATE_FENCED: &str = "WITH upd AS (UPDATE omniq_tasks t SET state = u.state, attempts = u.attempts, \
+const UPDATE_FENCED: &str =
+    "WITH upd AS (UPDATE omniq_tasks t SET state = u.state, attempts = u.attempts, \
      run_at = u.run_at, started_at = u.started_at, finished_at = u.finished_at, \
      result = u.result, last_error = u.last_error, errors = u.errors, node = u.node, \
      lease = u.lease \
@@ -501,22 +502,22 @@ fn transitions(
     // A claim first checks that this node is still registered (see NODE_ALIVE), before the
     // finishes lock task rows: a rescuer deleting the node row never waits on a task row lock
     // held by this transaction, so the two cannot deadlock.
-    let (alive, limited) =
-        if group.iter().any(|s| s.claim.is_some()) && sh.session_lost().is_none() {
-            match tx
-                .query_opt(&stmts.node_alive, &[&to_i64(sh.node)])
-                .map_err(pg_error(t, "check this node's row"))?
-            {
-                Some(row) => (
-                    true,
-                    row.try_get::<_, bool>(0)
-                        .map_err(pg_error(t, "check this node's row"))?,
-                ),
-                None => (false, false),
-            }
-        } else {
-            (false, false)
-        };
+    let (alive, limited) = if group.iter().any(|s| s.claim.is_some()) && sh.session_lost().is_none()
+    {
+        match tx
+            .query_opt(&stmts.node_alive, &[&to_i64(sh.node)])
+            .map_err(pg_error(t, "check this node's row"))?
+        {
+            Some(row) => (
+                true,
+                row.try_get::<_, bool>(0)
+                    .map_err(pg_error(t, "check this node's row"))?,
+            ),
+            None => (false, false),
+        }
+    } else {
+        (false, false)
+    };
     let now = sh.clock.now();
     let mut batch = Batch::new(stmts.clone());
     let mut answers: Vec<Answer> = Vec::with_capacity(group.len());
@@ -958,6 +959,10 @@ pub(crate) fn due_summary(
     let ready: i64 = row.try_get(0).map_err(pg_error(t, "look for due tasks"))?;
     let next: Option<i64> = row.try_get(1).map_err(pg_error(t, "look for due tasks"))?;
     let limited: bool = row.try_get(2).map_err(pg_error(t, "look for due tasks"))?;
+    // Limits set by other processes count too: a finish anywhere may then free a slot.
+    if limited != sh.notify.wakes_on_exit() {
+        sh.notify.set_wake_on_exit(limited);
+    }
     let mut next_wake = next.and_then(|n| u64::try_from(n).ok()).map(Timestamp);
     let mut ready = usize::try_from(ready).unwrap_or(0);
     if limited && ready > 0 {

@@ -68,7 +68,7 @@ fn take_keys(
     let t = &sh.target;
     let mut held = HashMap::new();
     let mut todo = wanted;
-    todo.sort_by(|a, b| a.0.cmp(&b.0));
+    todo.sort_by_key(|a| a.0);
     // A holder can let go between the conflict and the read of who holds it: then try again.
     for _ in 0..16 {
         if todo.is_empty() {
@@ -260,7 +260,10 @@ pub(crate) fn forget(sh: &Shared, tx: &mut Transaction<'_>, ids: &[uuid::Uuid]) 
          DELETE FROM omniq_extras WHERE task_id = ANY($1)",
         &[&ids],
     )
-    .map_err(pg_error(&sh.target, "delete purged tasks' unique keys and extras"))?;
+    .map_err(pg_error(
+        &sh.target,
+        "delete purged tasks' unique keys and extras",
+    ))?;
     Ok(())
 }
 
@@ -557,10 +560,7 @@ pub(crate) fn set_limit(sh: &Shared, scope: LimitScope, limit: Option<Limit>) ->
     match limit {
         Some(l) => {
             let (max, per) = match l.rate {
-                Some(r) => (
-                    Some(to_i32(r.max)),
-                    Some(to_i64(r.per_ms.max(1))),
-                ),
+                Some(r) => (Some(to_i32(r.max)), Some(to_i64(r.per_ms.max(1)))),
                 None => (None, None),
             };
             tx.execute(
@@ -868,7 +868,10 @@ pub(crate) fn tick(sh: &Shared, now: Timestamp) -> Result<Vec<TaskId>> {
     };
     let mut fired = Vec::new();
     let mut changed = false;
-    for s in all.iter().filter(|s| s.next_tick().is_some_and(|t| t <= now)) {
+    for s in all
+        .iter()
+        .filter(|s| s.next_tick().is_some_and(|t| t <= now))
+    {
         fired.extend(tick_one(sh, &s.name, now)?);
         changed = true;
     }
