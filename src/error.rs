@@ -208,6 +208,24 @@ pub enum Error {
         supported: u32,
     },
 
+    /// A PostgreSQL schema is older than this build and may not be migrated here (feature
+    /// `postgres`): the queue was opened with `auto_migrate: false` or read-only. Run
+    /// `omniq migrate` (or open once with `auto_migrate`) first.
+    #[error(
+        "PostgreSQL schema {schema} is at omniq schema version {found}, older than the version \
+         {needed} this build needs; run `omniq migrate --url URL --schema {schema_name}` first"
+    )]
+    SchemaTooOld {
+        /// The database and schema, as `database/schema`.
+        schema: String,
+        /// The schema's name alone (what `--schema` takes).
+        schema_name: String,
+        /// The version recorded in the schema's `omniq_schema` table.
+        found: u32,
+        /// The version this build needs.
+        needed: u32,
+    },
+
     /// This process lost its PostgreSQL session (feature `postgres`): the node row and
     /// advisory lock that mark it alive are gone, so other processes rescue its executions.
     /// It claims nothing any more; finishes of executions it still runs are accepted only while

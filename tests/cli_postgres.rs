@@ -500,3 +500,159 @@ fn serve_url_serves_the_api_of_a_postgres_queue() {
     let r = c.request("GET", "/", &[], b"").expect("dashboard");
     assert_eq!(r.status, 200);
 }
+
+/// Every row of every omniq table and every sequence's position, as text (what a read must
+/// leave exactly as it found it).
+fn everything(s: &mut PgSchema) -> Vec<String> {
+    let tables: Vec<String> = s
+        .rows(
+            "SELECT c.relname::text, c.relkind::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'S') ORDER BY 1",
+            &[],
+        )
+        .iter()
+        .map(|r| format!("{}:{}", r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
+    let mut out = Vec::new();
+    for t in tables {
+        let (name, kind) = t.split_once(':').expect("name:kind");
+        let sql = if name == "omniq_nodes" {
+            // Live nodes' heartbeats move on their own; membership is what a read must keep.
+            "SELECT coalesce(string_agg(id::text || '@' || session_pid::text, '|' ORDER BY id), '') \
+             FROM omniq_nodes"
+                .to_string()
+        } else if kind == "S" {
+            format!("SELECT last_value::text || '/' || is_called::text FROM \"{name}\"")
+        } else {
+            format!(
+                "SELECT coalesce(string_agg(x::text, '|' ORDER BY x::text), '') FROM \"{name}\" x"
+            )
+        };
+        let v: String = s.rows(&sql, &[])[0].get(0);
+        out.push(format!("{name} = {v}"));
+    }
+    out
+}
+
+/// The read commands open a PostgreSQL queue read-only: they register no node, rescue nothing,
+/// and leave every row and sequence as they found them (the operate commands, by contrast,
+/// join as a node).
+#[test]
+fn read_commands_write_nothing() {
+    let Some(mut s) = PgSchema::new("cli_passive") else {
+        return;
+    };
+    let f = fixture(&s);
+    let id = f.failed.to_string();
+    // A node that died with a task running: a writing open would rescue it.
+    {
+        let dead = Queue::postgres_with(&s.url, s.options())
+            .open()
+            .expect("open");
+        dead.enqueue_json("ok", &json!({ "n": 9 }), EnqueueOptions::new())
+            .expect("enqueue");
+        let c = omniq::testing::claim_next(&dead)
+            .expect("claim")
+            .expect("a task");
+        c.abandon();
+        // Closing leaves its row RUNNING for a rescuer, as a killed process would.
+        drop(dead);
+    }
+    let before = everything(&mut s);
+    assert!(before.iter().any(|l| l.starts_with("omniq_nodes = ")));
+    for args in [
+        vec!["stats"],
+        vec!["list"],
+        vec!["list", "--status", "failed"],
+        vec!["show", id.as_str()],
+        vec!["check"],
+        vec!["schedules"],
+        vec!["purge", "--older-than", "1s", "--dry-run"],
+    ] {
+        for json in [false, true] {
+            let mut a = args.clone();
+            if json {
+                a.push("--json");
+            }
+            let o = on(&s, &a);
+            assert!(o.status.success(), "omniq {a:?}: {}", text(&o.stderr));
+            assert!(
+                !text(&o.stderr).contains("recovered"),
+                "omniq {a:?} rescued: {}",
+                text(&o.stderr)
+            );
+            let after = everything(&mut s);
+            let changed: Vec<String> = after
+                .iter()
+                .filter(|l| !before.contains(l))
+                .cloned()
+                .collect();
+            assert!(changed.is_empty(), "omniq {a:?} wrote: {changed:?}");
+        }
+    }
+    // An operate command does join (and rescues the dead node's task).
+    let o = on(&s, &["cancel", &f.pending.to_string()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_ne!(everything(&mut s), before);
+    drop(f);
+}
+
+/// A schema older than this build is refused with its own kind, naming both versions, by every
+/// command and by the library with `auto_migrate: false`; `omniq migrate` then upgrades it.
+#[test]
+fn an_older_schema_is_schema_too_old() {
+    let Some(mut s) = PgSchema::new("cli_too_old") else {
+        return;
+    };
+    assert_eq!(
+        ok_json(&s, &["migrate"])["to"],
+        omniq::postgres::SCHEMA_VERSION
+    );
+    let now = omniq::postgres::SCHEMA_VERSION;
+    let older = now - 1;
+    // As an older omniq left it: its version recorded, the newer migration's tables absent.
+    s.execute(
+        "DELETE FROM omniq_schema WHERE version > $1",
+        &[&(older as i32)],
+    );
+    s.execute(
+        "DROP TABLE omniq_extras, omniq_unique, omniq_limits, omniq_rate_starts, omniq_schedules",
+        &[],
+    );
+    s.execute("DROP INDEX omniq_tasks_running_kind", &[]);
+    let needle = format!("version {older}, older than the version {now}");
+    for args in [
+        vec!["stats"],
+        vec!["cancel", "0192f5e4-8c1a-7b3e-9f00-1a2b3c4d5e6f"],
+    ] {
+        for json in [false, true] {
+            let mut a = args.clone();
+            if json {
+                a.push("--json");
+            }
+            let err = failed(&on(&s, &a), json, 1, "schema_too_old", &needle);
+            assert!(err.contains("omniq migrate"), "{err}");
+        }
+    }
+    let options = PgOptions {
+        auto_migrate: false,
+        ..s.options()
+    };
+    match Queue::postgres_with(&s.url, options.clone()).open() {
+        Err(omniq::Error::SchemaTooOld { found, needed, .. }) => {
+            assert_eq!((found, needed), (older, now))
+        }
+        Err(e) => panic!("expected SchemaTooOld, got {e}"),
+        Ok(_) => panic!("an older schema was opened without migrating"),
+    }
+    let v = ok_json(&s, &["migrate"]);
+    assert_eq!(
+        (v["from"].as_u64(), v["to"].as_u64()),
+        (Some(older.into()), Some(now.into()))
+    );
+    let q = Queue::postgres_with(&s.url, options)
+        .open()
+        .expect("open after migrate");
+    assert!(q.check_consistency().expect("check").is_consistent());
+}

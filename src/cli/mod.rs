@@ -99,6 +99,8 @@ fn lib_error(e: omniq::Error, dir: &Path) -> (&'static str, String) {
         ),
         e @ E::AlreadyOpen { .. } => ("locked", e.to_string()),
         e @ E::FormatTooNew { .. } => ("format_too_new", e.to_string()),
+        e @ E::SchemaTooOld { .. } => ("schema_too_old", e.to_string()),
+        e @ E::SchemaTooNew { .. } => ("schema_too_new", e.to_string()),
         e @ E::NotFound(_) => ("not_found", e.to_string()),
         e @ E::InvalidState { .. } => ("invalid_state", e.to_string()),
         e @ E::UniqueConflict { .. } => ("invalid_state", e.to_string()),
@@ -314,7 +316,9 @@ fn usage_error(e: clap::Error, args: &[std::ffi::OsString]) -> ExitCode {
 
 fn run(cli: &Cli, location: &Location) -> Result<ExitCode, CliError> {
     let json = cli.json;
-    let open = || open_existing(location, json);
+    let open = || open_existing(location, json, false);
+    // Commands that only read: on PostgreSQL they open read-only (nothing is written).
+    let read = || open_existing(location, json, true);
     match &cli.command {
         Command::Demo(a) => demo::run(location.dir_only("demo")?, json, a),
         Command::Bench(a) => {
@@ -323,16 +327,16 @@ fn run(cli: &Cli, location: &Location) -> Result<ExitCode, CliError> {
             }
             commands::bench(json, a)
         }
-        Command::Stats => commands::stats(&open()?, json),
+        Command::Stats => commands::stats(&read()?, json),
         Command::List(a) => {
             // Arguments are validated before the queue is touched.
             let status = a.status.as_deref().map(parse_status).transpose()?;
             let cursor = a.cursor.as_deref().map(parse_id).transpose()?;
-            commands::list(&open()?, json, a, status, cursor)
+            commands::list(&read()?, json, a, status, cursor)
         }
         Command::Show { id } => {
             let id = parse_id(id)?;
-            commands::show(&open()?, json, id)
+            commands::show(&read()?, json, id)
         }
         Command::Retry(a) => {
             let id = a.id.as_deref().map(parse_id).transpose()?;
@@ -347,9 +351,10 @@ fn run(cli: &Cli, location: &Location) -> Result<ExitCode, CliError> {
             dry_run,
         } => {
             let age = parse_duration(older_than)?;
-            commands::purge(&open()?, json, older_than, age, *dry_run)
+            let queue = if *dry_run { read()? } else { open()? };
+            commands::purge(&queue, json, older_than, age, *dry_run)
         }
-        Command::Check => commands::check(&open()?, json),
+        Command::Check => commands::check(&read()?, json),
         Command::Serve(a) => serve::run(location, json, a),
         #[cfg(feature = "postgres")]
         Command::Migrate => match location {
@@ -360,7 +365,7 @@ fn run(cli: &Cli, location: &Location) -> Result<ExitCode, CliError> {
                     .into(),
             )),
         },
-        Command::Schedules => commands::schedules(&open()?, json),
+        Command::Schedules => commands::schedules(&read()?, json),
     }
 }
 
@@ -414,7 +419,7 @@ fn ensure_not_a_file(dir: &Path) -> Result<(), CliError> {
 /// The queue a command works on. A directory: through its admin socket when a live process
 /// holds it and serves one (said on stderr), otherwise opened here (see `open_local`). A
 /// PostgreSQL queue: opened here, next to the processes that run it (see `open_pg`).
-fn open_existing(location: &Location, json: bool) -> Result<Target, CliError> {
+fn open_existing(location: &Location, json: bool, read_only: bool) -> Result<Target, CliError> {
     match location {
         Location::Dir(dir) => {
             if let Some(remote) = remote::connect(dir) {
@@ -423,7 +428,9 @@ fn open_existing(location: &Location, json: bool) -> Result<Target, CliError> {
             open_local(dir, json).map(Target::Local)
         }
         #[cfg(feature = "postgres")]
-        Location::Pg { url, schema, label } => open_pg(url, schema, label, json).map(Target::Local),
+        Location::Pg { url, schema, label } => {
+            open_pg(url, schema, label, json, read_only).map(Target::Local)
+        }
     }
 }
 
@@ -432,14 +439,25 @@ fn open_existing(location: &Location, json: bool) -> Result<Target, CliError> {
 const NEVER: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// Opens a PostgreSQL queue that must already exist: a schema that holds no queue is reported
-/// (`no_queue`), never created, and an older schema is refused (run `omniq migrate`), never
-/// migrated. The queue runs no workers. It joins as a node, which takes nothing from live
-/// nodes: its heartbeat bound is a century, so it declares no heartbeat-mode node dead and
-/// terminates no session; it rescues only the tasks of nodes whose database session has
-/// ended (as every node does), runs no further rescue passes and no retention purge.
+/// (`no_queue`), never created, and an older schema is refused (`schema_too_old`: run `omniq
+/// migrate`), never migrated. The queue runs no workers.
+///
+/// `read_only` (the read commands): the queue is opened read-only and writes nothing at all —
+/// no node row, no rescue, connections that refuse writes. Otherwise (the operate commands
+/// and `serve`) it joins as a node, which takes nothing from live nodes: its heartbeat bound
+/// is a century, so it declares no heartbeat-mode node dead and terminates no session; it
+/// rescues only the tasks of nodes whose database session has ended (as every node does),
+/// runs no further rescue passes and no retention purge.
 #[cfg(feature = "postgres")]
-fn open_pg(url: &str, schema: &str, label: &Path, json: bool) -> Result<Queue, CliError> {
+fn open_pg(
+    url: &str,
+    schema: &str,
+    label: &Path,
+    json: bool,
+    read_only: bool,
+) -> Result<Queue, CliError> {
     let options = omniq::postgres::PgOptions {
+        read_only,
         schema: schema.to_string(),
         pool_size: 2,
         dead_after: NEVER,

@@ -48,7 +48,7 @@ pub fn run(location: &Location, json: bool, a: &ServeArgs) -> Result<ExitCode, C
             super::open_local(dir, json)?
         }
         #[cfg(feature = "postgres")]
-        Location::Pg { url, schema, label } => super::open_pg(url, schema, label, json)?,
+        Location::Pg { url, schema, label } => super::open_pg(url, schema, label, json, false)?,
     };
     let mut b = queue.admin().read_only(a.read_only);
     match location {

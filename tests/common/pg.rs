@@ -78,6 +78,7 @@ impl PgSchema {
             retention: None,
             auto_migrate: true,
             connect_timeout: Duration::from_secs(10),
+            read_only: false,
         }
     }
 

@@ -106,6 +106,12 @@ pub struct PgOptions {
     pub auto_migrate: bool,
     /// Bound on connecting and on waiting for a free pooled connection (default 10 s).
     pub connect_timeout: Duration,
+    /// Open for reading only (default false), as `omniq list`, `show`, `stats`... do: the
+    /// process registers no node, runs no rescue, retention, heartbeat or committer, never
+    /// migrates (an older schema is [`Error::SchemaTooOld`]), and its connections are
+    /// `default_transaction_read_only`, so nothing it does writes to the database. Every
+    /// transition is refused.
+    pub read_only: bool,
 }
 
 impl Default for PgOptions {
@@ -122,6 +128,7 @@ impl Default for PgOptions {
             retention: Some(Duration::from_secs(7 * 24 * 3600)),
             auto_migrate: true,
             connect_timeout: Duration::from_secs(10),
+            read_only: false,
         }
     }
 }
@@ -132,6 +139,8 @@ pub(crate) struct Target {
     pub config: postgres::Config,
     pub database: String,
     pub schema: String,
+    /// Every connection refuses writes (`default_transaction_read_only`).
+    pub read_only: bool,
 }
 
 impl Target {
@@ -159,6 +168,7 @@ impl Target {
             config,
             database,
             schema: schema.to_string(),
+            read_only: false,
         })
     }
 
@@ -180,8 +190,10 @@ impl Target {
             .map_err(pg_error(self, "connect"))?;
         client
             .batch_execute(&format!(
-                "SET search_path TO {}; SET synchronous_commit TO on",
-                quote_ident(&self.schema)
+                "SET search_path TO {}; SET synchronous_commit TO on; \
+                 SET default_transaction_read_only TO {}",
+                quote_ident(&self.schema),
+                if self.read_only { "on" } else { "off" }
             ))
             .map_err(pg_error(self, "set up the session"))?;
         Ok(client)
@@ -312,22 +324,21 @@ impl PgBackend {
         jitter: Box<dyn JitterSource>,
         backoff: BackoffTable,
     ) -> Result<PgBackend> {
-        let target = Target::parse(url, &options.schema, options.connect_timeout)?;
+        let mut target = Target::parse(url, &options.schema, options.connect_timeout)?;
+        target.read_only = options.read_only;
         let mut session = target.connect()?;
         let found = schema::version(&mut session, &target)?;
         if found > SCHEMA_VERSION {
             return Err(schema::too_new(&target, found));
         }
         if found < SCHEMA_VERSION {
-            if !options.auto_migrate {
-                return Err(Error::Storage(format!(
-                    "PostgreSQL {}: schema version {found} is older than this build's \
-                     {SCHEMA_VERSION}; run `omniq migrate --url ... --schema {}` first",
-                    target.label(),
-                    target.schema
-                )));
+            if !options.auto_migrate || options.read_only {
+                return Err(schema::too_old(&target, found));
             }
             schema::migrate(&mut session, &target)?;
+        }
+        if options.read_only {
+            return Self::reader(target, options, notify, clock, jitter, backoff);
         }
         let (node, session_pid) = node::register(&mut session, &target, options.liveness)?;
         let pool = pool::Pool::new(target.clone(), options.pool_size, options.connect_timeout);
@@ -371,6 +382,57 @@ impl PgBackend {
         })?;
         *backend.committer.lock() = Some((submit_tx, committer));
         Ok(backend)
+    }
+
+    /// A read-only backend: a pool and nothing else (no node row, no threads).
+    fn reader(
+        target: Target,
+        options: PgOptions,
+        notify: Arc<Notify>,
+        clock: Arc<dyn Clock>,
+        jitter: Box<dyn JitterSource>,
+        backoff: BackoffTable,
+    ) -> Result<PgBackend> {
+        let pool = pool::Pool::new(target.clone(), options.pool_size, options.connect_timeout);
+        // Nobody listens: signals are dropped (a reader changes nothing to signal).
+        let (tx, _) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            target,
+            options,
+            pool,
+            notify,
+            clock,
+            jitter: Mutex::new(jitter),
+            backoff,
+            node: 0,
+            session_pid: 0,
+            lost: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            paused: Mutex::new(BTreeSet::new()),
+            to_notify: tx,
+            transactions: AtomicU64::new(0),
+            next_tick: AtomicU64::new(0),
+            ticks_read: Mutex::new(None),
+        });
+        Ok(PgBackend {
+            shared,
+            threads: Mutex::new(Vec::new()),
+            committer: Mutex::new(None),
+        })
+    }
+
+    /// Refuses a transition of a read-only backend.
+    fn writable(&self) -> Result<()> {
+        if self.shared.options.read_only {
+            return Err(Error::Invalid {
+                what: "operation",
+                reason: format!(
+                    "PostgreSQL {} is open read-only: it changes nothing",
+                    self.shared.target.label()
+                ),
+            });
+        }
+        Ok(())
     }
 
     pub(crate) fn node_id(&self) -> u64 {
@@ -423,10 +485,12 @@ impl Drop for PgBackend {
 
 impl Backend for PgBackend {
     fn insert(&self, tasks: Vec<TaskInfo>) -> Result<()> {
+        self.writable()?;
         ops::insert(&self.shared, tasks)
     }
 
     fn insert_new(&self, tasks: Vec<NewTask>) -> Result<Vec<Inserted>> {
+        self.writable()?;
         if tasks.iter().all(|t| t.extras.is_none()) {
             let out = tasks
                 .iter()
@@ -442,6 +506,7 @@ impl Backend for PgBackend {
     }
 
     fn set_limit(&self, scope: LimitScope, limit: Option<Limit>) -> Result<()> {
+        self.writable()?;
         rules::set_limit(&self.shared, scope, limit)
     }
 
@@ -450,18 +515,25 @@ impl Backend for PgBackend {
     }
 
     fn put_schedule(&self, info: ScheduleInfo) -> Result<bool> {
+        self.writable()?;
         rules::put_schedule(&self.shared, info)
     }
 
     fn pause_schedule(&self, name: &str, paused: bool) -> Result<()> {
+        self.writable()?;
         rules::pause_schedule(&self.shared, name, paused)
     }
 
     fn remove_schedule(&self, name: &str) -> Result<bool> {
+        self.writable()?;
         rules::remove_schedule(&self.shared, name)
     }
 
     fn tick(&self, now: Timestamp) -> Result<Vec<TaskId>> {
+        if self.shared.options.read_only {
+            // A reader fires nothing (a worker pool on it would find nothing to claim either).
+            return Ok(Vec::new());
+        }
         rules::tick(&self.shared, now)
     }
 
@@ -480,6 +552,7 @@ impl Backend for PgBackend {
     /// Queues the submission for the committer thread and returns; the replies arrive on
     /// the requests' channels after the group's `COMMIT` (see `committer.rs`).
     fn submit(&self, finishes: Vec<FinishRequest>, claim: Option<ClaimRequest>) -> Result<()> {
+        self.writable()?;
         let committer = self.committer.lock();
         let (tx, _) = committer.as_ref().ok_or(Error::Closed)?;
         tx.send(ops::Submission { finishes, claim })
@@ -487,22 +560,29 @@ impl Backend for PgBackend {
     }
 
     fn cancel(&self, id: TaskId) -> Result<TaskInfo> {
+        self.writable()?;
         ops::cancel(&self.shared, id)
     }
 
     fn retry(&self, id: TaskId) -> Result<TaskInfo> {
+        self.writable()?;
         ops::retry(&self.shared, id)
     }
 
     fn purge(&self, cutoff: Timestamp, limit: usize) -> Result<usize> {
+        self.writable()?;
         ops::purge(&self.shared, cutoff, limit)
     }
 
     fn rescue(&self) -> Result<RecoveryReport> {
+        if self.shared.options.read_only {
+            return Ok(RecoveryReport::default());
+        }
         rescue::rescue(&self.shared)
     }
 
     fn set_paused(&self, queue: &str, paused: bool) -> Result<()> {
+        self.writable()?;
         ops::set_paused(&self.shared, queue, paused)?;
         let mut cache = self.shared.paused.lock();
         if paused {
@@ -567,6 +647,9 @@ impl Backend for PgBackend {
 
     fn shut_down(&self) -> Result<()> {
         self.stop_threads();
+        if self.shared.options.read_only {
+            return Ok(());
+        }
         node::unregister(&self.shared)
     }
 }

@@ -102,3 +102,13 @@ pub(crate) fn too_new(target: &Target, found: u32) -> Error {
         supported: SCHEMA_VERSION,
     }
 }
+
+/// Refuses a schema older than this build where it may not be migrated.
+pub(crate) fn too_old(target: &Target, found: u32) -> Error {
+    Error::SchemaTooOld {
+        schema: target.label(),
+        schema_name: target.schema.clone(),
+        found,
+        needed: SCHEMA_VERSION,
+    }
+}
