@@ -8,6 +8,13 @@
 //! 1,000,000) pending tasks are enqueued, the task table is vacuumed, and 16 workers run the
 //! first `OMNIQ_BENCH_TASKS` of them. Plain timing, one run per figure: the server's WAL flush
 //! dominates, so repeat runs on the machine you care about.
+//!
+//! Then the rules of issue 11 on PostgreSQL, each against its baseline *interleaved* in the same
+//! run (`OMNIQ_BENCH_ROUNDS` rounds, default 3; ratios are what to compare on a loaded
+//! machine): enqueue with a unique key vs a plain enqueue (1 and 8 producers), and claim +
+//! finish one at a time with a kind concurrency limit that never binds vs no limit, then with
+//! `OMNIQ_BENCH_HELD` (default 20,000) due tasks held back by a spent limit ahead of them.
+//! `OMNIQ_BENCH_ONLY=rules` runs only these.
 
 mod common;
 
@@ -15,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::Noop;
 use omniq::postgres::PgOptions;
-use omniq::{Queue, Status, TaskContext, TaskError};
+use omniq::{EnqueueOptions, Limit, LimitScope, Queue, Status, TaskContext, TaskError, Unique};
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -78,6 +85,10 @@ fn main() {
         "host=127.0.0.1 user=postgres dbname=postgres".to_string(),
     );
     let n: usize = env("OMNIQ_BENCH_TASKS", 5_000);
+    if env("OMNIQ_BENCH_ONLY", String::new()) == "rules" {
+        rules(&url, n);
+        return;
+    }
     let workers: String = env("OMNIQ_BENCH_WORKERS", "4,16".to_string());
 
     {
@@ -196,4 +207,143 @@ fn main() {
         );
         pool.stop();
     }
+    rules(&url, n);
+}
+
+/// A task of another kind, for the limit phases.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Held {
+    n: u64,
+}
+
+impl omniq::Task for Held {
+    const NAME: &'static str = "held";
+    type Output = ();
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// `producers` threads enqueue `k` tasks each, one transaction per task, plain or with a unique
+/// key (all distinct: every insert takes a key); tasks/s.
+fn enqueue_rate(q: &Queue, producers: usize, k: usize, unique: bool, base: u64) -> f64 {
+    let t0 = Instant::now();
+    std::thread::scope(|sc| {
+        for p in 0..producers as u64 {
+            sc.spawn(move || {
+                for i in 0..k as u64 {
+                    let task = Noop {
+                        n: base + p * 1_000_000 + i,
+                    };
+                    if unique {
+                        q.insert_with(task, EnqueueOptions::new().unique(Unique::by_args()))
+                            .expect("insert");
+                    } else {
+                        q.enqueue(task).expect("enqueue");
+                    }
+                }
+            });
+        }
+    });
+    rate(producers * k, t0.elapsed())
+}
+
+/// Claims and completes `m` tasks one at a time (one claim transaction and one finish
+/// transaction each); ms per task.
+fn claim_cost(q: &Queue, m: usize) -> f64 {
+    let t0 = Instant::now();
+    for _ in 0..m {
+        let c = omniq::testing::claim_next(q)
+            .expect("claim")
+            .expect("a due task");
+        assert!(c.succeed(&()).expect("finish"));
+    }
+    t0.elapsed().as_secs_f64() * 1e3 / m as f64
+}
+
+fn rules(url: &str, n: usize) {
+    let rounds: usize = env("OMNIQ_BENCH_ROUNDS", 3);
+    let held: u64 = env("OMNIQ_BENCH_HELD", 20_000);
+    let s = Schema::new(url, "unique");
+    let q = s.open();
+    for producers in [1usize, 8] {
+        let k = (n / 5 / producers).max(1);
+        let (mut plain, mut unique) = (Vec::new(), Vec::new());
+        for r in 0..rounds as u64 {
+            plain.push(enqueue_rate(&q, producers, k, false, r * 100_000_000));
+            unique.push(enqueue_rate(
+                &q,
+                producers,
+                k,
+                true,
+                r * 100_000_000 + 50_000_000,
+            ));
+        }
+        let (p, u) = (median(plain), median(unique));
+        println!(
+            "postgres/enqueue with a unique key vs plain ({producers} producer(s), {} rounds interleaved, median): {u:.0} vs {p:.0} tasks/s = {:.0} %",
+            rounds,
+            100.0 * u / p
+        );
+    }
+    drop(q);
+    drop(s);
+
+    let m = (n / 5).max(1);
+    let free = Schema::new(url, "claim_free");
+    let limited = Schema::new(url, "claim_limited");
+    let (qf, ql) = (free.open(), limited.open());
+    // A limit that never binds: what the locked, planned claim costs over the plain one.
+    ql.set_limit(
+        LimitScope::kind("noop"),
+        Limit::new().concurrency(1_000_000),
+    )
+    .expect("limit");
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for r in 0..rounds as u64 {
+        for q in [&qf, &ql] {
+            q.enqueue_many((0..m as u64).map(|i| Noop {
+                n: r * 1_000_000 + i,
+            }))
+            .expect("enqueue_many");
+        }
+        a.push(claim_cost(&qf, m));
+        b.push(claim_cost(&ql, m));
+    }
+    let (a, b) = (median(a), median(b));
+    println!(
+        "postgres/claim + finish, one at a time, kind concurrency limit (never binding) vs none ({rounds} rounds interleaved, median): {b:.2} vs {a:.2} ms per task = {:.2}x",
+        b / a
+    );
+    // Tasks held back by a spent limit, ahead of the claimable ones in claim order.
+    ql.set_limit(LimitScope::kind("held"), Limit::new().concurrency(0))
+        .expect("limit");
+    let mut start = 0;
+    while start < held {
+        let end = (start + 10_000).min(held);
+        ql.enqueue_many((start..end).map(|n| Held { n }))
+            .expect("enqueue_many");
+        start = end;
+    }
+    let mut c = postgres::Client::connect(url, postgres::NoTls).expect("connect");
+    c.batch_execute(&format!("VACUUM ANALYZE \"{}\".omniq_tasks", limited.name))
+        .expect("vacuum");
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for r in 0..rounds as u64 {
+        for q in [&qf, &ql] {
+            q.enqueue_many((0..m as u64).map(|i| Noop {
+                n: 100_000_000 + r * 1_000_000 + i,
+            }))
+            .expect("enqueue_many");
+        }
+        a.push(claim_cost(&qf, m));
+        b.push(claim_cost(&ql, m));
+    }
+    let (a, b) = (median(a), median(b));
+    println!(
+        "postgres/claim + finish with {held} due tasks held back by a spent kind limit ahead vs none ({rounds} rounds interleaved, median): {b:.2} vs {a:.2} ms per task = {:.2}x",
+        b / a
+    );
 }

@@ -45,41 +45,65 @@ use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 // ----- unique keys and extras ----------------------------------------------------------------
 
 /// Takes unique keys, in digest order (so that two transactions taking overlapping sets wait
-/// for each other instead of deadlocking); returns the digests taken.
-const TAKE_KEYS: &str = "INSERT INTO omniq_unique (digest, task_id, states) \
+/// for each other instead of deadlocking), and in the same statement writes the extras of the
+/// tasks that need no key (`keyed` false) or got theirs; returns the digests taken.
+const TAKE_KEYS: &str = "WITH taken AS (INSERT INTO omniq_unique (digest, task_id, states) \
      SELECT d, t, s FROM unnest($1::bytea[], $2::uuid[], $3::int2[]) AS u(d, t, s) ORDER BY d \
-     ON CONFLICT (digest) DO NOTHING RETURNING digest";
+     ON CONFLICT (digest) DO NOTHING RETURNING digest, task_id), \
+     extras AS (INSERT INTO omniq_extras (task_id, extras) \
+     SELECT e.t, e.x FROM unnest($4::uuid[], $5::jsonb[], $6::bool[]) AS e(t, x, keyed) \
+     WHERE NOT e.keyed OR e.t IN (SELECT task_id FROM taken)) \
+     SELECT digest FROM taken";
 
 const HOLDERS: &str = "SELECT digest, task_id FROM omniq_unique WHERE digest = ANY($1)";
-
-const INSERT_EXTRAS: &str = "INSERT INTO omniq_extras (task_id, extras) \
-     SELECT * FROM unnest($1::uuid[], $2::jsonb[])";
 
 /// A key wanted by a task: (digest, task, hold set).
 type Want = ([u8; 32], TaskId, u8);
 
+/// Extras to write for the tasks that will be inserted: (task, extras, whether it needs its
+/// unique key to be inserted).
+type Extra = (TaskId, serde_json::Value, bool);
+
 /// Takes every key of `wanted` that no other task holds; answers the holders of the others
 /// (those keys are not taken). A conflict with a transaction in flight waits for its outcome.
+/// Writes `extras` for the tasks that need no key and those whose key was taken.
 fn take_keys(
     sh: &Shared,
     tx: &mut Transaction<'_>,
     wanted: Vec<Want>,
+    extras: Vec<Extra>,
 ) -> Result<HashMap<[u8; 32], TaskId>> {
     let t = &sh.target;
     let mut held = HashMap::new();
     let mut todo = wanted;
     todo.sort_by_key(|a| a.0);
+    let mut extras = extras;
     // A holder can let go between the conflict and the read of who holds it: then try again.
     for _ in 0..16 {
-        if todo.is_empty() {
+        if todo.is_empty() && extras.is_empty() {
             return Ok(held);
         }
         let digests: Vec<&[u8]> = todo.iter().map(|w| &w.0[..]).collect();
         let ids: Vec<uuid::Uuid> = todo.iter().map(|w| w.1 .0).collect();
         let states: Vec<i16> = todo.iter().map(|w| i16::from(w.2)).collect();
+        let (e_ids, e_json, e_keyed): (Vec<uuid::Uuid>, Vec<&serde_json::Value>, Vec<bool>) = {
+            let mut a = (Vec::new(), Vec::new(), Vec::new());
+            for (id, x, keyed) in &extras {
+                a.0.push(id.0);
+                a.1.push(x);
+                a.2.push(*keyed);
+            }
+            a
+        };
         let rows = tx
-            .query(TAKE_KEYS, &[&digests, &ids, &states])
+            .query(
+                TAKE_KEYS,
+                &[&digests, &ids, &states, &e_ids, &e_json, &e_keyed],
+            )
             .map_err(pg_error(t, "take unique keys"))?;
+        // Written now: those with no key, and those whose key was taken; the others' extras
+        // go with their next try.
+        let still: HashSet<TaskId> = todo.iter().map(|w| w.1).collect();
         let taken: HashSet<Vec<u8>> = rows
             .iter()
             .filter_map(|r| r.try_get::<_, Vec<u8>>(0).ok())
@@ -88,6 +112,8 @@ fn take_keys(
             .into_iter()
             .filter(|w| !taken.contains(&w.0[..]))
             .collect();
+        let retry: HashSet<TaskId> = conflicts.iter().map(|w| w.1).collect();
+        extras.retain(|(id, _, keyed)| *keyed && still.contains(id) && retry.contains(id));
         if conflicts.is_empty() {
             return Ok(held);
         }
@@ -110,6 +136,8 @@ fn take_keys(
                 None => todo.push(w),
             }
         }
+        let again: HashSet<TaskId> = todo.iter().map(|w| w.1).collect();
+        extras.retain(|(id, _, _)| again.contains(id));
     }
     Err(Error::Storage(format!(
         "PostgreSQL {}: unique keys kept changing hands while being taken",
@@ -138,21 +166,26 @@ pub(crate) fn insert_in(
     let spec = |nt: &NewTask| nt.extras.as_ref().and_then(|e| e.unique.clone());
     let mut first: HashMap<[u8; 32], TaskId> = HashMap::new();
     let mut wanted = Vec::new();
+    let mut extras = Vec::new();
     for nt in &tasks {
-        if let Some(u) = spec(nt) {
-            if let std::collections::hash_map::Entry::Vacant(e) = first.entry(u.digest) {
-                e.insert(nt.task.id);
-                wanted.push((u.digest, nt.task.id, u.states));
-            }
+        let keyed = match spec(nt) {
+            Some(u) => match first.entry(u.digest) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(nt.task.id);
+                    wanted.push((u.digest, nt.task.id, u.states));
+                    true
+                }
+                // A duplicate of an earlier task of the batch: never inserted.
+                std::collections::hash_map::Entry::Occupied(_) => continue,
+            },
+            None => false,
+        };
+        if let Some(x) = nt.extras.as_ref().filter(|e| !e.is_empty()) {
+            extras.push((nt.task.id, to_json("task extras", x)?, keyed));
         }
     }
-    let held = if wanted.is_empty() {
-        HashMap::new()
-    } else {
-        take_keys(sh, tx, wanted)?
-    };
+    let held = take_keys(sh, tx, wanted, extras)?;
     let mut out = Vec::with_capacity(tasks.len());
-    let (mut extra_ids, mut extra_json) = (Vec::new(), Vec::new());
     for nt in tasks {
         if let Some(u) = spec(&nt) {
             let holder = held
@@ -169,10 +202,6 @@ pub(crate) fn insert_in(
             }
         }
         let id = nt.task.id;
-        if let Some(extras) = nt.extras.filter(|e| !e.is_empty()) {
-            extra_ids.push(id.0);
-            extra_json.push(to_json("task extras", &extras)?);
-        }
         let p = super::rows::TaskParams::new(&nt.task, None)?;
         tx.execute(&stmts.insert_task, &p.all())
             .map_err(pg_error(t, "insert a task"))?;
@@ -181,10 +210,6 @@ pub(crate) fn insert_in(
             id,
             duplicate: false,
         });
-    }
-    if !extra_ids.is_empty() {
-        tx.execute(INSERT_EXTRAS, &[&extra_ids, &extra_json])
-            .map_err(pg_error(t, "write task extras"))?;
     }
     Ok(out)
 }
@@ -243,7 +268,7 @@ pub(crate) fn retake_key(sh: &Shared, tx: &mut Transaction<'_>, rec: &TaskInfo) 
     if unique::hold_change(u.states, Some(rec.status), Some(Status::Pending)) != Hold::Acquire {
         return Ok(());
     }
-    match take_keys(sh, tx, vec![(u.digest, rec.id, u.states)])?.remove(&u.digest) {
+    match take_keys(sh, tx, vec![(u.digest, rec.id, u.states)], Vec::new())?.remove(&u.digest) {
         Some(holder) if holder != rec.id => Err(Error::UniqueConflict {
             id: rec.id,
             holder,
