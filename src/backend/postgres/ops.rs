@@ -117,6 +117,8 @@ pub(crate) struct Stmts {
     claim_any: Statement,
     claim_queues: Statement,
     pub(crate) insert_task: Statement,
+    /// Unique keys and limited claims (`rules.rs`).
+    pub(crate) rules: super::rules::RuleStmts,
 }
 
 impl Stmts {
@@ -130,6 +132,7 @@ impl Stmts {
             claim_any: c.prepare(CLAIM_ANY)?,
             claim_queues: c.prepare(CLAIM_QUEUES)?,
             insert_task: c.prepare(INSERT_TASK)?,
+            rules: super::rules::RuleStmts::prepare(c)?,
         })
     }
 }
@@ -582,6 +585,7 @@ fn transitions(
             a.claim = Some(claim_in(
                 sh,
                 tx,
+                stmts,
                 stmt,
                 c,
                 now,
@@ -597,9 +601,11 @@ fn transitions(
 /// The claim inside a transaction. `Ok(Err(_))` refuses the claim alone (session lost); the
 /// finishes of the same transaction still commit.
 /// `(alive, limited)` is what `NODE_ALIVE` answered.
+#[allow(clippy::too_many_arguments)]
 fn claim_in(
     sh: &Shared,
     tx: &mut Transaction<'_>,
+    stmts: &Stmts,
     stmt: &postgres::Statement,
     c: &ClaimRequest,
     now: Timestamp,
@@ -623,7 +629,9 @@ fn claim_in(
     // writer does (the rule then checks the task is due by that time).
     let claim_at = due_by.max(now);
     if limited {
-        if let Some(claimed) = super::rules::claim_limited(sh, tx, queues, n, claim_at, batch)? {
+        if let Some(claimed) =
+            super::rules::claim_limited(sh, tx, stmts, queues, n, claim_at, batch)?
+        {
             return Ok(Ok(claimed));
         }
     }
@@ -726,7 +734,7 @@ type Rule = fn(&TaskInfo, Timestamp) -> std::result::Result<(TaskInfo, Cause), R
 
 /// What a transition must also do in its transaction once the rule said yes (a manual retry
 /// takes its unique key back).
-type Also = fn(&Shared, &mut Transaction<'_>, &TaskInfo) -> Result<()>;
+type Also = fn(&Shared, &mut Transaction<'_>, &Stmts, &TaskInfo) -> Result<()>;
 
 fn one_transition(
     sh: &Shared,
@@ -748,7 +756,7 @@ fn one_transition(
         .ok_or(Error::NotFound(id))??;
     let (next, cause) = rule(&rec, now).map_err(|r| r.into_error(id, op, expected))?;
     if let Some(also) = also {
-        also(sh, &mut tx, &rec)?;
+        also(sh, &mut tx, &stmts, &rec)?;
     }
     let mut batch = Batch::new(stmts.clone());
     batch.update(&rec, &next);
@@ -968,8 +976,9 @@ pub(crate) fn due_summary(
     if limited && ready > 0 {
         // What the limits leave of it, and when a window frees a slot (no polling while a
         // limit holds work back).
+        let stmts = conn.stmts().map_err(pg_error(t, "prepare statements"))?;
         let (admitted, frees) =
-            super::rules::due_within_limits(sh, &mut *conn, queues, now, limit)?;
+            super::rules::due_within_limits(sh, &mut *conn, &stmts, queues, now, limit)?;
         ready = admitted;
         if let Some(f) = frees {
             next_wake = Some(next_wake.map_or(f, |w: Timestamp| w.min(f)));

@@ -25,7 +25,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use postgres::{GenericClient, Transaction};
+use postgres::{GenericClient, Statement, Transaction};
 
 use super::node::Signal;
 use super::ops::{self, Batch, Stmts};
@@ -57,6 +57,49 @@ const TAKE_KEYS: &str = "WITH taken AS (INSERT INTO omniq_unique (digest, task_i
 
 const HOLDERS: &str = "SELECT digest, task_id FROM omniq_unique WHERE digest = ANY($1)";
 
+const READ_STARTS: &str = "SELECT r.scope, r.name, r.at, r.task_id FROM omniq_rate_starts r \
+     JOIN unnest($1::text[], $2::text[]) AS u(s, n) ON r.scope = u.s AND r.name = u.n";
+
+const COUNT_RUNNING: &str = "SELECT queue, kind, count(*)::int8 FROM omniq_tasks \
+     WHERE state = 'running' GROUP BY queue, kind";
+
+const DEL_STARTS: &str = "DELETE FROM omniq_rate_starts r USING unnest($1::text[], $2::text[], \
+     $3::int8[], $4::uuid[]) AS u(s, n, a, t) WHERE r.scope = u.s AND r.name = u.n \
+     AND r.at = u.a AND r.task_id = u.t";
+
+const ADD_STARTS: &str = "INSERT INTO omniq_rate_starts (scope, name, at, task_id) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::uuid[]) ON CONFLICT DO NOTHING";
+
+/// The statements of unique inserts and limited claims, prepared once per pooled connection
+/// with the transition statements (an unprepared query costs an extra round trip).
+pub(crate) struct RuleStmts {
+    take_keys: Statement,
+    lock_limits: Statement,
+    read_starts: Statement,
+    count_running: Statement,
+    scan_due: Statement,
+    claim_ids: Statement,
+    add_starts: Statement,
+    del_starts: Statement,
+}
+
+impl RuleStmts {
+    pub(crate) fn prepare(
+        c: &mut postgres::Client,
+    ) -> std::result::Result<RuleStmts, postgres::Error> {
+        Ok(RuleStmts {
+            take_keys: c.prepare(TAKE_KEYS)?,
+            lock_limits: c.prepare(LOCK_LIMITS)?,
+            read_starts: c.prepare(READ_STARTS)?,
+            count_running: c.prepare(COUNT_RUNNING)?,
+            scan_due: c.prepare(SCAN_DUE)?,
+            claim_ids: c.prepare(CLAIM_IDS)?,
+            add_starts: c.prepare(ADD_STARTS)?,
+            del_starts: c.prepare(DEL_STARTS)?,
+        })
+    }
+}
+
 /// A key wanted by a task: (digest, task, hold set).
 type Want = ([u8; 32], TaskId, u8);
 
@@ -70,6 +113,7 @@ type Extra = (TaskId, serde_json::Value, bool);
 fn take_keys(
     sh: &Shared,
     tx: &mut Transaction<'_>,
+    stmts: &Stmts,
     wanted: Vec<Want>,
     extras: Vec<Extra>,
 ) -> Result<HashMap<[u8; 32], TaskId>> {
@@ -97,7 +141,7 @@ fn take_keys(
         };
         let rows = tx
             .query(
-                TAKE_KEYS,
+                &stmts.rules.take_keys,
                 &[&digests, &ids, &states, &e_ids, &e_json, &e_keyed],
             )
             .map_err(pg_error(t, "take unique keys"))?;
@@ -184,7 +228,7 @@ pub(crate) fn insert_in(
             extras.push((nt.task.id, to_json("task extras", x)?, keyed));
         }
     }
-    let held = take_keys(sh, tx, wanted, extras)?;
+    let held = take_keys(sh, tx, stmts, wanted, extras)?;
     let mut out = Vec::with_capacity(tasks.len());
     for nt in tasks {
         if let Some(u) = spec(&nt) {
@@ -261,14 +305,27 @@ pub(crate) fn extras(sh: &Shared, id: TaskId) -> Result<Option<TaskExtras>> {
 
 /// A manual retry brings `rec` back into its hold set: takes its key back in `tx`, or refuses
 /// with [`Error::UniqueConflict`] while another task holds it.
-pub(crate) fn retake_key(sh: &Shared, tx: &mut Transaction<'_>, rec: &TaskInfo) -> Result<()> {
+pub(crate) fn retake_key(
+    sh: &Shared,
+    tx: &mut Transaction<'_>,
+    stmts: &Stmts,
+    rec: &TaskInfo,
+) -> Result<()> {
     let Some(u) = extras_in(sh, tx, rec.id)?.and_then(|e| e.unique) else {
         return Ok(());
     };
     if unique::hold_change(u.states, Some(rec.status), Some(Status::Pending)) != Hold::Acquire {
         return Ok(());
     }
-    match take_keys(sh, tx, vec![(u.digest, rec.id, u.states)], Vec::new())?.remove(&u.digest) {
+    match take_keys(
+        sh,
+        tx,
+        stmts,
+        vec![(u.digest, rec.id, u.states)],
+        Vec::new(),
+    )?
+    .remove(&u.digest)
+    {
         Some(holder) if holder != rec.id => Err(Error::UniqueConflict {
             id: rec.id,
             holder,
@@ -355,6 +412,7 @@ fn limit_rows(sh: &Shared, rows: &[postgres::Row]) -> Result<Vec<(LimitScope, Li
 fn load_limiter(
     sh: &Shared,
     c: &mut impl GenericClient,
+    stmts: &Stmts,
     limits: Vec<(LimitScope, Limit)>,
 ) -> Result<Limiter> {
     let t = &sh.target;
@@ -368,11 +426,7 @@ fn load_limiter(
         let scopes: Vec<&str> = rated.iter().map(|s| scope_sql(s).0).collect();
         let names: Vec<&str> = rated.iter().map(|s| scope_sql(s).1).collect();
         let rows = c
-            .query(
-                "SELECT r.scope, r.name, r.at, r.task_id FROM omniq_rate_starts r \
-                 JOIN unnest($1::text[], $2::text[]) AS u(s, n) ON r.scope = u.s AND r.name = u.n",
-                &[&scopes, &names],
-            )
+            .query(&stmts.rules.read_starts, &[&scopes, &names])
             .map_err(pg_error(t, "read rate-limit starts"))?;
         for r in &rows {
             let scope: String = r.try_get(0).map_err(pg_error(t, "read a start"))?;
@@ -390,11 +444,7 @@ fn load_limiter(
     let mut running = Vec::new();
     if limits.iter().any(|(_, l)| l.concurrency.is_some()) {
         let rows = c
-            .query(
-                "SELECT queue, kind, count(*)::int8 FROM omniq_tasks WHERE state = 'running' \
-                 GROUP BY queue, kind",
-                &[],
-            )
+            .query(&stmts.rules.count_running, &[])
             .map_err(pg_error(t, "count running tasks"))?;
         for r in &rows {
             let q: String = r.try_get(0).map_err(pg_error(t, "count running tasks"))?;
@@ -407,7 +457,12 @@ fn load_limiter(
 }
 
 /// Persists the starts a limiter charged (`present`) or pruned.
-fn write_starts(sh: &Shared, tx: &mut Transaction<'_>, writes: Vec<SideWrite>) -> Result<()> {
+fn write_starts(
+    sh: &Shared,
+    tx: &mut Transaction<'_>,
+    stmts: &Stmts,
+    writes: Vec<SideWrite>,
+) -> Result<()> {
     let (mut add, mut del): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
     for w in writes {
         if let SideWrite::RateStart {
@@ -427,18 +482,8 @@ fn write_starts(sh: &Shared, tx: &mut Transaction<'_>, writes: Vec<SideWrite>) -
         }
     }
     for (rows, sql) in [
-        (
-            del,
-            "DELETE FROM omniq_rate_starts r USING unnest($1::text[], $2::text[], $3::int8[], \
-             $4::uuid[]) AS u(s, n, a, t) WHERE r.scope = u.s AND r.name = u.n AND r.at = u.a \
-             AND r.task_id = u.t",
-        ),
-        (
-            add,
-            "INSERT INTO omniq_rate_starts (scope, name, at, task_id) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::uuid[]) \
-             ON CONFLICT DO NOTHING",
-        ),
+        (del, &stmts.rules.del_starts),
+        (add, &stmts.rules.add_starts),
     ] {
         if rows.is_empty() {
             continue;
@@ -466,6 +511,7 @@ const SCAN_DUE: &str = "SELECT id, queue, kind, priority, run_at FROM omniq_task
 fn plan(
     sh: &Shared,
     c: &mut impl GenericClient,
+    stmts: &Stmts,
     limiter: &Limiter,
     names: &Option<Vec<String>>,
     now: Timestamp,
@@ -479,7 +525,7 @@ fn plan(
         let seen: Vec<uuid::Uuid> = seen.iter().map(|i| i.0).collect();
         let rows = c
             .query(
-                SCAN_DUE,
+                &stmts.rules.scan_due,
                 &[
                     &to_i64(now.0),
                     names,
@@ -513,7 +559,7 @@ fn plan(
 
 /// Claims exactly these tasks, if they are still pending and due (rows another transaction
 /// holds are skipped).
-pub(crate) const CLAIM_IDS: &str = concat!(
+const CLAIM_IDS: &str = concat!(
     "WITH due AS (SELECT id AS due_id, lease AS old_lease, started_at AS old_started \
      FROM omniq_tasks WHERE id = ANY($2) AND state = 'pending' AND run_at <= $1 \
      ORDER BY id FOR UPDATE SKIP LOCKED) \
@@ -531,6 +577,7 @@ pub(crate) const CLAIM_IDS: &str = concat!(
 pub(crate) fn claim_limited(
     sh: &Shared,
     tx: &mut Transaction<'_>,
+    stmts: &Stmts,
     queues: &QueueSet,
     n: usize,
     at: Timestamp,
@@ -542,16 +589,16 @@ pub(crate) fn claim_limited(
         QueueSet::Named(v) => Some(v.clone()),
     };
     let rows = tx
-        .query(LOCK_LIMITS, &[&names])
+        .query(&stmts.rules.lock_limits, &[&names])
         .map_err(pg_error(t, "lock the limits"))?;
     let limits = limit_rows(sh, &rows)?;
     if limits.is_empty() {
         return Ok(None);
     }
-    let mut limiter = load_limiter(sh, tx, limits)?;
+    let mut limiter = load_limiter(sh, tx, stmts, limits)?;
     let pruned = limiter.prune(at);
-    write_starts(sh, tx, pruned)?;
-    let plan = plan(sh, tx, &limiter, &names, at, n)?;
+    write_starts(sh, tx, stmts, pruned)?;
+    let plan = plan(sh, tx, stmts, &limiter, &names, at, n)?;
     if plan.held > 0 {
         tracing::debug!(
             held = plan.held,
@@ -563,14 +610,17 @@ pub(crate) fn claim_limited(
     }
     let ids: Vec<uuid::Uuid> = plan.picks.iter().map(|d| d.id.0).collect();
     let rows = tx
-        .query(CLAIM_IDS, &[&to_i64(at.0), &ids, &to_i64(sh.node)])
+        .query(
+            &stmts.rules.claim_ids,
+            &[&to_i64(at.0), &ids, &to_i64(sh.node)],
+        )
         .map_err(pg_error(t, "claim due tasks"))?;
     let claimed = ops::claimed_rows(sh, &rows, at, batch)?;
     let mut starts = Vec::new();
     for task in &claimed {
         starts.extend(limiter.charge(task, at));
     }
-    write_starts(sh, tx, starts)?;
+    write_starts(sh, tx, stmts, starts)?;
     Ok(Some(claimed))
 }
 
@@ -640,7 +690,7 @@ pub(crate) fn has_concurrency(sh: &Shared, c: &mut impl GenericClient) -> Result
     .map_err(pg_error(&sh.target, "read the limits"))
 }
 
-fn read_limiter(sh: &Shared, c: &mut impl GenericClient) -> Result<Limiter> {
+fn read_limiter(sh: &Shared, c: &mut impl GenericClient, stmts: &Stmts) -> Result<Limiter> {
     let rows = c
         .query(
             &format!("SELECT {LIMIT_COLS} FROM omniq_limits ORDER BY scope, name"),
@@ -648,7 +698,7 @@ fn read_limiter(sh: &Shared, c: &mut impl GenericClient) -> Result<Limiter> {
         )
         .map_err(pg_error(&sh.target, "read the limits"))?;
     let limits = limit_rows(sh, &rows)?;
-    load_limiter(sh, c, limits)
+    load_limiter(sh, c, stmts, limits)
 }
 
 /// Due tasks held back by limits counted up to this many in `limits`.
@@ -658,7 +708,8 @@ const WAITING_CAP: i64 = 10_000;
 pub(crate) fn limits(sh: &Shared, now: Timestamp) -> Result<Vec<LimitStatus>> {
     let t = &sh.target;
     let mut conn = sh.pool.get()?;
-    let limiter = read_limiter(sh, &mut *conn)?;
+    let stmts = conn.stmts().map_err(pg_error(t, "prepare statements"))?;
+    let limiter = read_limiter(sh, &mut *conn, &stmts)?;
     let mut out = Vec::new();
     for v in limiter.status(now) {
         let (s, name) = scope_sql(&v.scope);
@@ -693,16 +744,17 @@ pub(crate) fn limits(sh: &Shared, now: Timestamp) -> Result<Vec<LimitStatus>> {
 pub(crate) fn due_within_limits(
     sh: &Shared,
     c: &mut impl GenericClient,
+    stmts: &Stmts,
     queues: &QueueSet,
     now: Timestamp,
     want: usize,
 ) -> Result<(usize, Option<Timestamp>)> {
-    let limiter = read_limiter(sh, c)?;
+    let limiter = read_limiter(sh, c, stmts)?;
     let names: Option<Vec<String>> = match queues {
         QueueSet::All => None,
         QueueSet::Named(v) => Some(v.clone()),
     };
-    let plan = plan(sh, c, &limiter, &names, now, want)?;
+    let plan = plan(sh, c, stmts, &limiter, &names, now, want)?;
     Ok((plan.picks.len(), limiter.next_free(now)))
 }
 
