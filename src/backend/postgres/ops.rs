@@ -587,7 +587,9 @@ fn transitions(
                 tx,
                 stmts,
                 stmt,
-                c,
+                &c.queues,
+                c.n,
+                c.now,
                 now,
                 (alive, limited),
                 &mut batch,
@@ -607,13 +609,14 @@ fn claim_in(
     tx: &mut Transaction<'_>,
     stmts: &Stmts,
     stmt: &postgres::Statement,
-    c: &ClaimRequest,
+    queues: &QueueSet,
+    n: usize,
+    due_by: Timestamp,
     now: Timestamp,
     (alive, limited): (bool, bool),
     batch: &mut Batch,
 ) -> Result<Result<Vec<TaskInfo>>> {
     let t = &sh.target;
-    let (queues, n, due_by) = (&c.queues, c.n, c.now);
     if let Some(e) = sh.session_lost() {
         return Ok(Err(e));
     }
