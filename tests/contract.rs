@@ -760,6 +760,45 @@ fn unique_survives_reopen(h: &dyn Harness) {
     assert_eq!((b.id, b.duplicate), (a.id, true));
 }
 
+/// A crash rescue moves a holder under the ordinary rule: back to Pending keeps its key (and its
+/// concurrency slot is freed), a last attempt Failed releases it.
+fn unique_and_limits_after_a_crash(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    q.set_limit(LimitScope::kind("u"), Limit::new().concurrency(2))
+        .unwrap();
+    let keep = q
+        .insert_json("u", &json!(1), unique_opts().max_retries(1))
+        .unwrap();
+    let lose = q
+        .insert_json("u", &json!(2), unique_opts().max_retries(0))
+        .unwrap();
+    let a = testing::claim_next(&q).unwrap().unwrap();
+    let b = testing::claim_next(&q).unwrap().unwrap();
+    assert_eq!(q.limits().unwrap()[0].running, 2);
+    a.abandon();
+    b.abandon();
+    drop(q);
+    let q = h.reopen(&clock);
+    assert_eq!(q.recovery_report().recovered, 2);
+    assert_eq!(q.get(keep.id).unwrap().unwrap().status, Status::Pending);
+    assert_eq!(q.get(lose.id).unwrap().unwrap().status, Status::Failed);
+    let again = q.insert_json("u", &json!(1), unique_opts()).unwrap();
+    assert_eq!(
+        (again.id, again.duplicate),
+        (keep.id, true),
+        "Pending holds"
+    );
+    let fresh = q.insert_json("u", &json!(2), unique_opts()).unwrap();
+    assert!(!fresh.duplicate, "Failed released the key");
+    let l = &q.limits().unwrap()[0];
+    assert_eq!(
+        (l.running, l.remaining),
+        (0, 2),
+        "the crash freed both slots"
+    );
+    assert!(q.check_consistency().unwrap().is_consistent());
+}
+
 // ----- limits -----------------------------------------------------------------------------------
 
 /// At most N starts per sliding window; a held task is not claimed and not charged; the next
@@ -1227,6 +1266,10 @@ macro_rules! rules_contract_suite {
             #[test]
             fn unique_survives_reopen() {
                 super::unique_survives_reopen(&$harness);
+            }
+            #[test]
+            fn unique_and_limits_after_a_crash() {
+                super::unique_and_limits_after_a_crash(&$harness);
             }
             #[test]
             fn rate_limit_window() {
