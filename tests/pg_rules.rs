@@ -336,3 +336,69 @@ fn a_schedule_tick_fires_once_across_two_handles() {
     let info = &b.schedules().expect("schedules")[0];
     assert_eq!((info.fired, info.skipped), (total_minutes, 0));
 }
+
+/// Two processes' worker pools on one schema, on the real clock, run a fast schedule: each
+/// sleeps until the next tick (cached per node, no polling), both try every tick, and each tick
+/// becomes exactly one task whichever fires it.
+#[test]
+fn two_pools_run_one_schedule_each_tick_once() {
+    let s = schema!("rules_pools_schedule");
+    let open = || {
+        Queue::postgres_with(&s.url, s.options())
+            .open()
+            .expect("open")
+    };
+    let a = open();
+    a.schedule_json(
+        "fast",
+        Spec::every(Duration::from_millis(50)),
+        Missed::CatchUp(1_000),
+        "tick",
+        &json!({}),
+        EnqueueOptions::new(),
+    )
+    .expect("schedule");
+    let b = open();
+    for q in [&a, &b] {
+        q.register_fn(
+            "tick",
+            |_v: serde_json::Value, _ctx: &omniq::TaskContext| {
+                Ok::<_, omniq::TaskError>(json!(null))
+            },
+        );
+    }
+    let events = a.subscribe();
+    let pa = a.workers().concurrency(2).start().expect("pool");
+    let pb = b.workers().concurrency(2).start().expect("pool");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let completed = || {
+        a.stats()
+            .expect("stats")
+            .by_status
+            .get(&omniq::Status::Completed)
+            .copied()
+            .unwrap_or(0)
+    };
+    while completed() < 8 {
+        assert!(
+            events.recv_deadline(deadline).is_ok(),
+            "only {} ticks ran in 30 s",
+            completed()
+        );
+    }
+    pa.stop();
+    pb.stop();
+    let ticks: Vec<Timestamp> = a
+        .list(&ListFilter::new().limit(1000))
+        .expect("list")
+        .tasks
+        .iter()
+        .filter_map(|t| a.extras(t.id).expect("extras").and_then(|e| e.scheduled))
+        .map(|s| s.at)
+        .collect();
+    let distinct: HashSet<Timestamp> = ticks.iter().copied().collect();
+    assert_eq!(ticks.len(), distinct.len(), "a tick fired twice: {ticks:?}");
+    let info = &a.schedules().expect("schedules")[0];
+    assert_eq!(info.fired, ticks.len() as u64);
+    assert!(a.check_consistency().expect("check").is_consistent());
+}
