@@ -5,9 +5,10 @@
 //! Limits are enforced when claiming: a task over a limit stays `Pending`, is not claimed and is
 //! charged nothing; claims keep priority and due order within what the limits leave.
 //!
-//! In SQL the same numbers go into the claim statement: the starts of each limited scope in the
-//! window (an index on `(scope, started_at)`), its running count (the per-state counters), and
-//! `LIMIT` per scope with the remaining budget.
+//! In SQL (the PostgreSQL backend) the same functions run in the claim's transaction: it locks
+//! the limit rows `FOR UPDATE`, then reads each rate-limited scope's starts (a table keyed by
+//! scope and start time) and the running tasks per scope, and plans with the same planner as
+//! the sled writer.
 //!
 //! ```
 //! use std::time::Duration;

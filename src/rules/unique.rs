@@ -12,8 +12,9 @@
 //! retry that would bring a task back into its hold set while another task holds the digest is
 //! refused ([`crate::Error::UniqueConflict`]).
 //!
-//! In SQL this is a partial unique index: `UNIQUE (unique_digest) WHERE unique_states @> state`,
-//! with `INSERT ... ON CONFLICT DO NOTHING RETURNING` and a read of the holder on conflict.
+//! In SQL (the PostgreSQL backend) this is a holder table whose primary key is the digest:
+//! `INSERT ... ON CONFLICT DO NOTHING RETURNING` in the insert's transaction, a read of the
+//! holder on conflict, and a delete of the row by the transition that leaves the hold set.
 //!
 //! ```
 //! use omniq::rules::unique::{hold_change, Hold, Unique};
