@@ -75,6 +75,7 @@ const ADD_STARTS: &str = "INSERT INTO omniq_rate_starts (scope, name, at, task_i
 pub(crate) struct RuleStmts {
     take_keys: Statement,
     lock_limits: Statement,
+    read_limits: Statement,
     read_starts: Statement,
     count_running: Statement,
     scan_due: Statement,
@@ -90,6 +91,7 @@ impl RuleStmts {
         Ok(RuleStmts {
             take_keys: c.prepare(TAKE_KEYS)?,
             lock_limits: c.prepare(LOCK_LIMITS)?,
+            read_limits: c.prepare(READ_LIMITS)?,
             read_starts: c.prepare(READ_STARTS)?,
             count_running: c.prepare(COUNT_RUNNING)?,
             scan_due: c.prepare(SCAN_DUE)?,
@@ -365,7 +367,9 @@ fn scope_sql(s: &LimitScope) -> (&'static str, &str) {
     }
 }
 
-const LIMIT_COLS: &str = "scope, name, rate_max, rate_per_ms, concurrency";
+/// Every limit, unlocked (reads and `due_summary`).
+const READ_LIMITS: &str = "SELECT scope, name, rate_max, rate_per_ms, concurrency \
+     FROM omniq_limits ORDER BY scope, name";
 
 /// Every limit of a claim on `$1` (queue names; NULL: every queue): its queues' limits and
 /// every kind limit, locked in key order.
@@ -692,10 +696,7 @@ pub(crate) fn has_concurrency(sh: &Shared, c: &mut impl GenericClient) -> Result
 
 fn read_limiter(sh: &Shared, c: &mut impl GenericClient, stmts: &Stmts) -> Result<Limiter> {
     let rows = c
-        .query(
-            &format!("SELECT {LIMIT_COLS} FROM omniq_limits ORDER BY scope, name"),
-            &[],
-        )
+        .query(&stmts.rules.read_limits, &[])
         .map_err(pg_error(&sh.target, "read the limits"))?;
     let limits = limit_rows(sh, &rows)?;
     load_limiter(sh, c, stmts, limits)
