@@ -694,6 +694,9 @@ fn heartbeat_mode_rescues_a_stale_node_only_and_that_node_stops_claiming() {
     opts.liveness = Liveness::Heartbeat;
     opts.dead_after = Duration::from_secs(30);
     let live = s.node(opts.clone(), &clock);
+    // The stale node's own heartbeat thread must not refresh the hour-old time written below
+    // before the rescue reads it (under load a 200 ms beat landed in between).
+    opts.heartbeat_interval = Duration::from_secs(3600);
     let stale = s.node(opts, &clock);
     let tasks: Vec<TaskInfo> = (0..4)
         .map(|i| new_task("q", 0, clock.now(), 3, i))
