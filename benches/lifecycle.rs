@@ -2,6 +2,7 @@
 //! default group commit, on a pool started before the first enqueue:
 //!
 //! - `N_workers` (1, 4, 16): each iteration enqueues its 1,000 tasks in one `enqueue_many` call;
+//!   `4_workers_claim_ahead_64` the same with `WorkerPoolBuilder::claim_ahead(64)`;
 //! - `4_workers_one_enqueue_per_task`: one producer calls `enqueue` once per task, 1,000 times
 //!   (the everyday pattern; issue 8).
 //!
@@ -66,14 +67,24 @@ fn bench_lifecycle(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(2))
         .measurement_time(Duration::from_secs(10));
     g.throughput(Throughput::Elements(TASKS as u64));
-    for workers in [1usize, 4, 16] {
+    // (workers, claim-ahead): the plain pools, then 4 workers claiming 64 ahead.
+    for (workers, ahead) in [(1usize, 0usize), (4, 0), (16, 0), (4, 64)] {
         let dir = tempfile::tempdir().unwrap();
         let q = Queue::open(dir.path().join("q")).unwrap();
         q.register(|_: Noop, _: &TaskContext| -> Result<(), TaskError> { Ok(()) });
-        let pool = q.workers().concurrency(workers).start().unwrap();
+        let pool = q
+            .workers()
+            .concurrency(workers)
+            .claim_ahead(ahead)
+            .start()
+            .unwrap();
         let events = q.subscribe();
         let mut next = 0u64;
-        g.bench_function(format!("{workers}_workers"), |b| {
+        let name = match ahead {
+            0 => format!("{workers}_workers"),
+            a => format!("{workers}_workers_claim_ahead_{a}"),
+        };
+        g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {

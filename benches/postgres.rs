@@ -3,10 +3,11 @@
 //!
 //! `cargo bench --bench postgres`; the server is `OMNIQ_PG_URL` (default
 //! `host=127.0.0.1 user=postgres dbname=postgres`), tasks per phase `OMNIQ_BENCH_TASKS` (default
-//! 5,000), worker counts `OMNIQ_BENCH_WORKERS` (default `4,16`). Then the drain rate of a deep
+//! 5,000), worker counts `OMNIQ_BENCH_WORKERS` (default `4,16`), each with every claim-ahead of
+//! `OMNIQ_BENCH_AHEAD` (default `0,64`; `WorkerPoolBuilder::claim_ahead`). Then the drain rate of a deep
 //! queue: `OMNIQ_BENCH_DEPTHS` (default `10000,200000`; issue 9 compares 10,000 with
 //! 1,000,000) pending tasks are enqueued, the task table is vacuumed, and 16 workers run the
-//! first `OMNIQ_BENCH_TASKS` of them. Plain timing, one run per figure: the server's WAL flush
+//! first `OMNIQ_BENCH_TASKS` of them (claim-ahead `OMNIQ_BENCH_DRAIN_AHEAD`, default 0). Plain timing, one run per figure: the server's WAL flush
 //! dominates, so repeat runs on the machine you care about.
 //!
 //! Then the rules of issue 11 on PostgreSQL, each against its baseline *interleaved* in the same
@@ -90,6 +91,10 @@ fn main() {
         return;
     }
     let workers: String = env("OMNIQ_BENCH_WORKERS", "4,16".to_string());
+    let aheads: Vec<usize> = env("OMNIQ_BENCH_AHEAD", "0,64".to_string())
+        .split(',')
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
 
     {
         let s = Schema::new(&url, "enqueue");
@@ -117,14 +122,20 @@ fn main() {
             rate(n.div_ceil(1000) * 1000, t0.elapsed())
         );
     }
-    for w in workers
+    for (w, ahead) in workers
         .split(',')
         .filter_map(|w| w.trim().parse::<usize>().ok())
+        .flat_map(|w| aheads.iter().map(move |&a| (w, a)))
     {
-        let s = Schema::new(&url, &format!("lifecycle_{w}"));
+        let s = Schema::new(&url, &format!("lifecycle_{w}_{ahead}"));
         let q = s.open();
         q.register(|_: Noop, _: &TaskContext| -> Result<(), TaskError> { Ok(()) });
-        let pool = q.workers().concurrency(w).start().expect("pool");
+        let pool = q
+            .workers()
+            .concurrency(w)
+            .claim_ahead(ahead)
+            .start()
+            .expect("pool");
         let events = q.subscribe();
         let t0 = Instant::now();
         for b in 0..n.div_ceil(1000) as u64 {
@@ -142,7 +153,7 @@ fn main() {
             }
         }
         println!(
-            "postgres/lifecycle ({w} workers, enqueue_many then run to COMPLETED): {:.0} tasks/s",
+            "postgres/lifecycle ({w} workers, claim-ahead {ahead}, enqueue_many then run to COMPLETED): {:.0} tasks/s",
             rate(total, t0.elapsed())
         );
         // Enqueue-to-start on the now idle pool.
@@ -155,7 +166,7 @@ fn main() {
         }
         lat.sort();
         println!(
-            "postgres/enqueue-to-completed latency, idle pool of {w}: p50 {:.2} ms, p99 {:.2} ms",
+            "postgres/enqueue-to-completed latency, idle pool of {w}, claim-ahead {ahead}: p50 {:.2} ms, p99 {:.2} ms",
             lat[lat.len() / 2].as_secs_f64() * 1e3,
             lat[lat.len() * 99 / 100].as_secs_f64() * 1e3
         );
@@ -190,7 +201,13 @@ fn main() {
         let events = q.subscribe();
         let m = n.min(depth as usize);
         let t0 = Instant::now();
-        let pool = q.workers().concurrency(16).start().expect("pool");
+        let drain_ahead: usize = env("OMNIQ_BENCH_DRAIN_AHEAD", 0);
+        let pool = q
+            .workers()
+            .concurrency(16)
+            .claim_ahead(drain_ahead)
+            .start()
+            .expect("pool");
         let mut done = 0;
         while done < m {
             let ev = events
@@ -201,7 +218,7 @@ fn main() {
             }
         }
         println!(
-            "postgres/drain at depth {depth} (16 workers, first {m} tasks, after VACUUM; filled in {:.0} s): {:.0} tasks/s",
+            "postgres/drain at depth {depth} (16 workers, claim-ahead {drain_ahead}, first {m} tasks, after VACUUM; filled in {:.0} s): {:.0} tasks/s",
             filled.as_secs_f64(),
             rate(m, t0.elapsed())
         );

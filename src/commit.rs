@@ -40,6 +40,9 @@ pub(crate) enum Outcome {
     Failure(TaskError),
     /// Cancellation was requested while it ran: the attempt ends `Cancelled`.
     Cancelled,
+    /// Claimed ahead and never started: back to `Pending`, the attempt given back
+    /// ([`lifecycle::release`]).
+    Released,
 }
 
 /// What a `Finish` command did.
@@ -808,6 +811,7 @@ fn apply(
                         lifecycle::fail(&rec, lease, err, g.now, &b, jitter.unit())
                     }
                     Outcome::Cancelled => lifecycle::cancel_running(&rec, lease, g.now),
+                    Outcome::Released => lifecycle::release(&rec, lease, g.now),
                 };
                 match step {
                     Ok((next, cause)) => {

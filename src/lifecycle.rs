@@ -160,6 +160,25 @@ pub(crate) fn cancel_running(
     Ok((next, Cause::Cancelled))
 }
 
+/// Running -> Pending, fenced by `lease`, **uncharged**: a task a worker pool claimed ahead
+/// ([`WorkerPoolBuilder::claim_ahead`](crate::WorkerPoolBuilder::claim_ahead)) and never
+/// started is handed back on a graceful stop. Its attempt is given back (`attempts - 1`), it
+/// keeps its due time and priority (so it is claimed again first), and nothing else changes.
+pub(crate) fn release(
+    rec: &TaskInfo,
+    lease: u64,
+    _now: Timestamp,
+) -> Result<(TaskInfo, Cause), Refusal> {
+    check_lease(rec, lease)?;
+    let mut next = rec.clone();
+    next.status = Status::Pending;
+    next.attempts = rec.attempts.saturating_sub(1);
+    if next.attempts == 0 {
+        next.started_at = None;
+    }
+    Ok((next, Cause::Released))
+}
+
 /// Failed | Cancelled -> Pending, due now, with a fresh budget: `attempts` restarts at 0 so the
 /// task again gets `max_retries + 1` executions. Its error history and log are kept.
 pub(crate) fn manual_retry(rec: &TaskInfo, now: Timestamp) -> Result<(TaskInfo, Cause), Refusal> {

@@ -31,6 +31,10 @@ pub enum Cause {
     Cancelled,
     /// Re-queued by [`Queue::retry`](crate::Queue::retry) after it had failed or been cancelled.
     ManualRetry,
+    /// Handed back to `Pending` without running: a worker pool claimed it ahead
+    /// ([`WorkerPoolBuilder::claim_ahead`](crate::WorkerPoolBuilder::claim_ahead)) and stopped
+    /// gracefully before starting it. The claim's attempt is given back (`attempts - 1`).
+    Released,
 }
 
 impl fmt::Display for Cause {
@@ -46,6 +50,7 @@ impl fmt::Display for Cause {
             Cause::Failed { error_type, .. } => write!(f, "failed ({error_type})"),
             Cause::Cancelled => f.write_str("cancelled"),
             Cause::ManualRetry => f.write_str("manual retry"),
+            Cause::Released => f.write_str("released unstarted"),
         }
     }
 }

@@ -165,6 +165,7 @@ pub fn run_due(queue: &Queue) -> Result<RunReport> {
                 Outcome::Success(_) => Ok(()),
                 Outcome::Failure(e) => Err(e.clone()),
                 Outcome::Cancelled => Err(TaskError::permanent("cancelled", "cancelled")),
+                Outcome::Released => Err(TaskError::permanent("released", "released unstarted")),
             },
         });
         let id = task.id;
@@ -234,6 +235,7 @@ impl Claimed {
                 Outcome::Success(_) => Ok(()),
                 Outcome::Failure(e) => Err(e.clone()),
                 Outcome::Cancelled => Err(TaskError::permanent("cancelled", "cancelled")),
+                Outcome::Released => Err(TaskError::permanent("released", "released unstarted")),
             },
         };
         self.finish(outcome)?;

@@ -1,8 +1,9 @@
 //! The worker pool: N OS threads fed by one dispatcher through a crossbeam channel.
 //!
-//! The dispatcher claims only as many tasks as there are free workers (no claim-ahead), in
-//! order (priority, then due time, then enqueue order), with one durable commit for the whole
-//! claim batch before any handler runs. When nothing is due it blocks until new work commits,
+//! The dispatcher claims as many tasks as there are free workers (plus up to
+//! [`claim_ahead`](WorkerPoolBuilder::claim_ahead) more, default none), in order (priority,
+//! then due time, then enqueue order), with one durable commit for the whole claim batch
+//! before any handler runs. When nothing is due it blocks until new work commits,
 //! the earliest `next_run_at` or running deadline arrives, a worker frees up, or `stop()` is
 //! called: no fixed-interval polling, so an idle pool uses no CPU.
 //!
@@ -31,6 +32,18 @@ use crate::shutdown::{self, Listener, ShutdownHandle, Signal};
 use crate::store::QueueSet;
 use crate::task::{TaskError, TaskId, TaskInfo, Timestamp};
 
+/// What a worker that does not wait for its outcome's commit leaves to the acknowledgement
+/// thread (claim-ahead mode): the commit's reply, and what to do once it arrives.
+struct Ack {
+    id: TaskId,
+    lease: u64,
+    attempt: u32,
+    ctx: Arc<TaskContext>,
+    /// For the direct fallback if the dispatcher exits without sending the outcome.
+    outcome: Outcome,
+    reply: Receiver<Result<Finished>>,
+}
+
 /// Configures a worker pool. Start from [`Queue::workers`].
 ///
 /// ```no_run
@@ -52,6 +65,7 @@ pub struct WorkerPoolBuilder {
     concurrency: usize,
     queues: QueueSet,
     grace: Duration,
+    claim_ahead: usize,
 }
 
 impl WorkerPoolBuilder {
@@ -64,6 +78,7 @@ impl WorkerPoolBuilder {
                 .max(2),
             queues: QueueSet::All,
             grace: Duration::from_secs(30),
+            claim_ahead: 0,
         }
     }
 
@@ -89,6 +104,33 @@ impl WorkerPoolBuilder {
         self
     }
 
+    /// Claim up to `n` tasks beyond the idle workers, and let a worker take its next task
+    /// without waiting for its last outcome's commit (default 0: claim only for idle workers,
+    /// and each worker waits for its outcome to be durable).
+    ///
+    /// Worth it where a commit is slow next to a handler (PostgreSQL: a commit is a WAL flush
+    /// and several round trips, so with 0 a pool completes at most `concurrency` tasks per
+    /// commit); the claimed tasks and the outcomes of many workers then share each commit.
+    /// What changes, exactly:
+    ///
+    /// - A task claimed ahead is `Running` (its attempt charged, as at every claim) while it
+    ///   waits for a worker, so `max_retries + 1` executions at most still holds. Its timeout
+    ///   counts from when a worker takes it.
+    /// - On a graceful stop ([`WorkerPool::stop`], a signal, a [`ShutdownHandle`]) the tasks
+    ///   claimed ahead and not started are released: back to `Pending`, due as before, the
+    ///   attempt given back, with a [`Cause::Released`](crate::Cause::Released) log entry
+    ///   (fenced by the claim's lease like every finish).
+    /// - If the process dies, they are recovered like the running ones: each is charged one
+    ///   `"crash"` failure (an attempt used without running). So is a task whose handler
+    ///   returned but whose outcome was not yet committed (as with 0).
+    /// - Acknowledgement is unchanged: [`Queue::wait`], subscriptions and the task's status
+    ///   see an outcome only once it is durable. [`Queue::cancel_running`] on a task claimed
+    ///   ahead stops it from starting; it ends `Cancelled`.
+    pub fn claim_ahead(mut self, n: usize) -> Self {
+        self.claim_ahead = n;
+        self
+    }
+
     /// Starts the dispatcher and the worker threads.
     pub fn start(self) -> Result<WorkerPool> {
         if let QueueSet::Named(names) = &self.queues {
@@ -109,6 +151,21 @@ impl WorkerPoolBuilder {
         let (done_tx, done_rx) = crossbeam_channel::unbounded::<Done>();
         let cancel_all = Arc::new(AtomicBool::new(false));
         let (claim_tx, claim_rx) = crossbeam_channel::unbounded();
+        let killed = Arc::new(AtomicBool::new(false));
+        // With claim-ahead, workers hand their outcome's reply to this thread instead of
+        // waiting for it.
+        let (ack_tx, ack_thread) = if self.claim_ahead > 0 {
+            let (tx, rx) = crossbeam_channel::unbounded::<Ack>();
+            let queue = self.queue.clone();
+            let killed = killed.clone();
+            let h = std::thread::Builder::new()
+                .name("omniq-acks".into())
+                .spawn(move || ack_loop(queue, rx, killed))
+                .map_err(|e| Error::Storage(format!("cannot start the ack thread: {e}")))?;
+            (Some(tx), Some(h))
+        } else {
+            (None, None)
+        };
         let mut d = Dispatcher {
             queue: self.queue.clone(),
             queues: self.queues,
@@ -120,13 +177,19 @@ impl WorkerPoolBuilder {
             wake,
             stop_rx,
             cancel_all,
-            free: self.concurrency,
+            idle: self.concurrency,
+            ahead: self.claim_ahead,
+            buffer: VecDeque::new(),
+            ack_tx,
+            ack_thread,
+            killed: killed.clone(),
             running: HashMap::new(),
             threads: Vec::new(),
             outbox: Vec::new(),
             claim_tx,
             claim_rx,
             in_flight: VecDeque::new(),
+            last_full: false,
         };
         for _ in 0..self.concurrency {
             d.spawn_worker()?;
@@ -139,6 +202,7 @@ impl WorkerPoolBuilder {
             handle: ShutdownHandle::new(stop_tx),
             dispatcher: Some(handle),
             signals: Mutex::new(None),
+            killed,
         })
     }
 }
@@ -166,6 +230,8 @@ pub struct WorkerPool {
     dispatcher: Option<JoinHandle<StopReport>>,
     /// Registered with the process's signal watcher while this pool listens to signals.
     signals: Mutex<Option<Listener>>,
+    /// Set by [`WorkerPool::simulate_crash`].
+    killed: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for WorkerPool {
@@ -209,6 +275,17 @@ impl WorkerPool {
             *slot = Some(shutdown::listen(&self.handle)?);
         }
         Ok(())
+    }
+
+    /// For tests of crash recovery: the pool ends as if its process died at this instant. No
+    /// further write is made: claimed tasks (running or claimed ahead) stay `Running`,
+    /// outcomes not yet committed are dropped, nothing is released. Running handlers see
+    /// [`TaskContext::is_cancelled`]; this returns once every thread of the pool has exited
+    /// (so a handler that never returns blocks it). Not for production use.
+    #[doc(hidden)]
+    pub fn simulate_crash(mut self) {
+        self.killed.store(true, Ordering::Release);
+        self.shutdown(true);
     }
 
     /// A handle that stops this pool gracefully from any thread (a program's own signal
@@ -277,7 +354,19 @@ struct Dispatcher {
     wake: Receiver<()>,
     stop_rx: Receiver<()>,
     cancel_all: Arc<AtomicBool>,
-    free: usize,
+    /// Workers without a job.
+    idle: usize,
+    /// How many tasks to claim beyond the idle workers ([`WorkerPoolBuilder::claim_ahead`]).
+    ahead: usize,
+    /// Tasks claimed and not yet handed to a worker (claim-ahead), oldest first, each with the
+    /// context registered for it (so a cancel request can reach it before it starts).
+    buffer: VecDeque<(TaskInfo, Arc<TaskContext>)>,
+    /// Claim-ahead mode: where workers send their outcomes' replies, and the thread that
+    /// takes them.
+    ack_tx: Option<Sender<Ack>>,
+    ack_thread: Option<JoinHandle<()>>,
+    /// The pool ends as if its process died ([`WorkerPool::simulate_crash`]).
+    killed: Arc<AtomicBool>,
     running: HashMap<TaskId, Running>,
     threads: Vec<JoinHandle<()>>,
     /// Workers' outcomes not yet sent to the backend: they ride with the next claim (one
@@ -291,6 +380,10 @@ struct Dispatcher {
     /// How many tasks each claim in flight asked for (slots are reserved for them), oldest
     /// first.
     in_flight: VecDeque<usize>,
+    /// The last claim's reply had every task it asked for: more are probably due. With
+    /// claim-ahead the next claim then skips the due count (a round trip on PostgreSQL) and
+    /// asks for all it wants; a short reply brings the count back.
+    last_full: bool,
 }
 
 impl Dispatcher {
@@ -298,9 +391,11 @@ impl Dispatcher {
         let jobs = self.job_rx.clone();
         let done = self.done_tx.clone();
         let queue = self.queue.clone();
+        let acks = self.ack_tx.clone();
+        let killed = self.killed.clone();
         let h = std::thread::Builder::new()
             .name("omniq-worker".into())
-            .spawn(move || worker_loop(queue, jobs, done))
+            .spawn(move || worker_loop(queue, jobs, done, acks, killed))
             .map_err(|e| Error::Storage(format!("cannot start a worker thread: {e}")))?;
         self.threads.retain(|t| !t.is_finished());
         self.threads.push(h);
@@ -310,10 +405,17 @@ impl Dispatcher {
     fn run(mut self) -> StopReport {
         let mut stopping: Option<Instant> = None;
         loop {
+            if self.killed.load(Ordering::Acquire) {
+                return self.crash();
+            }
             // `select!` picks among ready channels at random; a pending stop must win over a
             // worker's completion, or stop() could be followed by one more claim.
             if stopping.is_none() && self.stop_rx.try_recv().is_ok() {
                 stopping = Some(Instant::now());
+            }
+            if stopping.is_some() {
+                // Tasks claimed ahead and not started go back, uncharged.
+                self.release_buffer();
             }
             if stopping.is_none() {
                 // Schedule ticks owed now become tasks first (a no-op until the next tick).
@@ -363,8 +465,14 @@ impl Dispatcher {
         let abandoned = self.running.len() + self.asked();
         // Idle workers exit when the job channel closes; stuck ones are detached.
         self.job_tx.take();
+        self.ack_tx.take();
         if abandoned == 0 {
             for t in self.threads.drain(..) {
+                let _ = t.join();
+            }
+            // Every outcome handed to the acknowledgement thread is committed (or recorded
+            // directly) before stop() returns, as when workers wait for their own.
+            if let Some(t) = self.ack_thread.take() {
                 let _ = t.join();
             }
         }
@@ -377,11 +485,107 @@ impl Dispatcher {
         }
     }
 
+    /// [`WorkerPool::simulate_crash`]: end without another write, as a dead process would.
+    fn crash(mut self) -> StopReport {
+        self.cancel_all.store(true, Ordering::Release);
+        self.outbox.clear();
+        let abandoned = self.running.len() + self.asked() + self.buffer.len();
+        for (_, ctx) in self.buffer.drain(..) {
+            self.queue.inner.executions.remove(&ctx);
+        }
+        self.job_tx.take();
+        self.ack_tx.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(t) = self.ack_thread.take() {
+            let _ = t.join();
+        }
+        StopReport {
+            abandoned,
+            signal: None,
+        }
+    }
+
     fn finished(&mut self, done: Done) {
         if self.running.remove(&done.id).is_some() {
-            self.free += 1;
+            self.idle += 1;
         }
         self.outbox.push(done.finish);
+        self.hand_out();
+    }
+
+    /// How many more tasks to claim: idle workers plus the claim-ahead allowance, less what
+    /// is buffered or asked for already.
+    fn want(&self) -> usize {
+        (self.idle + self.ahead).saturating_sub(self.buffer.len() + self.asked())
+    }
+
+    /// Gives buffered tasks to idle workers.
+    fn hand_out(&mut self) {
+        while self.idle > 0 {
+            let Some((task, ctx)) = self.buffer.pop_front() else {
+                break;
+            };
+            self.dispatch(task, Some(ctx));
+        }
+    }
+
+    /// Graceful stop: every task claimed ahead and not started goes back to `Pending` with
+    /// its attempt given back (fenced by its lease), or ends `Cancelled` if a cancel request
+    /// reached it. Waits for the commit.
+    fn release_buffer(&mut self) {
+        if self.buffer.is_empty() {
+            return;
+        }
+        let mut finishes = Vec::with_capacity(self.buffer.len());
+        let mut replies = Vec::with_capacity(self.buffer.len());
+        let mut contexts = Vec::with_capacity(self.buffer.len());
+        for (task, ctx) in self.buffer.drain(..) {
+            let outcome = match ctx.state.compare_exchange(
+                EXEC_RUNNING,
+                EXEC_DONE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => Outcome::Released,
+                Err(_) => {
+                    ctx.state.store(EXEC_DONE, Ordering::Release);
+                    Outcome::Cancelled
+                }
+            };
+            let (reply, rx) = crossbeam_channel::bounded(1);
+            finishes.push(FinishRequest {
+                id: task.id,
+                lease: task.lease,
+                outcome,
+                reply,
+            });
+            replies.push((task.id, rx));
+            contexts.push(ctx);
+        }
+        let n = finishes.len();
+        match self.queue.inner.backend.submit(finishes, None) {
+            Ok(()) => {
+                for (id, rx) in replies {
+                    match rx.recv() {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(task = %id, error = %e, "could not release a task claimed ahead; it stays RUNNING until recovery charges it a crash")
+                        }
+                        Err(_) => {
+                            tracing::error!(task = %id, "the backend closed before releasing a task claimed ahead; recovery charges it a crash")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, tasks = n, "could not release tasks claimed ahead; they stay RUNNING until recovery charges each a crash")
+            }
+        }
+        for ctx in contexts {
+            self.queue.inner.executions.remove(&ctx);
+        }
     }
 
     /// Sends outcomes that no claim took along. Their replies go to the workers.
@@ -411,7 +615,7 @@ impl Dispatcher {
                 consider(t);
             }
         }
-        if stopping.is_none() && self.free > 0 {
+        if stopping.is_none() && self.want() > 0 {
             let asked = self.asked();
             if let Ok(due) = self
                 .queue
@@ -442,22 +646,28 @@ impl Dispatcher {
         self.in_flight.iter().sum()
     }
 
-    /// Asks the backend to claim as many due tasks as there are free workers (reserving their
-    /// slots), together with any outcomes waiting in the outbox. Does not wait for the reply.
+    /// Asks the backend to claim as many due tasks as there are free workers and claim-ahead
+    /// slots (reserving them), together with any outcomes waiting in the outbox. Does not wait
+    /// for the reply.
     fn request_claims(&mut self) -> Result<()> {
-        if self.free == 0 {
+        let want = self.want();
+        if want == 0 {
             return Ok(());
         }
         let now = self.queue.now();
         // Claims in flight will take the first of the due tasks (or already have): ask only for
         // what is due beyond them, so an idle queue costs no commits.
         let asked = self.asked();
-        let due = self
-            .queue
-            .inner
-            .backend
-            .due_summary(&self.queues, now, asked + self.free)?;
-        let n = due.ready.saturating_sub(asked).min(self.free);
+        let n = if self.ahead > 0 && self.last_full {
+            want
+        } else {
+            let due = self
+                .queue
+                .inner
+                .backend
+                .due_summary(&self.queues, now, asked + want)?;
+            due.ready.saturating_sub(asked).min(want)
+        };
         if n == 0 {
             return Ok(());
         }
@@ -472,34 +682,55 @@ impl Dispatcher {
                 reply: self.claim_tx.clone(),
             }),
         )?;
-        self.free -= n;
         self.in_flight.push_back(n);
         Ok(())
     }
 
-    /// A claim's reply: hand the claimed tasks to workers, give back the slots of the rest.
+    /// A claim's reply: hand the claimed tasks to idle workers and buffer the rest (claim-ahead;
+    /// released at once if the pool is stopping).
     fn claimed(&mut self, result: Result<Vec<TaskInfo>>) {
-        self.free += self.in_flight.pop_front().unwrap_or_default();
+        let asked = self.in_flight.pop_front().unwrap_or_default();
+        self.last_full = matches!(&result, Ok(tasks) if tasks.len() == asked && asked > 0);
         match result {
             Ok(tasks) => {
                 for task in tasks {
-                    self.dispatch(task);
+                    if self.idle > 0 && self.buffer.is_empty() {
+                        self.dispatch(task, None);
+                    } else {
+                        // Registered now, so a cancel request can reach it before it starts.
+                        let ctx = Arc::new(TaskContext::new(
+                            &task,
+                            None,
+                            self.cancel_all.clone(),
+                            self.queue.downgrade(),
+                        ));
+                        self.queue.inner.executions.insert(ctx.clone());
+                        self.buffer.push_back((task, ctx));
+                    }
                 }
             }
             Err(e) => tracing::error!(error = %e, "a claim failed; retrying when woken"),
         }
     }
 
-    fn dispatch(&mut self, task: TaskInfo) {
-        let deadline = task
-            .timeout()
-            .map(|t| task.started_at.unwrap_or_else(|| self.queue.now()).plus(t));
-        let ctx = Arc::new(TaskContext::new(
+    /// Starts `task` on an idle worker. `buffered` is the context it was registered with while
+    /// it waited (claim-ahead): its timeout counts from now, and a cancel request it received
+    /// carries over.
+    fn dispatch(&mut self, task: TaskInfo, buffered: Option<Arc<TaskContext>>) {
+        let deadline = task.timeout().map(|t| match &buffered {
+            None => task.started_at.unwrap_or_else(|| self.queue.now()).plus(t),
+            Some(_) => self.queue.now().plus(t),
+        });
+        let mut ctx = TaskContext::new(
             &task,
             deadline,
             self.cancel_all.clone(),
             self.queue.downgrade(),
-        ));
+        );
+        if let Some(b) = &buffered {
+            ctx.state = b.state.clone();
+        }
+        let ctx = Arc::new(ctx);
         self.running.insert(
             task.id,
             Running {
@@ -509,7 +740,7 @@ impl Dispatcher {
                 ctx: ctx.clone(),
             },
         );
-        self.free -= 1;
+        self.idle -= 1;
         self.queue.inner.executions.insert(ctx.clone());
         if let Some(tx) = &self.job_tx {
             let _ = tx.send(Job { task, ctx });
@@ -563,18 +794,34 @@ impl Dispatcher {
             }
             tracing::warn!(task = %id, "execution timed out; replacing its worker thread");
             self.running.remove(&id);
-            self.free += 1;
+            self.idle += 1;
             if let Err(e) = self.spawn_worker() {
                 tracing::error!(error = %e, "could not replace a timed-out worker; the pool runs one thread short");
-                self.free -= 1;
+                self.idle -= 1;
             }
+            self.hand_out();
         }
     }
 }
 
-fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<Done>) {
+fn worker_loop(
+    queue: Queue,
+    jobs: Receiver<Job>,
+    done: Sender<Done>,
+    acks: Option<Sender<Ack>>,
+    killed: Arc<AtomicBool>,
+) {
     for job in jobs {
-        let mut outcome = handler::execute(&queue.inner.registry, &job.task, &job.ctx);
+        let mut outcome = if job.ctx.state.load(Ordering::Acquire) == EXEC_CANCEL_REQUESTED {
+            // Cancelled while it waited to start (claim-ahead): it never runs.
+            Outcome::Cancelled
+        } else {
+            handler::execute(&queue.inner.registry, &job.task, &job.ctx)
+        };
+        if killed.load(Ordering::Acquire) {
+            // The pool "died" (a test's simulated crash): nothing more is written.
+            return;
+        }
         let to_done = |from: u8| {
             job.ctx
                 .state
@@ -605,11 +852,24 @@ fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<Done>) {
                 outcome: outcome.clone(),
                 reply,
             };
-            match done
-                .send(Done { id, finish })
-                .ok()
-                .and_then(|()| reply_rx.recv().ok())
-            {
+            let sent = done.send(Done { id, finish }).is_ok();
+            if let (true, Some(acks)) = (sent, &acks) {
+                // Claim-ahead: the acknowledgement thread waits for the commit; this worker
+                // takes its next task now.
+                let ack = Ack {
+                    id,
+                    lease,
+                    attempt: job.task.attempts,
+                    ctx: job.ctx.clone(),
+                    outcome,
+                    reply: reply_rx,
+                };
+                if let Err(e) = acks.send(ack) {
+                    settle(&queue, e.0, &killed);
+                }
+                continue;
+            }
+            match sent.then(|| reply_rx.recv().ok()).flatten() {
                 Some(r) => r,
                 None => direct(outcome),
             }
@@ -619,18 +879,45 @@ fn worker_loop(queue: Queue, jobs: Receiver<Job>, done: Sender<Done>) {
         // Only now (the outcome committed) may a cancel request fall back to closing the
         // attempt in the store itself.
         queue.inner.executions.remove(&job.ctx);
-        match result {
-            Ok(Finished::Applied(_)) => {}
-            Ok(Finished::Stale) => {
-                tracing::info!(task = %id, attempt = job.task.attempts, "late result of a closed attempt rejected")
-            }
-            Err(e) => {
-                tracing::error!(task = %id, error = %e, "could not record the outcome; the task stays RUNNING until the next open recovers it")
-            }
-        }
+        report(id, job.task.attempts, result);
         if !in_time {
             // A replacement thread took our place when this execution timed out.
             return;
         }
+    }
+}
+
+/// Logs what recording an outcome came to.
+fn report(id: TaskId, attempt: u32, result: Result<Finished>) {
+    match result {
+        Ok(Finished::Applied(_)) => {}
+        Ok(Finished::Stale) => {
+            tracing::info!(task = %id, attempt, "late result of a closed attempt rejected")
+        }
+        Err(e) => {
+            tracing::error!(task = %id, error = %e, "could not record the outcome; the task stays RUNNING until the next open recovers it")
+        }
+    }
+}
+
+/// Waits for one outcome's commit (recording it directly if the dispatcher exited without
+/// sending it), then forgets its execution: from then on a cancel request closes the attempt
+/// in the store itself.
+fn settle(queue: &Queue, ack: Ack, killed: &AtomicBool) {
+    let result = match ack.reply.recv() {
+        Ok(r) => r,
+        Err(_) if killed.load(Ordering::Acquire) => return,
+        Err(_) => queue.inner.backend.finish(ack.id, ack.lease, ack.outcome),
+    };
+    queue.inner.executions.remove(&ack.ctx);
+    report(ack.id, ack.attempt, result);
+}
+
+/// The acknowledgement thread of a claim-ahead pool: settles workers' outcomes in the order
+/// they were handed over (the committer replies in that order too), until every worker and
+/// the dispatcher are gone.
+fn ack_loop(queue: Queue, acks: Receiver<Ack>, killed: Arc<AtomicBool>) {
+    for ack in acks {
+        settle(&queue, ack, &killed);
     }
 }

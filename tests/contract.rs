@@ -336,6 +336,199 @@ fn crash_is_charged_under_the_ordinary_rule(h: &dyn Harness) {
     assert_ne!(again.task.lease, lease_a);
 }
 
+// ----- claim-ahead (WorkerPoolBuilder::claim_ahead) ---------------------------------------------
+
+/// Waits until `n` transitions with `cause` arrived on `events`.
+fn await_causes(
+    events: &crossbeam_channel::Receiver<omniq::TransitionEvent>,
+    cause: &Cause,
+    n: usize,
+) {
+    let mut seen = 0;
+    while seen < n {
+        let e = events
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a transition within 20 s");
+        if &e.entry.cause == cause {
+            seen += 1;
+        }
+    }
+}
+
+/// A graceful stop hands tasks claimed ahead and never started back to `Pending` uncharged:
+/// attempts back to 0, no error, a `Released` entry after the claim, due and claimable again.
+fn claim_ahead_release_on_graceful_stop_charges_nothing(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    let (started_tx, started) = crossbeam_channel::bounded::<()>(1);
+    let (gate_tx, gate) = crossbeam_channel::bounded::<()>(0);
+    q.register_fn(
+        "gate",
+        move |v: serde_json::Value, _ctx: &TaskContext| -> Result<serde_json::Value, TaskError> {
+            if v == json!(0) {
+                let _ = started_tx.send(());
+                let _ = gate.recv();
+            }
+            Ok(json!("done"))
+        },
+    );
+    let first = enqueue(&q, "gate", json!(0), EnqueueOptions::new().priority(10));
+    let ahead: Vec<TaskId> = (1..=3)
+        .map(|i| enqueue(&q, "gate", json!(i), EnqueueOptions::new()))
+        .collect();
+    let events = q.subscribe();
+    let pool = q.workers().concurrency(1).claim_ahead(3).start().unwrap();
+    started.recv_timeout(Duration::from_secs(20)).unwrap();
+    // One running, three claimed ahead (each charged its attempt at claim).
+    await_causes(&events, &Cause::Claimed, 4);
+    for id in &ahead {
+        let t = q.get(*id).unwrap().unwrap();
+        assert_eq!((t.status, t.attempts), (Status::Running, 1));
+    }
+    let stopper = std::thread::spawn(move || pool.stop());
+    // The release commits while the running handler still blocks the stop.
+    await_causes(&events, &Cause::Released, 3);
+    drop(gate_tx);
+    let report = stopper.join().unwrap();
+    assert_eq!(report.abandoned, 0);
+    let t = q.get(first).unwrap().unwrap();
+    assert_eq!((t.status, t.attempts), (Status::Completed, 1));
+    for id in &ahead {
+        let t = q.get(*id).unwrap().unwrap();
+        assert_eq!((t.status, t.attempts), (Status::Pending, 0), "{id}");
+        assert!(t.errors.is_empty() && t.last_error.is_none());
+        let causes: Vec<Cause> = q
+            .history(*id)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.cause)
+            .collect();
+        assert_eq!(
+            causes,
+            vec![Cause::Enqueued, Cause::Claimed, Cause::Released]
+        );
+    }
+    let check = q.check_consistency().unwrap();
+    assert!(check.is_consistent(), "{:?}", check.problems);
+    // Released tasks run again with their full budget.
+    testing::run_until_idle(&q, &clock, 10).unwrap();
+    for id in &ahead {
+        let t = q.get(*id).unwrap().unwrap();
+        assert_eq!((t.status, t.attempts), (Status::Completed, 1));
+    }
+}
+
+/// A process that dies with tasks claimed ahead: recovery charges each of them, like the
+/// running one, exactly one `crash` (an attempt used without running).
+fn claim_ahead_crash_charges_each_one_crash(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    let (started_tx, started) = crossbeam_channel::bounded::<()>(4);
+    q.register_fn(
+        "spin",
+        move |_v: serde_json::Value, ctx: &TaskContext| -> Result<serde_json::Value, TaskError> {
+            let _ = started_tx.send(());
+            // Runs until the pool "dies" (simulate_crash flags every running handler).
+            while !ctx.is_cancelled() {
+                std::thread::park_timeout(Duration::from_millis(2));
+            }
+            Ok(json!("never recorded"))
+        },
+    );
+    let ids: Vec<TaskId> = (0..4)
+        .map(|i| enqueue(&q, "spin", json!(i), EnqueueOptions::new().max_retries(1)))
+        .collect();
+    let events = q.subscribe();
+    let pool = q.workers().concurrency(1).claim_ahead(3).start().unwrap();
+    started.recv_timeout(Duration::from_secs(20)).unwrap();
+    await_causes(&events, &Cause::Claimed, 4);
+    pool.simulate_crash();
+    drop(events);
+    drop(q);
+    let q = h.reopen(&clock);
+    assert_eq!(q.recovery_report().recovered, 4);
+    for id in &ids {
+        let t = q.get(*id).unwrap().unwrap();
+        assert_eq!((t.status, t.attempts), (Status::Pending, 1), "{id}");
+        assert_eq!(t.errors.len(), 1);
+        assert_eq!(t.errors[0].error_type, "crash");
+        let log = q.history(*id).unwrap();
+        let count = |c: &dyn Fn(&Cause) -> bool| log.iter().filter(|e| c(&e.cause)).count();
+        assert_eq!(count(&|c| *c == Cause::Claimed), 1);
+        assert_eq!(
+            count(&|c| matches!(c, Cause::Failed { error_type, .. } if error_type == "crash")),
+            1
+        );
+        assert_eq!(
+            count(&|c| matches!(c, Cause::Succeeded | Cause::Released)),
+            0
+        );
+    }
+    let check = q.check_consistency().unwrap();
+    assert!(check.is_consistent(), "{:?}", check.problems);
+}
+
+/// With claim-ahead, a timed-out attempt's late result is still rejected by the lease fence,
+/// and the tasks that waited behind it run on the replacement worker.
+fn claim_ahead_keeps_finishes_fenced(h: &dyn Harness) {
+    let (q, clock) = open(h);
+    let (started_tx, started) = crossbeam_channel::bounded::<()>(1);
+    let (release, released) = crossbeam_channel::bounded::<()>(1);
+    q.register_fn(
+        "slow",
+        move |_v: serde_json::Value, ctx: &TaskContext| -> Result<serde_json::Value, TaskError> {
+            if ctx.attempt() == 1 {
+                let _ = started_tx.send(());
+                let _ = released.recv();
+            }
+            Ok(json!("late"))
+        },
+    );
+    q.register_fn(
+        "quick",
+        |_v: serde_json::Value, _ctx: &TaskContext| -> Result<serde_json::Value, TaskError> {
+            Ok(json!("ok"))
+        },
+    );
+    let slow = enqueue(
+        &q,
+        "slow",
+        json!(1),
+        EnqueueOptions::new()
+            .max_retries(1)
+            .priority(10)
+            .timeout(Duration::from_secs(30)),
+    );
+    let quick: Vec<TaskId> = (0..2)
+        .map(|i| enqueue(&q, "quick", json!(i), EnqueueOptions::new()))
+        .collect();
+    let events = q.subscribe();
+    let pool = q.workers().concurrency(1).claim_ahead(2).start().unwrap();
+    started.recv_timeout(Duration::from_secs(20)).unwrap();
+    await_causes(&events, &Cause::Claimed, 3);
+    clock.advance(Duration::from_secs(31));
+    // The timeout closes attempt 1; the replacement worker runs the two waiting tasks.
+    for id in &quick {
+        let t = q.wait(*id, Duration::from_secs(20)).unwrap();
+        assert_eq!((t.status, t.attempts), (Status::Completed, 1));
+    }
+    release.send(()).unwrap();
+    clock.advance(Duration::from_secs(2));
+    let done = q.wait(slow, Duration::from_secs(20)).unwrap();
+    pool.stop();
+    assert_eq!((done.status, done.attempts), (Status::Completed, 2));
+    assert_eq!(done.errors.len(), 1);
+    assert_eq!(done.errors[0].error_type, "timeout");
+    let succeeded: Vec<u32> = q
+        .history(slow)
+        .unwrap()
+        .iter()
+        .filter(|e| e.cause == Cause::Succeeded)
+        .map(|e| e.attempt)
+        .collect();
+    assert_eq!(succeeded, vec![2]);
+    let check = q.check_consistency().unwrap();
+    assert!(check.is_consistent(), "{:?}", check.problems);
+}
+
 /// `cancel` is for Pending tasks; `retry` re-queues Failed or Cancelled ones with a fresh
 /// budget and keeps their history.
 fn cancel_and_retry(h: &dyn Harness) {
@@ -1202,6 +1395,18 @@ macro_rules! contract_suite {
             #[test]
             fn crash_is_charged_under_the_ordinary_rule() {
                 super::crash_is_charged_under_the_ordinary_rule(&$harness);
+            }
+            #[test]
+            fn claim_ahead_release_on_graceful_stop_charges_nothing() {
+                super::claim_ahead_release_on_graceful_stop_charges_nothing(&$harness);
+            }
+            #[test]
+            fn claim_ahead_crash_charges_each_one_crash() {
+                super::claim_ahead_crash_charges_each_one_crash(&$harness);
+            }
+            #[test]
+            fn claim_ahead_keeps_finishes_fenced() {
+                super::claim_ahead_keeps_finishes_fenced(&$harness);
             }
             #[test]
             fn cancel_and_retry() {

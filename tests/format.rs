@@ -226,6 +226,7 @@ fn cause_variant(c: &Cause) -> usize {
         Cause::Failed { .. } => 3,
         Cause::Cancelled => 4,
         Cause::ManualRetry => 5,
+        Cause::Released => 6,
     }
 }
 
@@ -331,8 +332,15 @@ fn log_entry_for_every_cause_v1() {
                 "02 0001", "0b", "10", ID_HEX, "01 03", "00", "00", "05", TAIL,
             ],
         ),
+        (
+            // A claimed-ahead task handed back unstarted (attempt given back).
+            entry(12, Some(Running), Pending, 0, Cause::Released),
+            vec![
+                "02 0001", "0c", "10", ID_HEX, "01 01", "00", "00", "06", TAIL,
+            ],
+        ),
     ];
-    let mut covered = [false; 6];
+    let mut covered = [false; 7];
     for (e, parts) in &cases {
         covered[cause_variant(&e.cause)] = true;
         assert_golden(

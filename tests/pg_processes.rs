@@ -9,6 +9,8 @@
 //!   file, and each handler appends `start <id> <attempt>` (fsync'd) before it works, then
 //!   succeeds or fails transiently. It runs until killed.
 //!
+//! With `OMNIQ_PG_CLAIM_AHEAD=N` the workers claim N tasks ahead (`WorkerPoolBuilder::claim_ahead`).
+//!
 //! The parent runs the producer and 3 workers, and for `OMNIQ_PG_KILL_CYCLES` cycles (default
 //! 12) kills a random worker at a random instant, measures how long until none of the dead
 //! node's executions is still running (the rescue bound), and starts a new worker. Then it waits
@@ -138,9 +140,16 @@ fn pg_child() {
             }
         },
     );
+    // `OMNIQ_PG_CLAIM_AHEAD` (default 0) runs the workers with claim-ahead: a killed worker
+    // then also leaves claimed-but-not-started tasks, each charged one crash like the others.
+    let ahead: usize = std::env::var("OMNIQ_PG_CLAIM_AHEAD")
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0);
     let _pool = queue
         .workers()
         .concurrency(4)
+        .claim_ahead(ahead)
         .start()
         .expect("start workers");
     // Until killed (bounded, in case the parent died).

@@ -595,5 +595,6 @@ fn cause_detail(c: &Cause) -> Value {
         } => json!({"kind": "failed", "error_type": error_type, "permanent": permanent}),
         Cause::Cancelled => json!({"kind": "cancelled"}),
         Cause::ManualRetry => json!({"kind": "manual_retry"}),
+        Cause::Released => json!({"kind": "released"}),
     }
 }

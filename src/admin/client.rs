@@ -505,6 +505,7 @@ fn log_from_json(task_id: TaskId, v: &Value) -> Result<LogEntry> {
         },
         "cancelled" => Cause::Cancelled,
         "manual_retry" => Cause::ManualRetry,
+        "released" => Cause::Released,
         _ => return Err(bad("cause_detail.kind")),
     };
     let status = |x: &Value| x.as_str().and_then(|s| s.parse::<Status>().ok());

@@ -64,6 +64,7 @@ fn cause_label(c: &Cause) -> &'static str {
         Cause::Failed { .. } => "failed",
         Cause::Cancelled => "cancelled",
         Cause::ManualRetry => "manual_retry",
+        Cause::Released => "released",
     }
 }
 
@@ -125,7 +126,7 @@ impl State {
                 *self.failures.entry(k).or_insert(0) += 1;
                 self.minute(e.at).failures += 1;
             }
-            Cause::Cancelled | Cause::ManualRetry => {}
+            Cause::Cancelled | Cause::ManualRetry | Cause::Released => {}
         }
         if e.from == Some(Status::Running) {
             if let Some(d) = secs(ev.started_at) {

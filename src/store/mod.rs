@@ -72,7 +72,7 @@ pub(crate) struct LimitState {
 }
 
 /// Which queues a scan covers.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum QueueSet {
     All,
     Named(Vec<String>),

@@ -1684,7 +1684,13 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
             .iter()
             .rev()
             .take_while(|e| e.cause != Cause::ManualRetry);
-        let claims = since_reset.filter(|e| e.cause == Cause::Claimed).count();
+        // A release gives its claim's attempt back.
+        let (claims, releases) = since_reset.fold((0usize, 0usize), |(c, r), e| match e.cause {
+            Cause::Claimed => (c + 1, r),
+            Cause::Released => (c, r + 1),
+            _ => (c, r),
+        });
+        let claims = claims.saturating_sub(releases);
         if claims as u32 != t.attempts {
             p(format!(
                 "task {id} has attempts = {} but {claims} claims in its log",

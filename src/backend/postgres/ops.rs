@@ -556,6 +556,7 @@ fn transitions(
                     lifecycle::fail(&rec, f.lease, err.clone(), now, &b, unit)
                 }
                 Outcome::Cancelled => lifecycle::cancel_running(&rec, f.lease, now),
+                Outcome::Released => lifecycle::release(&rec, f.lease, now),
             };
             results.push(match step {
                 Ok((next, cause)) => {
@@ -576,24 +577,45 @@ fn transitions(
     // The finishes' rows are written before the claims look for due work (a retried task
     // with no backoff is claimable in the same transaction, as with the sled writer).
     batch.flush(sh, tx)?;
-    for (s, a) in group.iter().zip(answers.iter_mut()) {
-        if let Some(c) = &s.claim {
-            let stmt = match c.queues {
-                QueueSet::All => &stmts.claim_any,
-                QueueSet::Named(_) => &stmts.claim_queues,
-            };
-            a.claim = Some(claim_in(
-                sh,
-                tx,
-                stmts,
-                stmt,
-                &c.queues,
-                c.n,
-                c.now,
-                now,
-                (alive, limited),
-                &mut batch,
-            )?);
+    // Consecutive claims for the same queues run as one statement for all their tasks (a
+    // dispatcher with claim-ahead sends many small claims): the best tasks go to the earliest
+    // claim, in submission order, each getting at most what it asked for.
+    let claims: Vec<(usize, &ClaimRequest)> = group
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.claim.as_ref().map(|c| (i, c)))
+        .collect();
+    for run in claims.chunk_by(|a, b| a.1.queues == b.1.queues) {
+        let queues = &run[0].1.queues;
+        let stmt = match queues {
+            QueueSet::All => &stmts.claim_any,
+            QueueSet::Named(_) => &stmts.claim_queues,
+        };
+        let n: usize = run.iter().map(|(_, c)| c.n).sum();
+        let due_by = run.iter().map(|(_, c)| c.now).max().unwrap_or(now);
+        match claim_in(
+            sh,
+            tx,
+            stmts,
+            stmt,
+            queues,
+            n,
+            due_by,
+            now,
+            (alive, limited),
+            &mut batch,
+        )? {
+            Ok(tasks) => {
+                let mut tasks = tasks.into_iter();
+                for (i, c) in run {
+                    answers[*i].claim = Some(Ok(tasks.by_ref().take(c.n).collect()));
+                }
+            }
+            Err(e) => {
+                for (i, _) in run {
+                    answers[*i].claim = Some(Err(e.duplicate()));
+                }
+            }
         }
     }
     batch.write(sh, tx)?;
@@ -1131,11 +1153,13 @@ pub(crate) fn check(sh: &Shared) -> Result<ConsistencyReport> {
             state.as_deref().unwrap_or("missing")
         ));
     }
-    // Attempts equal the claims logged since the last manual retry.
+    // Attempts equal the claims logged since the last manual retry, less the releases (a
+    // claimed-ahead task handed back unstarted gets its attempt back).
     let rows = q(
         &mut tx,
-        "SELECT t.id::text, t.attempts, (SELECT count(*) FROM omniq_log l WHERE l.task_id = t.id \
-         AND l.cause = '\"Claimed\"'::jsonb AND l.seq > coalesce((SELECT max(seq) FROM omniq_log m \
+        "SELECT t.id::text, t.attempts, (SELECT count(*) FILTER (WHERE l.cause = '\"Claimed\"'::jsonb) \
+         - count(*) FILTER (WHERE l.cause = '\"Released\"'::jsonb) FROM omniq_log l \
+         WHERE l.task_id = t.id AND l.seq > coalesce((SELECT max(seq) FROM omniq_log m \
          WHERE m.task_id = t.id AND m.cause = '\"ManualRetry\"'::jsonb), 0)) AS claims \
          FROM omniq_tasks t",
     )?;
