@@ -106,6 +106,18 @@ const ADD_COUNTS: &str = "INSERT INTO omniq_counts (queue, state, shard, n) \
      AS u(q, s, d) ORDER BY q, s \
      ON CONFLICT (queue, state, shard) DO UPDATE SET n = omniq_counts.n + EXCLUDED.n";
 
+/// [`INSERT_LOG`] and [`ADD_COUNTS`] as one statement (one round trip instead of two): the
+/// counter upsert runs as a data-modifying CTE, which PostgreSQL executes to completion whether
+/// or not the main query reads it.
+const INSERT_LOG_ADD_COUNTS: &str = "WITH counted AS (INSERT INTO omniq_counts (queue, state, shard, n) \
+     SELECT q, s, pg_backend_pid() % 16, d FROM unnest($8::text[], $9::text[], $10::int8[]) \
+     AS u(q, s, d) ORDER BY q, s \
+     ON CONFLICT (queue, state, shard) DO UPDATE SET n = omniq_counts.n + EXCLUDED.n RETURNING 1) \
+     INSERT INTO omniq_log (task_id, from_state, to_state, attempt, cause, \
+     at, run_id) SELECT t, f, s, a, c, w, r FROM unnest($1::uuid[], $2::text[], $3::text[], \
+     $4::int4[], $5::jsonb[], $6::int8[], $7::int8[]) WITH ORDINALITY AS u(t, f, s, a, c, w, r, o) \
+     ORDER BY o RETURNING seq";
+
 /// The statements of the transition path, prepared once per pooled connection (an unprepared
 /// query costs an extra round trip each time).
 pub(crate) struct Stmts {
@@ -113,6 +125,7 @@ pub(crate) struct Stmts {
     update_fenced: Statement,
     insert_log: Statement,
     add_counts: Statement,
+    insert_log_add_counts: Statement,
     node_alive: Statement,
     claim_any: Statement,
     claim_queues: Statement,
@@ -128,6 +141,7 @@ impl Stmts {
             update_fenced: c.prepare(UPDATE_FENCED)?,
             insert_log: c.prepare(INSERT_LOG)?,
             add_counts: c.prepare(ADD_COUNTS)?,
+            insert_log_add_counts: c.prepare(INSERT_LOG_ADD_COUNTS)?,
             node_alive: c.prepare(NODE_ALIVE)?,
             claim_any: c.prepare(CLAIM_ANY)?,
             claim_queues: c.prepare(CLAIM_QUEUES)?,
@@ -313,6 +327,12 @@ impl Batch {
         self.flush(sh, tx)?;
         let t = &sh.target;
         let entries: Vec<&LogEntry> = self.changes.iter().filter_map(|c| c.log.as_ref()).collect();
+        self.deltas.retain(|_, d| *d != 0);
+        let queues: Vec<&str> = self.deltas.keys().map(|(q, _)| q.as_str()).collect();
+        let states: Vec<&str> = self.deltas.keys().map(|(_, s)| *s).collect();
+        let deltas: Vec<i64> = self.deltas.values().copied().collect();
+        // The counters ride with the log rows when there are both.
+        let mut counted = false;
         if !entries.is_empty() {
             let ids: Vec<uuid::Uuid> = entries.iter().map(|e| e.task_id.0).collect();
             let from: Vec<Option<&str>> = entries.iter().map(|e| e.from.map(state_name)).collect();
@@ -324,12 +344,21 @@ impl Batch {
                 .collect::<Result<Vec<_>>>()?;
             let at: Vec<i64> = entries.iter().map(|e| to_i64(e.at.0)).collect();
             let run: Vec<i64> = entries.iter().map(|e| to_i64(e.run_id)).collect();
-            let rows = tx
-                .query(
+            let rows = if deltas.is_empty() {
+                tx.query(
                     &self.stmts.insert_log,
                     &[&ids, &from, &to, &attempt, &cause, &at, &run],
                 )
-                .map_err(pg_error(t, "write the transition log"))?;
+            } else {
+                counted = true;
+                tx.query(
+                    &self.stmts.insert_log_add_counts,
+                    &[
+                        &ids, &from, &to, &attempt, &cause, &at, &run, &queues, &states, &deltas,
+                    ],
+                )
+            }
+            .map_err(pg_error(t, "write the transition log and counters"))?;
             let mut seqs = rows
                 .iter()
                 .map(|r| r.try_get::<_, i64>(0))
@@ -351,11 +380,7 @@ impl Batch {
                 }
             }
         }
-        self.deltas.retain(|_, d| *d != 0);
-        if !self.deltas.is_empty() {
-            let queues: Vec<&str> = self.deltas.keys().map(|(q, _)| q.as_str()).collect();
-            let states: Vec<&str> = self.deltas.keys().map(|(_, s)| *s).collect();
-            let deltas: Vec<i64> = self.deltas.values().copied().collect();
+        if !counted && !deltas.is_empty() {
             tx.execute(&self.stmts.add_counts, &[&queues, &states, &deltas])
                 .map_err(pg_error(t, "update the task counters"))?;
         }
