@@ -109,7 +109,8 @@ const ADD_COUNTS: &str = "INSERT INTO omniq_counts (queue, state, shard, n) \
 /// [`INSERT_LOG`] and [`ADD_COUNTS`] as one statement (one round trip instead of two): the
 /// counter upsert runs as a data-modifying CTE, which PostgreSQL executes to completion whether
 /// or not the main query reads it.
-const INSERT_LOG_ADD_COUNTS: &str = "WITH counted AS (INSERT INTO omniq_counts (queue, state, shard, n) \
+const INSERT_LOG_ADD_COUNTS: &str =
+    "WITH counted AS (INSERT INTO omniq_counts (queue, state, shard, n) \
      SELECT q, s, pg_backend_pid() % 16, d FROM unnest($8::text[], $9::text[], $10::int8[]) \
      AS u(q, s, d) ORDER BY q, s \
      ON CONFLICT (queue, state, shard) DO UPDATE SET n = omniq_counts.n + EXCLUDED.n RETURNING 1) \
