@@ -466,6 +466,45 @@ fn claim_ahead_crash_charges_each_one_crash(h: &dyn Harness) {
     assert!(check.is_consistent(), "{:?}", check.problems);
 }
 
+/// `cancel_running` on a task claimed ahead (Running, not started): it never starts, and ends
+/// `Cancelled` with its one charged attempt.
+fn claim_ahead_cancel_before_start(h: &dyn Harness) {
+    let (q, _clock) = open(h);
+    let (started_tx, started) = crossbeam_channel::bounded::<serde_json::Value>(4);
+    let (gate_tx, gate) = crossbeam_channel::bounded::<()>(0);
+    q.register_fn(
+        "gate",
+        move |v: serde_json::Value, _ctx: &TaskContext| -> Result<serde_json::Value, TaskError> {
+            let _ = started_tx.send(v.clone());
+            if v == json!(0) {
+                let _ = gate.recv();
+            }
+            Ok(json!("done"))
+        },
+    );
+    let first = enqueue(&q, "gate", json!(0), EnqueueOptions::new().priority(10));
+    let waiting = enqueue(&q, "gate", json!(1), EnqueueOptions::new());
+    let events = q.subscribe();
+    let pool = q.workers().concurrency(1).claim_ahead(1).start().unwrap();
+    assert_eq!(
+        started.recv_timeout(Duration::from_secs(20)).unwrap(),
+        json!(0)
+    );
+    await_causes(&events, &Cause::Claimed, 2);
+    let t = q.cancel_running(waiting).unwrap();
+    assert_eq!(t.status, Status::Running);
+    drop(gate_tx);
+    let t = q.wait(waiting, Duration::from_secs(20)).unwrap();
+    assert_eq!((t.status, t.attempts), (Status::Cancelled, 1));
+    let t = q.wait(first, Duration::from_secs(20)).unwrap();
+    assert_eq!(t.status, Status::Completed);
+    pool.stop();
+    assert!(
+        started.try_recv().is_err(),
+        "the cancelled task's handler ran"
+    );
+}
+
 /// With claim-ahead, a timed-out attempt's late result is still rejected by the lease fence,
 /// and the tasks that waited behind it run on the replacement worker.
 fn claim_ahead_keeps_finishes_fenced(h: &dyn Harness) {
@@ -1403,6 +1442,10 @@ macro_rules! contract_suite {
             #[test]
             fn claim_ahead_crash_charges_each_one_crash() {
                 super::claim_ahead_crash_charges_each_one_crash(&$harness);
+            }
+            #[test]
+            fn claim_ahead_cancel_before_start() {
+                super::claim_ahead_cancel_before_start(&$harness);
             }
             #[test]
             fn claim_ahead_keeps_finishes_fenced() {
