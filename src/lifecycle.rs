@@ -247,6 +247,42 @@ mod tests {
     }
 
     #[test]
+    fn releasing_gives_the_attempt_back_fenced_by_its_lease() {
+        let mut first = pending(1);
+        first.next_run_at = Timestamp(5);
+        let rec = claim(&first, Timestamp(5), 7).unwrap().0;
+        assert_eq!(release(&rec, 6, Timestamp(9)), Err(Refusal::Stale));
+        let (back, cause) = release(&rec, 7, Timestamp(9)).unwrap();
+        assert_eq!(cause, Cause::Released);
+        assert_eq!((back.status, back.attempts), (Status::Pending, 0));
+        assert_eq!(back.next_run_at, Timestamp(5), "due as before");
+        assert_eq!(back.started_at, None);
+        assert!(back.errors.is_empty() && back.last_error.is_none());
+        // A second release of the same claim changes nothing.
+        assert_eq!(
+            release(&back, 7, Timestamp(9)),
+            Err(Refusal::WrongState(Status::Pending))
+        );
+        // After a failed attempt, a release gives back only the released claim's attempt.
+        let again = claim(&back, Timestamp(9), 8).unwrap().0;
+        let failed = fail(
+            &again,
+            8,
+            TaskError::transient("x", "y"),
+            Timestamp(10),
+            &Backoff::default(),
+            0.5,
+        )
+        .unwrap()
+        .0;
+        let third = claim(&failed, failed.next_run_at, 9).unwrap().0;
+        assert_eq!(third.attempts, 2);
+        let (back, _) = release(&third, 9, Timestamp(99)).unwrap();
+        assert_eq!(back.attempts, 1);
+        assert_eq!(back.errors.len(), 1);
+    }
+
+    #[test]
     fn not_due_tasks_cannot_be_claimed() {
         let mut rec = pending(1);
         rec.next_run_at = Timestamp(10);
