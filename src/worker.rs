@@ -812,6 +812,10 @@ fn worker_loop(
     killed: Arc<AtomicBool>,
 ) {
     for job in jobs {
+        if killed.load(Ordering::Acquire) {
+            // The pool "died" (a test's simulated crash): nothing more runs or is written.
+            return;
+        }
         let mut outcome = if job.ctx.state.load(Ordering::Acquire) == EXEC_CANCEL_REQUESTED {
             // Cancelled while it waited to start (claim-ahead): it never runs.
             Outcome::Cancelled
