@@ -10,7 +10,10 @@
 //!   `COMMIT` returns (with `synchronous_commit = on`, set on every connection).
 //! - **One committer.** `submit` (a worker pool's finishes and claim) only queues; the committer
 //!   thread (`committer.rs`) commits everything queued in one transaction and replies in order.
-//!   Inserts, cancels, retries and reads run on the caller's thread.
+//!   A pool with `claim_ahead` keeps many submissions queued (its workers do not wait for their
+//!   outcomes' commits), so each transaction carries many finishes and claims; consecutive
+//!   claims on the same queues run as one statement. Inserts, cancels, retries and reads run on
+//!   the caller's thread.
 //! - **Wake-ups.** Local listeners hear every commit at once ([`Notify::after_commit`]); other
 //!   processes hear a `NOTIFY`, at most one per queue per `notify_interval` (every notifying
 //!   commit takes a global lock in PostgreSQL), sent after the commit by a notifier thread, and

@@ -519,8 +519,9 @@ fn run_group(
 }
 
 /// The statements of a group's transaction: node check, one row-lock read for every finish,
-/// the rules, one fenced `UPDATE` for every finished row, the claims (one statement each),
-/// then one `INSERT` for every log row and one for the counters.
+/// the rules, one fenced `UPDATE` for every finished row, the claims (one statement for each
+/// run of consecutive claims on the same queues), then one statement for every log row and
+/// counter delta.
 fn transitions(
     sh: &Shared,
     tx: &mut Transaction<'_>,
