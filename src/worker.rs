@@ -692,21 +692,27 @@ impl Dispatcher {
         let asked = self.in_flight.pop_front().unwrap_or_default();
         self.last_full = matches!(&result, Ok(tasks) if tasks.len() == asked && asked > 0);
         match result {
-            Ok(tasks) => {
+            Ok(mut tasks) => {
+                // The best go straight to idle workers (if none wait before them), the rest to
+                // the buffer. The buffered ones are registered first, so a cancel request can
+                // reach every task of this claim by the time any of its handlers runs.
+                let direct = if self.buffer.is_empty() {
+                    self.idle.min(tasks.len())
+                } else {
+                    0
+                };
+                for task in tasks.split_off(direct) {
+                    let ctx = Arc::new(TaskContext::new(
+                        &task,
+                        None,
+                        self.cancel_all.clone(),
+                        self.queue.downgrade(),
+                    ));
+                    self.queue.inner.executions.insert(ctx.clone());
+                    self.buffer.push_back((task, ctx));
+                }
                 for task in tasks {
-                    if self.idle > 0 && self.buffer.is_empty() {
-                        self.dispatch(task, None);
-                    } else {
-                        // Registered now, so a cancel request can reach it before it starts.
-                        let ctx = Arc::new(TaskContext::new(
-                            &task,
-                            None,
-                            self.cancel_all.clone(),
-                            self.queue.downgrade(),
-                        ));
-                        self.queue.inner.executions.insert(ctx.clone());
-                        self.buffer.push_back((task, ctx));
-                    }
+                    self.dispatch(task, None);
                 }
             }
             Err(e) => tracing::error!(error = %e, "a claim failed; retrying when woken"),

@@ -466,6 +466,34 @@ fn claim_ahead_crash_charges_each_one_crash(h: &dyn Harness) {
     assert!(check.is_consistent(), "{:?}", check.problems);
 }
 
+/// With claim-ahead, workers do not wait for their outcomes' commits, but `stop()` still
+/// returns only once every outcome of its workers is committed.
+fn claim_ahead_stop_returns_after_outcomes_commit(h: &dyn Harness) {
+    let (q, _clock) = open(h);
+    let (ran_tx, ran) = crossbeam_channel::unbounded::<()>();
+    q.register_fn(
+        "note",
+        move |_v: serde_json::Value, _ctx: &TaskContext| -> Result<serde_json::Value, TaskError> {
+            let _ = ran_tx.send(());
+            Ok(json!("ok"))
+        },
+    );
+    let ids: Vec<TaskId> = (0..40)
+        .map(|i| enqueue(&q, "note", json!(i), EnqueueOptions::new()))
+        .collect();
+    let pool = q.workers().concurrency(2).claim_ahead(8).start().unwrap();
+    for _ in &ids {
+        ran.recv_timeout(Duration::from_secs(20)).unwrap();
+    }
+    // Every handler has returned; their outcomes may still be on their way.
+    let report = pool.stop();
+    assert_eq!(report.abandoned, 0);
+    for id in &ids {
+        let t = q.get(*id).unwrap().unwrap();
+        assert_eq!((t.status, t.attempts), (Status::Completed, 1), "{id}");
+    }
+}
+
 /// `cancel_running` on a task claimed ahead (Running, not started): it never starts, and ends
 /// `Cancelled` with its one charged attempt.
 fn claim_ahead_cancel_before_start(h: &dyn Harness) {
@@ -490,6 +518,8 @@ fn claim_ahead_cancel_before_start(h: &dyn Harness) {
         started.recv_timeout(Duration::from_secs(20)).unwrap(),
         json!(0)
     );
+    // Both were claimed in one claim (idle worker + 1 ahead); the waiting one was registered
+    // before the first handler started.
     await_causes(&events, &Cause::Claimed, 2);
     let t = q.cancel_running(waiting).unwrap();
     assert_eq!(t.status, Status::Running);
@@ -1446,6 +1476,10 @@ macro_rules! contract_suite {
             #[test]
             fn claim_ahead_cancel_before_start() {
                 super::claim_ahead_cancel_before_start(&$harness);
+            }
+            #[test]
+            fn claim_ahead_stop_returns_after_outcomes_commit() {
+                super::claim_ahead_stop_returns_after_outcomes_commit(&$harness);
             }
             #[test]
             fn claim_ahead_keeps_finishes_fenced() {
