@@ -115,7 +115,8 @@ impl WorkerPoolBuilder {
     ///
     /// - A task claimed ahead is `Running` (its attempt charged, as at every claim) while it
     ///   waits for a worker, so `max_retries + 1` executions at most still holds. Its timeout
-    ///   counts from when a worker takes it.
+    ///   counts from when a worker takes it. It counts as running for concurrency limits, and
+    ///   its claim as a start for rate limits.
     /// - On a graceful stop ([`WorkerPool::stop`], a signal, a [`ShutdownHandle`]) the tasks
     ///   claimed ahead and not started are released: back to `Pending`, due as before, the
     ///   attempt given back, with a [`Cause::Released`](crate::Cause::Released) log entry
