@@ -1152,6 +1152,50 @@ fn concurrency_limits(h: &dyn Harness) {
     assert!(c4.succeed(&0).unwrap());
 }
 
+/// Claim-ahead obeys concurrency limits: a task claimed ahead counts as running while it waits
+/// (the limit is never exceeded), and releasing it on a graceful stop frees its slot.
+fn claim_ahead_counts_against_concurrency_limits(h: &dyn Harness) {
+    let (q, _clock) = open(h);
+    q.set_limit(LimitScope::kind("pdf"), Limit::new().concurrency(2))
+        .unwrap();
+    let (started_tx, started) = crossbeam_channel::bounded::<()>(1);
+    let (gate_tx, gate) = crossbeam_channel::bounded::<()>(0);
+    q.register_fn(
+        "pdf",
+        move |v: serde_json::Value, _ctx: &TaskContext| -> Result<serde_json::Value, TaskError> {
+            if v == json!(0) {
+                let _ = started_tx.send(());
+                let _ = gate.recv();
+            }
+            Ok(json!("ok"))
+        },
+    );
+    enqueue(&q, "pdf", json!(0), EnqueueOptions::new().priority(10));
+    let second = enqueue(&q, "pdf", json!(1), EnqueueOptions::new().priority(5));
+    let third = enqueue(&q, "pdf", json!(2), EnqueueOptions::new());
+    let events = q.subscribe();
+    let pool = q.workers().concurrency(1).claim_ahead(4).start().unwrap();
+    started.recv_timeout(Duration::from_secs(20)).unwrap();
+    await_causes(&events, &Cause::Claimed, 2);
+    // One started, one claimed ahead: the limit is full; the third waits, uncharged.
+    let l = &q.limits().unwrap()[0];
+    assert_eq!((l.running, l.waiting), (2, 1));
+    let t = q.get(third).unwrap().unwrap();
+    assert_eq!((t.status, t.attempts), (Status::Pending, 0));
+    let stopper = std::thread::spawn(move || pool.stop());
+    await_causes(&events, &Cause::Released, 1);
+    drop(gate_tx);
+    stopper.join().unwrap();
+    let t = q.get(second).unwrap().unwrap();
+    assert_eq!((t.status, t.attempts), (Status::Pending, 0));
+    // Both slots are free again.
+    let l = &q.limits().unwrap()[0];
+    assert_eq!((l.running, l.remaining, l.waiting), (0, 2, 0));
+    let a = testing::claim_next(&q).unwrap().unwrap();
+    let b = testing::claim_next(&q).unwrap().unwrap();
+    assert_eq!((a.task.id, b.task.id), (second, third));
+}
+
 /// The starts counted in a window survive a restart: a restart cannot exceed N.
 fn limits_survive_reopen(h: &dyn Harness) {
     let (q, clock) = open(h);
@@ -1564,6 +1608,10 @@ macro_rules! rules_contract_suite {
             #[test]
             fn limits_survive_reopen() {
                 super::limits_survive_reopen(&$harness);
+            }
+            #[test]
+            fn claim_ahead_counts_against_concurrency_limits() {
+                super::claim_ahead_counts_against_concurrency_limits(&$harness);
             }
             #[test]
             fn schedule_fires_once_per_tick() {
