@@ -602,15 +602,19 @@ fn finish(applied: Applied, sync_error: Option<&Error>, notify: &Notify) {
     }
 }
 
-/// How many syncer threads run (`OMNIQ_SYNCERS`, 1 or 2; default 1). With two, a group that
-/// arrives while a sync is in flight starts its own at once instead of waiting for it.
+/// How many syncer threads run (`OMNIQ_SYNCERS`, 1 or 2; default 2). With two, a group that
+/// arrives while a sync is in flight starts its own at once instead of waiting for it: a lone
+/// caller no longer waits out a sync that began before its command arrived. The sequencer still
+/// acknowledges in ticket order. On a quiet machine (BENCHMARKS.md, issue 12, final) two took
+/// one producer + 4 workers from 0.44-0.46x to 0.52-0.53x the raw fdatasync rate; `1` keeps the
+/// single pipelined syncer (a measurement and fallback knob).
 fn syncers() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| {
         std::env::var("OMNIQ_SYNCERS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(1usize)
+            .unwrap_or(2usize)
             .clamp(1, 2)
     })
 }

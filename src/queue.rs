@@ -810,10 +810,11 @@ impl Queue {
         self.inner.backend.retry(id)
     }
 
-    /// Deletes finished (terminal) tasks that finished more than `older_than` ago, with their
-    /// log entries.
+    /// Deletes finished (terminal) tasks that finished at least `older_than` ago, with their
+    /// log entries. `Duration::ZERO` removes every terminal task, including one that finished in
+    /// the current millisecond.
     pub fn purge(&self, older_than: Duration) -> Result<PurgeReport> {
-        let cutoff = self.inner.clock.now().minus(older_than);
+        let cutoff = purge_cutoff(self.inner.clock.now(), older_than);
         let mut report = PurgeReport::default();
         loop {
             let removed = self.inner.backend.purge(cutoff, 1000)?;
@@ -1078,7 +1079,7 @@ impl Queue {
     // ----- purge preview (read-only) -------------------------------------------------------
 
     /// What [`purge`](Queue::purge) with the same `older_than` would delete now, without
-    /// deleting anything: how many finished (terminal) tasks finished more than `older_than`
+    /// deleting anything: how many finished (terminal) tasks finished at least `older_than`
     /// ago, and the first `sample` of them, oldest finish first.
     ///
     /// It reads the finished index only (plus `sample` records). A purge called afterwards
@@ -1096,7 +1097,7 @@ impl Queue {
         older_than: Duration,
         sample: usize,
     ) -> Result<crate::inspect::PurgePreview> {
-        let cutoff = self.inner.clock.now().minus(older_than);
+        let cutoff = purge_cutoff(self.inner.clock.now(), older_than);
         let ids = self.inner.backend.finished_before(cutoff, usize::MAX)?;
         let mut shown = Vec::with_capacity(sample.min(ids.len()));
         for id in ids.iter().take(sample) {
@@ -1227,4 +1228,11 @@ impl Queue {
             }
         }
     }
+}
+
+/// The backends' `finished_before(cutoff)` is strict (finished at `< cutoff`); a purge removes
+/// what finished *at least* `older_than` ago, so its cutoff is one millisecond later. Without
+/// that, `purge(Duration::ZERO)` skipped a task finished in the same millisecond.
+fn purge_cutoff(now: Timestamp, older_than: Duration) -> Timestamp {
+    now.minus(older_than).plus(Duration::from_millis(1))
 }
