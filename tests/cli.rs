@@ -433,7 +433,7 @@ fn purge_removes_only_old_finished_tasks() {
     let out = ok(d, &["purge", "--older-than", "7d"]);
     assert!(
         out.contains(
-            "purged 0 finished task(s) (and their history) that finished more than 7 days ago"
+            "purged 0 finished task(s) (and their history) that finished at least 7 days ago"
         ),
         "{out}"
     );

@@ -334,7 +334,7 @@ impl Client {
         })
     }
 
-    /// What a purge of tasks finished more than `age` ago would remove, with the first
+    /// What a purge of tasks finished at least `age` ago would remove, with the first
     /// `sample` of them (`POST /api/v1/purge` with `dry_run`).
     pub fn purge_preview(&self, age: Duration, sample: usize) -> Result<PurgePreview> {
         let body = serde_json::json!({

@@ -587,12 +587,12 @@ pub fn purge(
     }
     if !dry_run {
         emit(&format!(
-            "purged {count} finished task(s) (and their history) that finished more than {when} ago\n"
+            "purged {count} finished task(s) (and their history) that finished at least {when} ago\n"
         ))?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut text = format!(
-        "dry run: would purge {count} finished task(s) that finished more than {when} ago \
+        "dry run: would purge {count} finished task(s) that finished at least {when} ago \
          (before {}); nothing was removed\n",
         ts(preview.cutoff)
     );
