@@ -28,6 +28,7 @@
 //! 10. Row 1 again, as a drift check: when it differs much from row 1, other I/O on the machine
 //!     moved the disk's speed during the run and the ratios are not to be trusted.
 
+pub mod churn;
 pub mod disk;
 
 use std::io::Write;
@@ -79,6 +80,7 @@ impl BenchRow {
     pub fn value_text(&self) -> String {
         match self.unit.as_str() {
             "ms" => format!("{:.2} ms", self.value),
+            "MB" => format!("{:.1} MB", self.value),
             unit => format!("{} {unit}", thousands(self.value.round() as u64)),
         }
     }

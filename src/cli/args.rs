@@ -164,13 +164,26 @@ pub struct BenchArgs {
     pub poll_dashboard: bool,
     /// Which benchmark: `default` (the rows above), `disk` (issue 12's table: raw fdatasync, then
     /// enqueue / drain / producer + workers / fail-once / bytes per completed task, medians of
-    /// --runs, durability group), or `rss` (peak RSS building --tasks pending with enqueue_many
-    /// and draining them).
+    /// --runs, durability group), `rss` (peak RSS building --tasks pending with enqueue_many
+    /// and draining them), or `churn` (directory and RSS levels under retention: --rate tasks/s
+    /// for --seconds, --retention, --purge-interval).
     #[arg(long, value_enum, default_value_t = SuiteArg::Default)]
     pub suite: SuiteArg,
     /// Runs per row for `--suite disk` (the median is reported).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
     pub runs: u64,
+    /// `--suite churn`: tasks enqueued per second.
+    #[arg(long, default_value_t = 1_500, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub rate: u64,
+    /// `--suite churn`: how long the producer runs, seconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=86_400))]
+    pub seconds: u64,
+    /// `--suite churn`: finished tasks older than this many seconds are purged.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub retention: u64,
+    /// `--suite churn`: seconds between background purges.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub purge_interval: u64,
 }
 
 /// `--suite` values.
@@ -182,6 +195,9 @@ pub enum SuiteArg {
     Disk,
     /// Peak memory building and draining a deep queue.
     Rss,
+    /// Disk and memory levels of a queue running under retention (--rate, --seconds,
+    /// --retention, --purge-interval).
+    Churn,
 }
 
 /// `--durability` values.

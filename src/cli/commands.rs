@@ -684,7 +684,7 @@ pub fn bench(json: bool, a: &BenchArgs) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `omniq bench --suite disk|rss`.
+/// `omniq bench --suite disk|rss|churn`.
 fn bench_suite(json: bool, a: &BenchArgs) -> Result<ExitCode, CliError> {
     use omniq::bench::disk;
     let opts = disk::SuiteOptions {
@@ -697,10 +697,19 @@ fn bench_suite(json: bool, a: &BenchArgs) -> Result<ExitCode, CliError> {
             eprintln!("{line}");
         }
     };
-    let report = if a.suite == crate::cli::args::SuiteArg::Rss {
-        disk::run_rss(&opts, &mut progress)?
-    } else {
-        disk::run_disk(&opts, &mut progress)?
+    let report = match a.suite {
+        crate::cli::args::SuiteArg::Rss => disk::run_rss(&opts, &mut progress)?,
+        crate::cli::args::SuiteArg::Churn => {
+            let churn = omniq::bench::churn::ChurnOptions {
+                rate: usize::try_from(a.rate).unwrap_or(usize::MAX),
+                duration: Duration::from_secs(a.seconds),
+                retention: Duration::from_secs(a.retention),
+                purge_interval: Duration::from_secs(a.purge_interval),
+                workers: opts.workers,
+            };
+            omniq::bench::churn::run_churn(&churn, &mut progress)?
+        }
+        _ => disk::run_disk(&opts, &mut progress)?,
     };
     if json {
         let v = serde_json::to_value(&report)
