@@ -152,6 +152,35 @@ impl RecoveryReport {
 pub struct PurgeReport {
     /// Finished tasks removed (with their log entries).
     pub tasks_removed: usize,
+    /// The compaction the purge ran afterwards, if the store had grown much larger than what
+    /// it holds (see [`QueueBuilder::auto_compact`](crate::QueueBuilder::auto_compact)).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compaction: Option<CompactReport>,
+}
+
+/// What [`Queue::compact`](crate::Queue::compact) did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CompactReport {
+    /// Whether the store was rewritten. `false` when the backend has nothing to do: on
+    /// PostgreSQL, reclaiming space is autovacuum's job.
+    pub compacted: bool,
+    /// Why nothing was done, when nothing was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Bytes on disk before (the store's files: sled's and the write-ahead log).
+    pub bytes_before: u64,
+    /// Bytes on disk after.
+    pub bytes_after: u64,
+    /// Keys copied into the new files.
+    pub keys_copied: u64,
+    /// Their keys' and values' bytes: what the store holds, before storage overhead.
+    pub live_bytes: u64,
+    /// From start to the old files deleted.
+    #[serde(with = "duration_ms", rename = "duration_ms")]
+    pub duration: Duration,
+    /// How long commits waited: the copy, its sync and the switch. Reads are not held up.
+    #[serde(with = "duration_ms", rename = "write_pause_ms")]
+    pub write_pause: Duration,
 }
 
 /// What [`Queue::purge`](crate::Queue::purge) would remove, from

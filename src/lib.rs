@@ -175,11 +175,11 @@ pub use extras::{
 };
 pub use handler::TaskContext;
 pub use inspect::{
-    ConsistencyReport, CorruptEntry, ListFilter, Page, PurgePreview, PurgeReport, RecoveryReport,
-    Stats,
+    CompactReport, ConsistencyReport, CorruptEntry, ListFilter, Page, PurgePreview, PurgeReport,
+    RecoveryReport, Stats,
 };
 pub use log::{Cause, LogEntry};
-pub use queue::{Durability, Queue, QueueBuilder, WeakQueue, DEFAULT_QUEUE};
+pub use queue::{AutoCompact, Durability, Queue, QueueBuilder, WeakQueue, DEFAULT_QUEUE};
 pub use retry::{Backoff, RetryPolicy};
 pub use rules::limit::{Limit, LimitScope};
 pub use rules::schedule::{Missed, Spec};

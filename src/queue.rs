@@ -17,7 +17,9 @@ use crate::error::{Error, Result};
 use crate::events::{BarrierMiss, Notify, TransitionEvent};
 use crate::extras::{Inserted, LimitStatus, ScheduleInfo, ScheduledTaskOptions, TaskExtras};
 use crate::handler::{self, CancelRequest, Executions, Registry, TaskContext};
-use crate::inspect::{ConsistencyReport, ListFilter, Page, PurgeReport, RecoveryReport, Stats};
+use crate::inspect::{
+    CompactReport, ConsistencyReport, ListFilter, Page, PurgeReport, RecoveryReport, Stats,
+};
 use crate::keys::MAX_QUEUE_NAME;
 use crate::log::LogEntry;
 use crate::retry::{JitterSource, RandomJitter, RetryPolicy};
@@ -52,6 +54,50 @@ pub enum Durability {
     Relaxed,
 }
 
+/// When a purge compacts the store afterwards (see [`Queue::compact`] and
+/// [`QueueBuilder::auto_compact`]): when its size on disk exceeds both `min_bytes` and `ratio`
+/// times an estimate of what its live data needs. The estimate is the number of tasks times
+/// the bytes per task the last compaction of this process measured (a compacted store's size
+/// over its tasks, once it held at least 1,000), or [`AutoCompact::DEFAULT_TASK_BYTES`] until
+/// then.
+///
+/// ```
+/// use omniq::AutoCompact;
+/// let rule = AutoCompact { min_bytes: 16 << 20, ratio: 4 };
+/// assert!(rule.wants(100 << 20, 1_000, None));
+/// assert!(!rule.wants(100 << 20, 20_000, None));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AutoCompact {
+    /// Never compact a store smaller than this (default 64 MiB).
+    pub min_bytes: u64,
+    /// Compact when the store is more than this many times its live estimate (default 3).
+    pub ratio: u64,
+}
+
+impl Default for AutoCompact {
+    fn default() -> Self {
+        AutoCompact {
+            min_bytes: 64 << 20,
+            ratio: 3,
+        }
+    }
+}
+
+impl AutoCompact {
+    /// Bytes per task assumed before a compaction measured them: a completed task with a
+    /// small payload, its log entries and its share of storage overhead (issue 12 measured
+    /// ~1,800 B).
+    pub const DEFAULT_TASK_BYTES: u64 = 2048;
+
+    /// Whether a store of `size_on_disk` bytes holding `tasks` tasks should be compacted,
+    /// given the bytes per task a previous compaction measured (if any).
+    pub fn wants(&self, size_on_disk: u64, tasks: u64, task_bytes: Option<u64>) -> bool {
+        let estimate = tasks.saturating_mul(task_bytes.unwrap_or(Self::DEFAULT_TASK_BYTES));
+        size_on_disk > self.min_bytes.max(estimate.saturating_mul(self.ratio))
+    }
+}
+
 /// Options for opening a queue directory. Start from [`Queue::builder`].
 pub struct QueueBuilder {
     path: PathBuf,
@@ -65,6 +111,7 @@ pub struct QueueBuilder {
     max_payload_bytes: usize,
     retention: Option<Duration>,
     purge_interval: Duration,
+    auto_compact: Option<AutoCompact>,
     /// Write-ahead log segment size and checkpoint period (tests make them tiny).
     wal_segment_bytes: u64,
     checkpoint_bytes: u64,
@@ -175,6 +222,14 @@ impl QueueBuilder {
         self.purge_interval = d;
         self
     }
+    /// When a purge (yours or retention's) compacts the store afterwards (see
+    /// [`Queue::compact`]); `None` never does. Default: [`AutoCompact::default`] (stores over
+    /// 64 MiB and over 3 times their live estimate). The compaction runs on the purging
+    /// thread and holds commits off while it copies the live data.
+    pub fn auto_compact(mut self, rule: Option<AutoCompact>) -> Self {
+        self.auto_compact = rule;
+        self
+    }
 
     /// Opens (creating if needed) the directory, recovers tasks orphaned by a previous process,
     /// and returns the queue. Fails with [`Error::Locked`] if another process holds it.
@@ -255,6 +310,8 @@ impl QueueBuilder {
             queue_policies: self.queue_policies,
             max_payload_bytes: self.max_payload_bytes,
             recovery: report,
+            auto_compact: self.auto_compact,
+            task_bytes: Mutex::new(None),
             janitor_stop: Some(janitor_stop),
             _registration: registration,
         });
@@ -278,6 +335,9 @@ pub(crate) struct Inner {
     queue_policies: HashMap<String, RetryPolicy>,
     max_payload_bytes: usize,
     recovery: RecoveryReport,
+    auto_compact: Option<AutoCompact>,
+    /// Bytes per task the last compaction measured (for `auto_compact`'s estimate).
+    task_bytes: Mutex<Option<u64>>,
     janitor_stop: Option<Sender<()>>,
     /// Must stay the last field: fields drop in declaration order, so the directory is marked
     /// closed in this process only after `store` (and with it sled's lock) is gone.
@@ -439,6 +499,7 @@ impl Queue {
             max_payload_bytes: 256 << 10,
             retention: None,
             purge_interval: Duration::from_secs(60),
+            auto_compact: Some(AutoCompact::default()),
             wal_segment_bytes: crate::store::wal::DEFAULT_SEGMENT_BYTES,
             checkpoint_bytes: crate::store::sled_store::DEFAULT_CHECKPOINT_BYTES,
             checkpoint_every: Duration::from_secs(30),
@@ -820,9 +881,49 @@ impl Queue {
             let removed = self.inner.backend.purge(cutoff, 1000)?;
             report.tasks_removed += removed;
             if removed == 0 {
-                return Ok(report);
+                break;
             }
         }
+        if report.tasks_removed > 0 {
+            if let Some(rule) = self.inner.auto_compact {
+                let tasks: u64 = self.inner.backend.counts()?.values().sum();
+                let task_bytes = *self.inner.task_bytes.lock();
+                if rule.wants(self.size_on_disk()?, tasks, task_bytes) {
+                    report.compaction = Some(self.compact()?);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Rewrites the store into fresh files holding only its live data, and deletes the old
+    /// ones: how the directory shrinks back after a purge (sled never gives space back by
+    /// itself). Safe while producers and workers run: commits wait while the live data is
+    /// copied and the new files are made durable and switched to (the report's
+    /// `write_pause`), reads do not; a crash at any point leaves either the old files or the
+    /// new ones, both complete. A purge runs it by itself when the store has grown much larger
+    /// than what it holds ([`QueueBuilder::auto_compact`]). On PostgreSQL it does nothing and
+    /// says so (autovacuum reclaims space there).
+    ///
+    /// ```
+    /// # fn main() -> omniq::Result<()> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// let queue = omniq::Queue::open(dir.path().join("jobs"))?;
+    /// queue.enqueue_json("noop", &serde_json::json!({}), omniq::EnqueueOptions::new())?;
+    /// let report = queue.compact()?;
+    /// assert!(report.compacted);
+    /// assert_eq!(queue.stats()?.total, 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn compact(&self) -> Result<CompactReport> {
+        let report = self.inner.backend.compact()?;
+        if report.compacted {
+            let tasks: u64 = self.inner.backend.counts()?.values().sum();
+            if tasks >= 1000 {
+                *self.inner.task_bytes.lock() = Some(report.bytes_after / tasks);
+            }
+        }
+        Ok(report)
     }
 
     /// Closes this handle and, if it is the last one, the queue: the writer drains, everything

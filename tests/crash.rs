@@ -319,6 +319,20 @@ fn crash_child() {
     let quota = env_u64(QUOTA_ENV);
     let producers = env_u64(PRODUCERS_ENV);
     let acked = Arc::new(AtomicUsize::new(0));
+    // A compactor: `compact` (until the fault point aborts the process) runs back to back; in
+    // `work`, now and then, so kills also land inside a compaction.
+    let compact_every = match role.as_str() {
+        "compact" => Some(Duration::from_millis(2)),
+        "work" => Some(Duration::from_millis(40)),
+        _ => None,
+    };
+    if let Some(every) = compact_every {
+        let queue = queue.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(every);
+            queue.compact().unwrap();
+        });
+    }
     let threads: Vec<_> = (0..producers)
         .map(|p| {
             let (queue, acks, acked) = (queue.clone(), acks.clone(), acked.clone());
@@ -805,6 +819,133 @@ fn kill_during_first_open() {
     }
 }
 
+// ----- issue 12: kills inside a compaction -------------------------------------------------
+
+/// For each step of a compaction (its fault points: the new generation created, mid-copy,
+/// synced, the pointer's temp file written, switched, mid-delete; in the first compaction, which
+/// moves the store out of the root layout, and in later ones), a child that produces, works and
+/// compacts back to back aborts there; the reopened directory holds every acknowledged task,
+/// is consistent, has no leftover generation, and compacts and reopens again.
+#[test]
+fn compaction_killed_at_every_step() {
+    let seed = seed_from_env();
+    println!("compaction kills: OMNIQ_CRASH_SEED={seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    let points = [
+        "compact-start:1",
+        "compact-copy:1",
+        "compact-synced:1",
+        "compact-pointer:1",
+        "compact-switched:1",
+        "compact-delete:1",
+        "compact-delete:2",
+        "compact-copy:4",
+        "compact-synced:3",
+        "compact-pointer:3",
+        "compact-switched:3",
+        "compact-delete:5",
+    ];
+    for (round, point) in points.iter().enumerate() {
+        let fail = |msg: String| -> ! {
+            panic!("OMNIQ_CRASH_SEED={seed} fault {point}: {msg}");
+        };
+        let dir = tmp.path().join(format!("q{round}"));
+        let acks_path = tmp.path().join(format!("acks{round}"));
+        // Enough tasks that a copy spans several batches (a task is 5+ keys).
+        {
+            let queue = builder(&dir, Durability::Group).open().unwrap();
+            let jobs: Vec<Job> = (0..2_000)
+                .map(|n| Job {
+                    n,
+                    plan: Plan::Succeed,
+                })
+                .collect();
+            let ids = queue.enqueue_many(jobs.clone()).unwrap();
+            let acks = open_append(&acks_path);
+            for (id, job) in ids.iter().zip(&jobs) {
+                append_synced(
+                    &acks,
+                    &format!("{id} {}\n", serde_json::to_string(job).unwrap()),
+                )
+                .unwrap();
+            }
+            queue.close().unwrap();
+        }
+        let mut child = spawn_child(ChildSpec {
+            role: "compact",
+            dir: &dir,
+            acks: &acks_path,
+            runs: &tmp.path().join(format!("runs{round}")),
+            seed: rng.random(),
+            cycle: round as u64,
+            quota: u64::MAX,
+            producers: 2,
+            durability: Durability::Group,
+            phase: &tmp.path().join(format!("phase{round}")),
+            stdout: Stdio::null(),
+            fault: Some(point.to_string()),
+        });
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                fail("the child never reached the fault point".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if status.success() {
+            fail(format!("the child exited ({status}) instead of aborting"));
+        }
+        let acks = read_acks(&acks_path).unwrap_or_else(|m| fail(m));
+        let queue = builder(&dir, Durability::Group)
+            .open()
+            .unwrap_or_else(|e| fail(format!("reopening failed: {e}")));
+        let mut problems = Vec::new();
+        check_acks(&queue, &acks, &mut problems).unwrap();
+        consistency_problems(&queue, &mut problems).unwrap();
+        let entries: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let generations = entries
+            .iter()
+            .filter(|n| n.starts_with("sled.") && *n != "sled.current")
+            .count();
+        let root_db = entries.iter().any(|n| n == "db");
+        let pointer = entries.iter().any(|n| n == "sled.current");
+        if generations + usize::from(root_db) != 1
+            || pointer != (generations == 1)
+            || entries
+                .iter()
+                .any(|n| n.ends_with(".tmp") && n.starts_with("sled"))
+        {
+            problems.push(format!("leftovers after reopening: {entries:?}"));
+        }
+        if let Err(e) = verdict(problems) {
+            fail(e);
+        }
+        queue
+            .compact()
+            .unwrap_or_else(|e| fail(format!("compacting again: {e}")));
+        queue.close().unwrap();
+        let queue = builder(&dir, Durability::Group).open().unwrap();
+        let mut problems = Vec::new();
+        check_acks(&queue, &acks, &mut problems).unwrap();
+        consistency_problems(&queue, &mut problems).unwrap();
+        if let Err(e) = verdict(problems) {
+            fail(format!("after compacting again: {e}"));
+        }
+        println!(
+            "fault {point}: {} acknowledged tasks intact after the kill",
+            acks.len()
+        );
+    }
+}
+
 // ----- issue 4: the kill loop ---------------------------------------------------------------
 
 /// What the parent remembers across cycles.
@@ -1272,6 +1413,10 @@ fn kill_loop() {
                 "checkpoint",
                 "wal-prune",
                 "wal-replay",
+                "compact-copy",
+                "compact-synced",
+                "compact-switched",
+                "compact-delete",
             ];
             format!(
                 "{}:{}",

@@ -203,6 +203,14 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn check(&self) -> Result<ConsistencyReport>;
     /// Bytes the backend uses on disk.
     fn size_on_disk(&self) -> Result<u64>;
+    /// Rewrites the storage to give back the space dead data holds (see
+    /// [`Queue::compact`](crate::Queue::compact)). By default there is nothing to do.
+    fn compact(&self) -> Result<crate::inspect::CompactReport> {
+        Ok(crate::inspect::CompactReport {
+            note: Some("this backend reclaims space by itself".into()),
+            ..Default::default()
+        })
+    }
 
     // ----- lifecycle ------------------------------------------------------------------------
 

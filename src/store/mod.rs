@@ -11,6 +11,7 @@ use crate::log::LogEntry;
 use crate::rules::limit::{Limit, LimitScope};
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
+pub(crate) mod compact;
 pub mod hook;
 #[cfg(test)]
 mod power_loss;
@@ -191,6 +192,11 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Every schedule.
     fn schedules(&self) -> Result<Vec<ScheduleInfo>> {
         Ok(Vec::new())
+    }
+    /// Rewrites the store into fresh files holding only its live data (`compact.rs`); `None`
+    /// when the store has nothing of the kind to do.
+    fn compact(&self) -> Result<Option<compact::Compacted>> {
+        Ok(None)
     }
     /// Whether any task has extras (so transitions must look them up).
     fn has_extras(&self) -> Result<bool> {

@@ -147,7 +147,7 @@ pub(crate) fn probe(dir: &Path, supported: u32) -> Result<Found> {
 }
 
 /// Reads and validates the marker.
-fn read_marker(dir: &Path) -> Result<Marker> {
+pub(crate) fn read_marker(dir: &Path) -> Result<Marker> {
     let path = dir.join(MARKER);
     let not_ours = |why: String| Error::NotAStore {
         path: dir.to_path_buf(),

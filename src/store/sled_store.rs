@@ -28,6 +28,7 @@ use crate::inspect::{ConsistencyReport, CorruptEntry, ListFilter, Page};
 use crate::keys;
 use crate::log::{Cause, LogEntry};
 use crate::rules::unique;
+use crate::store::compact::{self, Generation, LiveDb};
 use crate::store::hook;
 use crate::store::probe::{self, Found, Preflight};
 use crate::store::wal::{self, Op, Wal};
@@ -83,9 +84,10 @@ pub(crate) const DEFAULT_CHECKPOINT_BYTES: u64 = 32 << 20;
 /// What the checkpoint thread and the store share.
 struct Checkpoint {
     dir: PathBuf,
-    db: sled::Db,
-    /// sled's data file, opened separately so we can `fsync` it.
-    data_file: File,
+    /// sled's current generation (a compaction replaces it).
+    db: Arc<LiveDb>,
+    /// Held by a checkpoint while it runs, and by a compaction (which must not interleave).
+    run_lock: Mutex<()>,
     wal: Arc<Wal>,
     /// The last log record applied to sled (in memory).
     applied: AtomicU64,
@@ -104,11 +106,12 @@ impl Checkpoint {
     /// sled `flush()` + `fsync` (and new blob files), then deletes the log segments sled now
     /// holds durably (`all`: the current one too, at close). Returns the record it covers.
     fn run(&self, all: bool) -> Result<u64> {
+        let _one = self.run_lock.lock();
         let covered = self.applied.load(Ordering::Acquire);
         self.wal.take_since_checkpoint();
         hook::reached("checkpoint");
         self.db.flush()?;
-        self.data_file.sync_all()?;
+        self.db.sync_data_file()?;
         self.sync_new_blobs()?;
         self.wal.prune(covered, all)?;
         Ok(covered)
@@ -116,7 +119,7 @@ impl Checkpoint {
 
     /// Syncs blob files sled created since the last checkpoint (sled writes them without fsync).
     fn sync_new_blobs(&self) -> Result<()> {
-        sync_new_blobs(&self.dir, &mut self.synced_blobs.lock())
+        sync_new_blobs(&self.db.layout().dir, &mut self.synced_blobs.lock())
     }
 
     /// The checkpoint thread: wakes when the log passed `bytes` since the last checkpoint (the
@@ -166,9 +169,13 @@ impl Checkpoint {
 
 pub(crate) struct SledStore {
     dir: PathBuf,
-    db: sled::Db,
-    /// sled's data file, opened separately so we can `fsync` it.
-    data_file: File,
+    /// sled's current generation: its handle, data file and directory (see `compact.rs`).
+    db: Arc<LiveDb>,
+    /// sled's cache and flush settings, for a compaction's new generation.
+    sled_opts: (u64, Option<u64>),
+    /// Held while a group is appended and applied, and by a compaction: no write can land in a
+    /// generation being copied.
+    write_lock: Mutex<()>,
     /// The write-ahead log and checkpoints (set at the end of `open`).
     ckpt: Option<Arc<Checkpoint>>,
     checkpointer: Option<std::thread::JoinHandle<()>>,
@@ -222,14 +229,16 @@ impl Drop for SledStore {
 /// moment after the `Db` is dropped; without this, closing a queue and reopening it at once (or
 /// from the next process) could fail with a spurious `Error::Locked`.
 struct LockRelease {
-    db_file: PathBuf,
+    /// The current generation's data file (updated by a compaction's switch).
+    db_file: Arc<Mutex<PathBuf>>,
 }
 
 impl Drop for LockRelease {
     fn drop(&mut self) {
+        let db_file = self.db_file.lock().clone();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            let Ok(file) = File::open(&self.db_file) else {
+            let Ok(file) = File::open(&db_file) else {
                 return;
             };
             match file.try_lock() {
@@ -241,7 +250,7 @@ impl Drop for LockRelease {
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
                 Err(e) => {
-                    tracing::warn!(file = %self.db_file.display(), error = %e, "sled still holds its lock after close");
+                    tracing::warn!(file = %db_file.display(), error = %e, "sled still holds its lock after close");
                     return;
                 }
             }
@@ -277,15 +286,23 @@ impl SledStore {
     /// is reported without being written (see `probe.rs`).
     pub(crate) fn open(dir: &Path, opts: &SledOptions) -> Result<SledStore> {
         let found = probe::probe(dir, FORMAT_VERSION)?;
+        // Where sled's files are: the root, or the generation a compaction switched to.
+        let layout = match &found {
+            Found::Marked(_) => compact::resolve(dir)?,
+            _ => compact::Layout {
+                number: 0,
+                dir: dir.to_path_buf(),
+            },
+        };
         let expected = match &found {
             Found::Fresh => {
                 probe::create(dir, FORMAT_VERSION)?;
                 probe::Marker::default()
             }
             Found::Marked(marker) => {
-                if let Preflight::Suspicious(why) = probe::preflight(dir, Some(marker)) {
-                    refuse_if_locked(dir)?;
-                    probe::trial_open_copy(dir, FORMAT_VERSION, &why, marker)?;
+                if let Preflight::Suspicious(why) = probe::preflight(&layout.dir, Some(marker)) {
+                    refuse_if_locked(&layout.dir)?;
+                    probe::trial_open_copy(&layout.dir, FORMAT_VERSION, &why, marker)?;
                 }
                 *marker
             }
@@ -303,13 +320,14 @@ impl SledStore {
                 probe::Marker::default()
             }
         };
-        Self::open_recognised(dir, opts, &expected).map_err(|e| e.in_dir(dir))
+        Self::open_recognised(dir, &layout, opts, &expected).map_err(|e| e.in_dir(dir))
     }
 
     /// Opens a directory [`probe`] recognised. `expected` is the marker's watermark: sled's
     /// `m/run` and `m/seq` must have reached it, or sled lost the end of its log.
     fn open_recognised(
         dir: &Path,
+        layout: &compact::Layout,
         opts: &SledOptions,
         expected: &probe::Marker,
     ) -> Result<SledStore> {
@@ -317,13 +335,14 @@ impl SledStore {
             path: dir.to_path_buf(),
             reason,
         };
-        let existed = dir.join("db").exists();
+        let sled_dir = layout.dir.as_path();
+        let existed = sled_dir.join("db").exists();
         // The log is read (and checked) before sled touches the directory: a log damaged before
         // its tail is refused with every file as it was.
         let log = wal::read_log(dir)?;
         let open = || {
             probe::open_quietly(super::sled_config::config(
-                dir,
+                sled_dir,
                 opts.cache_bytes,
                 opts.flush_every_ms,
             ))
@@ -340,7 +359,9 @@ impl SledStore {
         // process can be writing one (any open fails while the leftover is there), and only
         // in a directory already recognised as an omniq store.
         let db = match open() {
-            Err(sled::Error::Corruption { .. }) if remove_unfinished_snapshots(dir)? > 0 => open(),
+            Err(sled::Error::Corruption { .. }) if remove_unfinished_snapshots(sled_dir)? > 0 => {
+                open()
+            }
             other => other,
         }
         .map_err(|e| {
@@ -359,12 +380,31 @@ impl SledStore {
                 open_err(e.to_string())
             }
         })?;
-        let data_file = File::open(dir.join("db"))
+        // A process that switched generations while this one was opening the old one holds the
+        // directory: it let go of the old generation's lock only after its pointer switch.
+        if compact::resolve(dir)? != *layout {
+            return Err(Error::Locked {
+                path: dir.to_path_buf(),
+            });
+        }
+        // This process holds the current generation's lock, so nothing else uses the
+        // directory: what an interrupted compaction left can go.
+        compact::remove_leftovers(dir, layout)?;
+        let data_file = File::open(sled_dir.join("db"))
             .map_err(|e| open_err(format!("cannot open sled's data file: {e}")))?;
-        let mut store = SledStore {
-            dir: dir.to_path_buf(),
+        let live = Arc::new(LiveDb::new(Generation {
             db,
             data_file,
+            layout: layout.clone(),
+        }));
+        let mut store = SledStore {
+            dir: dir.to_path_buf(),
+            _lock_release: LockRelease {
+                db_file: live.lock_file(),
+            },
+            db: live,
+            sled_opts: (opts.cache_bytes, opts.flush_every_ms),
+            write_lock: Mutex::new(()),
             ckpt: None,
             checkpointer: None,
             counters: Mutex::new(BTreeMap::new()),
@@ -376,13 +416,11 @@ impl SledStore {
             opened: false,
             sync_failed: std::sync::atomic::AtomicBool::new(false),
             upgrade_from: Mutex::new(None),
-            _lock_release: LockRelease {
-                db_file: dir.join("db"),
-            },
         };
         store.check_format(existed, expected.run)?;
         if !existed {
             // New files and directories need their directory entries on disk too.
+            sync_dir(sled_dir)?;
             sync_dir(dir)?;
         }
         let last_run = store.read_meta_u64(keys::META_RUN)?;
@@ -415,14 +453,14 @@ impl SledStore {
         // sled now holds every record of the log: make it durable (blob files too), then start
         // an empty log.
         store.db.flush()?;
-        store.data_file.sync_all()?;
+        store.db.sync_data_file()?;
         let mut blobs = HashSet::new();
-        sync_new_blobs(dir, &mut blobs)?;
+        sync_new_blobs(sled_dir, &mut blobs)?;
         let wal = Arc::new(Wal::start(dir, applied + 1, opts.wal_segment_bytes)?);
         let ckpt = Arc::new(Checkpoint {
             dir: dir.to_path_buf(),
             db: store.db.clone(),
-            data_file: store.data_file.try_clone()?,
+            run_lock: Mutex::new(()),
             wal,
             applied: AtomicU64::new(applied),
             synced_blobs: Mutex::new(blobs),
@@ -488,7 +526,7 @@ impl SledStore {
     #[cfg(test)]
     pub(crate) fn flush_sled_now(&self) -> Result<()> {
         self.db.flush()?;
-        self.data_file.sync_all()?;
+        self.db.sync_data_file()?;
         Ok(())
     }
 
@@ -515,6 +553,7 @@ impl SledStore {
     /// Appends a group's key writes to the log, then applies them to sled as one batch with
     /// `m/wal`. Not durable until [`sync`](Store::sync).
     fn apply_logged(&self, ops: Vec<Op>) -> Result<()> {
+        let _writing = self.write_lock.lock();
         let ckpt = self.ckpt()?;
         hook::reached("wal-append");
         let lsn = ckpt.wal.append(&ops)?;
@@ -534,7 +573,7 @@ impl SledStore {
                 format: FORMAT_VERSION,
                 run: self.run_id,
                 seq: *self.last_seq.lock(),
-                db_bytes: self.data_file.metadata()?.len(),
+                db_bytes: self.db.data_len()?,
             },
         )
     }
@@ -1206,6 +1245,141 @@ impl SledStore {
     }
 }
 
+impl SledStore {
+    /// Rewrites the store into a fresh sled generation and switches to it (see `compact.rs`):
+    /// with commits held off (the write lock) and no checkpoint running, every key is copied
+    /// into `sled.<n+1>/`, which is flushed and fsynced with its directory; the marker's length
+    /// check is suspended, the pointer switched (rename + directory fsync), the live handle
+    /// replaced and the watermark rewritten; the log segments the new generation holds are
+    /// pruned. Commits resume, then the old generation's files are deleted once sled let go
+    /// of them. Readers keep running throughout (each call uses the generation current then).
+    ///
+    /// The copy is exact, `m/wal` included, so the write-ahead log applies to the new
+    /// generation as it did to the old; a group applied but not yet synced is copied too (an
+    /// unacknowledged group may survive whole, as with any crash).
+    pub(crate) fn compact(&self) -> Result<compact::Compacted> {
+        let started = Instant::now();
+        let ckpt = self.ckpt()?;
+        let bytes_before = self.size_on_disk_inner()?;
+        let mut out = compact::Compacted {
+            bytes_before,
+            ..Default::default()
+        };
+        let old = {
+            let _writes = self.write_lock.lock();
+            let paused = Instant::now();
+            let _checkpoint = ckpt.run_lock.lock();
+            if let Some(reason) = ckpt.failed.lock().clone() {
+                return Err(Error::Storage(format!("a checkpoint failed: {reason}")));
+            }
+            if self.sync_failed.load(Ordering::SeqCst) {
+                return Err(Error::Storage(
+                    "an earlier sync failed; reopen the queue before compacting".into(),
+                ));
+            }
+            let source = self.db.handle();
+            let number = self.db.layout().number + 1;
+            let new_dir = self.dir.join(compact::generation_name(number));
+            // A generation an earlier attempt of this process left half-written.
+            if !compact::remove_generation_dir(&new_dir)? {
+                return Err(Error::Storage(format!(
+                    "cannot compact: {} holds files omniq did not create",
+                    new_dir.display()
+                )));
+            }
+            std::fs::create_dir(&new_dir)?;
+            hook::reached("compact-start");
+            let (cache_bytes, flush_every_ms) = self.sled_opts;
+            let target = probe::open_quietly(super::sled_config::config(
+                &new_dir,
+                cache_bytes,
+                flush_every_ms,
+            ))
+            .unwrap_or(Err(sled::Error::Corruption { at: None, bt: () }))?;
+            let mut batch = sled::Batch::default();
+            let mut in_batch = 0usize;
+            for item in source.iter() {
+                let (k, v) = item?;
+                out.keys_copied += 1;
+                out.live_bytes += (k.len() + v.len()) as u64;
+                batch.insert(k, v);
+                in_batch += 1;
+                if in_batch == COMPACT_BATCH_KEYS {
+                    target.apply_batch(std::mem::take(&mut batch))?;
+                    in_batch = 0;
+                    hook::reached("compact-copy");
+                }
+            }
+            target.apply_batch(batch)?;
+            // The copy must carry the source's watermarks, or the log would be misapplied.
+            for key in [keys::META_WAL, keys::META_SEQ, keys::META_RUN] {
+                if target.get(key)? != source.get(key)? {
+                    return Err(Error::Storage(format!(
+                        "compaction copied {} differently; nothing was switched",
+                        keys::describe(key)
+                    )));
+                }
+            }
+            target.flush()?;
+            let data_file = File::open(new_dir.join("db"))?;
+            data_file.sync_all()?;
+            let mut blobs = HashSet::new();
+            sync_new_blobs(&new_dir, &mut blobs)?;
+            sync_dir(&new_dir)?;
+            sync_dir(&self.dir)?;
+            hook::reached("compact-synced");
+            // The marker's `db_bytes` describes the old data file: suspend the length check
+            // until the watermark below describes the new one.
+            let marker = probe::read_marker(&self.dir)?;
+            probe::write_marker(
+                &self.dir,
+                &probe::Marker {
+                    db_bytes: 0,
+                    ..marker
+                },
+            )?;
+            compact::write_pointer(&self.dir, number)?;
+            hook::reached("compact-switched");
+            let old = self.db.replace(Generation {
+                db: target,
+                data_file,
+                layout: compact::Layout {
+                    number,
+                    dir: new_dir,
+                },
+            });
+            *ckpt.synced_blobs.lock() = blobs;
+            if let Err(e) = self.write_watermark() {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot update the OMNIQ marker after a compaction");
+            }
+            // The new generation durably holds every record applied so far.
+            ckpt.wal
+                .prune(ckpt.applied.load(Ordering::Acquire), false)?;
+            out.write_pause = paused.elapsed();
+            out.generation = number;
+            old
+        };
+        let old_layout = old.layout.clone();
+        drop(old);
+        compact::remove_old_generation(&self.dir, &old_layout, Duration::from_secs(10))?;
+        out.bytes_after = self.size_on_disk_inner()?;
+        out.duration = started.elapsed();
+        tracing::info!(
+            dir = %self.dir.display(),
+            before = out.bytes_before,
+            after = out.bytes_after,
+            keys = out.keys_copied,
+            generation = out.generation,
+            pause_ms = out.write_pause.as_millis() as u64,
+            "compacted the store"
+        );
+        Ok(out)
+    }
+}
+
+/// Keys per batch a compaction writes into the new generation.
+const COMPACT_BATCH_KEYS: usize = 4096;
+
 /// Every storage error leaving the store names the queue directory (see [`Error::in_dir`]).
 impl Store for SledStore {
     fn commit(&self, changes: &[Change], last_seq: u64, durable: bool) -> Result<()> {
@@ -1341,6 +1515,12 @@ impl Store for SledStore {
         Some(&self.metrics)
     }
 
+    fn compact(&self) -> Result<Option<compact::Compacted>> {
+        SledStore::compact(self)
+            .map(Some)
+            .map_err(|e| e.in_dir(&self.dir))
+    }
+
     fn set_paused(&self, queue: &str, paused: bool) -> Result<()> {
         let key = keys::paused(queue);
         if paused {
@@ -1434,7 +1614,7 @@ fn with_lsn(mut ops: Vec<Op>, lsn: u64) -> Result<Vec<Op>> {
 /// of a write-ahead entry (see `SledStore::apply_atomically`).
 const WRITE_AHEAD_MAX_BYTES: usize = 32 << 10;
 
-fn apply_ops(db: &sled::Db, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<()> {
+fn apply_ops(db: &LiveDb, ops: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<()> {
     for (k, v) in ops {
         match v {
             Some(v) => {

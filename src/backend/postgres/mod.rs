@@ -643,6 +643,15 @@ impl Backend for PgBackend {
         ops::size_on_disk(&self.shared)
     }
 
+    fn compact(&self) -> Result<crate::inspect::CompactReport> {
+        Ok(crate::inspect::CompactReport {
+            note: Some(
+                "nothing to do on PostgreSQL: autovacuum reclaims the space of deleted rows".into(),
+            ),
+            ..Default::default()
+        })
+    }
+
     fn sync(&self) -> Result<()> {
         // Every write was answered after its COMMIT (synchronous_commit = on).
         Ok(())
