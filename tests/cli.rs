@@ -924,6 +924,38 @@ fn demo_with_data_naming_a_file_says_it_is_not_a_directory() {
 }
 
 #[test]
+fn compact_rewrites_the_directory_named_as_its_argument() {
+    let f = fixture();
+    let d = f.dir.as_path();
+    let before = snapshot(d);
+    // `omniq compact DIR` (no --data).
+    let o = Command::new(BIN)
+        .args(["--json", "compact"])
+        .arg(d)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["compacted"], true, "{v}");
+    for key in ["bytes_before", "bytes_after", "keys_copied", "duration_ms", "write_pause_ms"] {
+        assert!(v[key].is_number(), "{key} in {v}");
+    }
+    assert!(d.join("sled.current").exists());
+    assert_eq!(snapshot(d), before);
+    let out = ok(d, &["compact"]);
+    assert!(out.starts_with("compacted "), "{out}");
+    assert!(out.contains("MiB ->") && out.contains("writes waited"), "{out}");
+    assert_eq!(ok_json(d, &["check"])["consistent"], true);
+    // The directory given twice, differently, is a usage error.
+    let o = Command::new(BIN)
+        .args(["--data", "/elsewhere", "compact"])
+        .arg(d)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
 fn a_locked_directory_is_reported_plainly() {
     let f = fixture();
     let d = f.dir.as_path();
@@ -938,6 +970,7 @@ fn a_locked_directory_is_reported_plainly() {
         &["cancel", &id],
         &["purge", "--older-than", "1ms"],
         &["check"],
+        &["compact"],
         &["--json", "list"],
         &["demo", "--tasks", "5"],
     ];

@@ -211,6 +211,13 @@ fn every_command_goes_through_the_socket_with_identical_output() {
     let v = remote_json(d, &["purge", "--older-than", "0s"]);
     assert_eq!(v["count"], 2);
     assert!(q.get(f.done).unwrap().is_none());
+    // The live process compacts its own store; its tasks stay.
+    let before = q.stats().unwrap();
+    let v = remote_json(d, &["compact"]);
+    assert_eq!(v["compacted"], true, "{v}");
+    assert!(v["keys_copied"].as_u64().unwrap() > 0, "{v}");
+    assert!(d.join("sled.current").exists());
+    assert_eq!(q.stats().unwrap().total, before.total);
 
     // Errors keep their meaning (and one line).
     let o = omniq(d, &["cancel", &done]);

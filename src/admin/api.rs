@@ -58,6 +58,7 @@ pub(crate) fn handle(app: &App<'_>, req: &Req) -> Resp {
         (Method::Post, ["tasks", id, "retry"]) => one(q, req, id, Bulk::Retry),
         (Method::Post, ["tasks", id, "cancel"]) => one(q, req, id, Bulk::Cancel),
         (Method::Post, ["purge"]) => purge(q, req),
+        (Method::Post, ["compact"]) => engine(q.compact()).map(|r| json!(r)),
         (Method::Get, ["check"]) => check(q),
         (Method::Get, ["activity"]) => Ok(app.metrics.activity_json(app.queue.now())),
         (Method::Get, ["limits"]) => engine(q.limits()).map(|l| json!(l)),
@@ -67,8 +68,8 @@ pub(crate) fn handle(app: &App<'_>, req: &Req) -> Resp {
         }
         (
             _,
-            ["health" | "csrf" | "stats" | "queues" | "tasks" | "purge" | "check" | "activity"
-            | "limits" | "schedules", ..],
+            ["health" | "csrf" | "stats" | "queues" | "tasks" | "purge" | "compact" | "check"
+            | "activity" | "limits" | "schedules", ..],
         ) => Err(Resp::error(
             405,
             "method_not_allowed",
@@ -513,6 +514,7 @@ fn purge(q: &Queue, req: &Req) -> Result<Value, Resp> {
     Ok(json!({
         "dry_run": false,
         "tasks_removed": report.tasks_removed,
+        "compaction": report.compaction,
         "older_than": given,
         "older_than_ms": age_ms,
     }))

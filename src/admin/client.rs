@@ -12,7 +12,8 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::inspect::{
-    ConsistencyReport, CorruptEntry, ListFilter, Page, PurgePreview, PurgeReport, Stats,
+    CompactReport, ConsistencyReport, CorruptEntry, ListFilter, Page, PurgePreview, PurgeReport,
+    Stats,
 };
 use crate::log::{Cause, LogEntry};
 use crate::retry::Backoff;
@@ -329,10 +330,16 @@ impl Client {
         let body = serde_json::json!({"older_than": format!("{}ms", age.as_millis())});
         let v = self.post_json("/api/v1/purge", &body)?;
         Ok(PurgeReport {
-            compaction: None,
+            compaction: v.get("compaction").filter(|c| !c.is_null()).map(compact_report),
             tasks_removed: usize::try_from(v["tasks_removed"].as_u64().unwrap_or(0))
                 .unwrap_or(usize::MAX),
         })
+    }
+
+    /// Rewrites the store to give back the space dead data holds (`POST /api/v1/compact`).
+    pub fn compact(&self) -> Result<CompactReport> {
+        let v = self.post_json("/api/v1/compact", &serde_json::json!({}))?;
+        Ok(compact_report(&v))
     }
 
     /// What a purge of tasks finished at least `age` ago would remove, with the first
@@ -551,5 +558,20 @@ mod tests {
     #[test]
     fn query_values_are_percent_encoded() {
         assert_eq!(encode("a b&c"), "a%20b%26c");
+    }
+}
+
+/// A [`CompactReport`] from its JSON (`POST /api/v1/compact`, or a purge's `compaction`).
+fn compact_report(v: &Value) -> CompactReport {
+    let ms = |key: &str| Duration::from_secs_f64(v[key].as_f64().unwrap_or(0.0).max(0.0) / 1000.0);
+    CompactReport {
+        compacted: v["compacted"].as_bool().unwrap_or(false),
+        note: v["note"].as_str().map(str::to_string),
+        bytes_before: v["bytes_before"].as_u64().unwrap_or(0),
+        bytes_after: v["bytes_after"].as_u64().unwrap_or(0),
+        keys_copied: v["keys_copied"].as_u64().unwrap_or(0),
+        live_bytes: v["live_bytes"].as_u64().unwrap_or(0),
+        duration: ms("duration_ms"),
+        write_pause: ms("write_pause_ms"),
     }
 }

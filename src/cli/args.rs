@@ -67,6 +67,16 @@ pub enum Command {
     },
     /// Verify every record, index, counter and log entry; exits non-zero if anything disagrees.
     Check,
+    /// Rewrite the store into fresh files holding only its live data and delete the old ones:
+    /// gives back the space purged tasks held (sled does not by itself). A directory held by a
+    /// running process is compacted by that process through its admin socket; one locked
+    /// without a socket is refused (`locked`). On PostgreSQL there is nothing to do
+    /// (autovacuum's job) and it says so.
+    Compact {
+        /// The queue directory (the same as --data DIR).
+        #[arg(value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
     /// Run the built-in benchmark in a temporary directory (--data is not used; --url is
     /// refused).
     Bench(BenchArgs),

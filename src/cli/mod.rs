@@ -157,8 +157,18 @@ pub enum Location {
 impl Location {
     /// `--data` and `--url` are alternatives; an explicit `--data` wins over `OMNIQ_URL`.
     fn of(cli: &Cli) -> Result<Location, CliError> {
+        // `omniq compact DIR`: the directory may be given as its argument.
+        let data = match (&cli.command, &cli.data) {
+            (Command::Compact { dir: Some(d) }, Some(data)) if d != data => {
+                return Err(CliError::Usage(
+                    "compact: give the directory once, as DIR or as --data DIR".into(),
+                ))
+            }
+            (Command::Compact { dir: Some(d) }, _) => Some(d.clone()),
+            _ => cli.data.clone(),
+        };
         let url =
-            match (&cli.data, &cli.url) {
+            match (&data, &cli.url) {
                 (Some(_), Some(_)) => return Err(CliError::Usage(
                     "--data and --url are alternatives: give --data DIR for a queue directory or \
                      --url URL for a PostgreSQL queue, not both"
@@ -174,10 +184,7 @@ impl Location {
                     "--schema names a PostgreSQL schema: it needs --url URL (or OMNIQ_URL)".into(),
                 ));
             }
-            let dir = cli
-                .data
-                .clone()
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
+            let dir = data.unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
             return Ok(Location::Dir(dir));
         };
         Location::pg(url, cli.schema.clone())
@@ -355,6 +362,7 @@ fn run(cli: &Cli, location: &Location) -> Result<ExitCode, CliError> {
             commands::purge(&queue, json, older_than, age, *dry_run)
         }
         Command::Check => commands::check(&read()?, json),
+        Command::Compact { .. } => commands::compact(&open()?, json),
         Command::Serve(a) => serve::run(location, json, a),
         #[cfg(feature = "postgres")]
         Command::Migrate => match location {

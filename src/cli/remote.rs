@@ -144,6 +144,13 @@ impl Target {
             Target::Remote { client, .. } => client.purge_preview(age, sample),
         }
     }
+    /// Rewrites the store into fresh files holding only its live data.
+    pub fn compact(&self) -> omniq::Result<omniq::CompactReport> {
+        match self {
+            Target::Local(q) => q.compact(),
+            Target::Remote { client, .. } => client.compact(),
+        }
+    }
     /// The consistency checker.
     pub fn check_consistency(&self) -> omniq::Result<ConsistencyReport> {
         match self {
