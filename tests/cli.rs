@@ -937,14 +937,23 @@ fn compact_rewrites_the_directory_named_as_its_argument() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["compacted"], true, "{v}");
-    for key in ["bytes_before", "bytes_after", "keys_copied", "duration_ms", "write_pause_ms"] {
+    for key in [
+        "bytes_before",
+        "bytes_after",
+        "keys_copied",
+        "duration_ms",
+        "write_pause_ms",
+    ] {
         assert!(v[key].is_number(), "{key} in {v}");
     }
     assert!(d.join("sled.current").exists());
     assert_eq!(snapshot(d), before);
     let out = ok(d, &["compact"]);
     assert!(out.starts_with("compacted "), "{out}");
-    assert!(out.contains("MiB ->") && out.contains("writes waited"), "{out}");
+    assert!(
+        out.contains("MiB ->") && out.contains("writes waited"),
+        "{out}"
+    );
     assert_eq!(ok_json(d, &["check"])["consistent"], true);
     // The directory given twice, differently, is a usage error.
     let o = Command::new(BIN)

@@ -656,3 +656,25 @@ fn an_older_schema_is_schema_too_old() {
         .expect("open after migrate");
     assert!(q.check_consistency().expect("check").is_consistent());
 }
+
+/// On PostgreSQL, compaction is autovacuum's job: `compact()` and `omniq compact` say there
+/// is nothing to do, and change nothing.
+#[test]
+fn compact_has_nothing_to_do_on_postgres() {
+    let Some(s) = PgSchema::new("cli_compact") else {
+        return;
+    };
+    let f = fixture(&s);
+    let before = f.queue.stats().expect("stats").total;
+    let r = f.queue.compact().expect("compact");
+    assert!(!r.compacted);
+    assert!(
+        r.note.as_deref().unwrap_or("").contains("autovacuum"),
+        "{r:?}"
+    );
+    let v = ok_json(&s, &["compact"]);
+    assert_eq!(v["compacted"], false, "{v}");
+    let human = ok(&s, &["compact"]);
+    assert!(human.contains("nothing to compact"), "{human}");
+    assert_eq!(f.queue.stats().expect("stats").total, before);
+}

@@ -330,7 +330,10 @@ impl Client {
         let body = serde_json::json!({"older_than": format!("{}ms", age.as_millis())});
         let v = self.post_json("/api/v1/purge", &body)?;
         Ok(PurgeReport {
-            compaction: v.get("compaction").filter(|c| !c.is_null()).map(compact_report),
+            compaction: v
+                .get("compaction")
+                .filter(|c| !c.is_null())
+                .map(compact_report),
             tasks_removed: usize::try_from(v["tasks_removed"].as_u64().unwrap_or(0))
                 .unwrap_or(usize::MAX),
         })

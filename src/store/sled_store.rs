@@ -1338,7 +1338,14 @@ impl SledStore {
                     ..marker
                 },
             )?;
-            compact::write_pointer(&self.dir, number)?;
+            // From the rename on, the directory may name the new generation: a failure that
+            // leaves it unclear which one a reopen finds poisons the store (like a failed
+            // checkpoint), so nothing is acknowledged that only one of them holds.
+            let poison = |e: Error| {
+                *ckpt.failed.lock() = Some(format!("compaction could not switch: {e}"));
+                e
+            };
+            compact::write_pointer(&self.dir, number).map_err(poison)?;
             hook::reached("compact-switched");
             let old = self.db.replace(Generation {
                 db: target,
@@ -1354,7 +1361,8 @@ impl SledStore {
             }
             // The new generation durably holds every record applied so far.
             ckpt.wal
-                .prune(ckpt.applied.load(Ordering::Acquire), false)?;
+                .prune(ckpt.applied.load(Ordering::Acquire), false)
+                .map_err(poison)?;
             out.write_pause = paused.elapsed();
             out.generation = number;
             old
