@@ -88,6 +88,9 @@ struct Checkpoint {
     db: Arc<LiveDb>,
     /// Held by a checkpoint while it runs, and by a compaction (which must not interleave).
     run_lock: Mutex<()>,
+    /// A compaction copying since this record needs the later ones: no checkpoint deletes
+    /// them (`u64::MAX`: none running).
+    prune_floor: AtomicU64,
     wal: Arc<Wal>,
     /// The last log record applied to sled (in memory).
     applied: AtomicU64,
@@ -113,7 +116,9 @@ impl Checkpoint {
         self.db.flush()?;
         self.db.sync_data_file()?;
         self.sync_new_blobs()?;
-        self.wal.prune(covered, all)?;
+        let floor = self.prune_floor.load(Ordering::Acquire);
+        self.wal
+            .prune(covered.min(floor), all && floor == u64::MAX)?;
         Ok(covered)
     }
 
@@ -176,6 +181,8 @@ pub(crate) struct SledStore {
     /// Held while a group is appended and applied, and by a compaction: no write can land in a
     /// generation being copied.
     write_lock: Mutex<()>,
+    /// One compaction at a time.
+    compact_lock: Mutex<()>,
     /// The write-ahead log and checkpoints (set at the end of `open`).
     ckpt: Option<Arc<Checkpoint>>,
     checkpointer: Option<std::thread::JoinHandle<()>>,
@@ -405,6 +412,7 @@ impl SledStore {
             db: live,
             sled_opts: (opts.cache_bytes, opts.flush_every_ms),
             write_lock: Mutex::new(()),
+            compact_lock: Mutex::new(()),
             ckpt: None,
             checkpointer: None,
             counters: Mutex::new(BTreeMap::new()),
@@ -461,6 +469,7 @@ impl SledStore {
             dir: dir.to_path_buf(),
             db: store.db.clone(),
             run_lock: Mutex::new(()),
+            prune_floor: AtomicU64::new(u64::MAX),
             wal,
             applied: AtomicU64::new(applied),
             synced_blobs: Mutex::new(blobs),
@@ -1246,29 +1255,34 @@ impl SledStore {
 }
 
 impl SledStore {
-    /// Rewrites the store into a fresh sled generation and switches to it (see `compact.rs`):
-    /// with commits held off (the write lock) and no checkpoint running, every key is copied
-    /// into `sled.<n+1>/`, which is flushed and fsynced with its directory; the marker's length
-    /// check is suspended, the pointer switched (rename + directory fsync), the live handle
-    /// replaced and the watermark rewritten; the log segments the new generation holds are
-    /// pruned. Commits resume, then the old generation's files are deleted once sled let go
-    /// of them. Readers keep running throughout (each call uses the generation current then).
+    /// Rewrites the store into a fresh sled generation and switches to it (see `compact.rs`).
     ///
-    /// The copy is exact, `m/wal` included, so the write-ahead log applies to the new
-    /// generation as it did to the old; a group applied but not yet synced is copied too (an
-    /// unacknowledged group may survive whole, as with any crash).
+    /// 1. **Copy, commits running.** Under the write lock (a moment), note the last log record
+    ///    applied, `a0`, and forbid checkpoints to delete any later record; then copy every key
+    ///    but the transient write-ahead entries (`w`) into `sled.<n+1>/` while commits go on.
+    ///    The copy is not a point-in-time image, but every key it read stale was written by a
+    ///    record after `a0`.
+    /// 2. **Catch up and switch, commits held.** Under the write lock and the checkpoint lock:
+    ///    read the log records after `a0` back and apply them to the copy in order (absolute
+    ///    puts and removes, each with its `m/wal`), so the copy equals the source, `m/wal`
+    ///    included (checked; in debug builds, key by key). Flush and fsync it with its
+    ///    directory; suspend the marker's length check; switch the pointer (rename + directory
+    ///    fsync); replace the live handle; rewrite the watermark; prune the log segments the
+    ///    new generation holds.
+    /// 3. **Commits resume**, then the old generation's files are deleted once sled let go of
+    ///    them. Readers run throughout (each call uses the generation current then).
+    ///
+    /// A group applied but not yet synced is copied too (an unacknowledged group may survive
+    /// whole, as with any crash). One compaction at a time.
     pub(crate) fn compact(&self) -> Result<compact::Compacted> {
+        let _one = self.compact_lock.lock();
         let started = Instant::now();
         let ckpt = self.ckpt()?;
-        let bytes_before = self.size_on_disk_inner()?;
         let mut out = compact::Compacted {
-            bytes_before,
+            bytes_before: self.size_on_disk_inner()?,
             ..Default::default()
         };
-        let old = {
-            let _writes = self.write_lock.lock();
-            let paused = Instant::now();
-            let _checkpoint = ckpt.run_lock.lock();
+        let usable = || -> Result<()> {
             if let Some(reason) = ckpt.failed.lock().clone() {
                 return Err(Error::Storage(format!("a checkpoint failed: {reason}")));
             }
@@ -1277,41 +1291,88 @@ impl SledStore {
                     "an earlier sync failed; reopen the queue before compacting".into(),
                 ));
             }
-            let source = self.db.handle();
-            let number = self.db.layout().number + 1;
-            let new_dir = self.dir.join(compact::generation_name(number));
-            // A generation an earlier attempt of this process left half-written.
-            if !compact::remove_generation_dir(&new_dir)? {
-                return Err(Error::Storage(format!(
-                    "cannot compact: {} holds files omniq did not create",
-                    new_dir.display()
-                )));
+            Ok(())
+        };
+        usable()?;
+        // Phase 1.
+        let (a0, source, number) = {
+            let _writes = self.write_lock.lock();
+            let a0 = ckpt.applied.load(Ordering::Acquire);
+            ckpt.prune_floor.store(a0, Ordering::Release);
+            (a0, self.db.handle(), self.db.layout().number + 1)
+        };
+        let _floor = PruneFloor(&ckpt.prune_floor);
+        let new_dir = self.dir.join(compact::generation_name(number));
+        // A generation an earlier attempt of this process left half-written.
+        if !compact::remove_generation_dir(&new_dir)? {
+            return Err(Error::Storage(format!(
+                "cannot compact: {} holds files omniq did not create",
+                new_dir.display()
+            )));
+        }
+        std::fs::create_dir(&new_dir)?;
+        hook::reached("compact-start");
+        let (cache_bytes, flush_every_ms) = self.sled_opts;
+        let target = probe::open_quietly(super::sled_config::config(
+            &new_dir,
+            cache_bytes,
+            flush_every_ms,
+        ))
+        .unwrap_or(Err(sled::Error::Corruption { at: None, bt: () }))?;
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0usize;
+        for item in source.iter() {
+            let (k, v) = item?;
+            if k.first() == Some(&keys::WRITE_AHEAD) {
+                // A group being applied: its record is after `a0` and is replayed below.
+                continue;
             }
-            std::fs::create_dir(&new_dir)?;
-            hook::reached("compact-start");
-            let (cache_bytes, flush_every_ms) = self.sled_opts;
-            let target = probe::open_quietly(super::sled_config::config(
-                &new_dir,
-                cache_bytes,
-                flush_every_ms,
-            ))
-            .unwrap_or(Err(sled::Error::Corruption { at: None, bt: () }))?;
-            let mut batch = sled::Batch::default();
-            let mut in_batch = 0usize;
-            for item in source.iter() {
-                let (k, v) = item?;
-                out.keys_copied += 1;
-                out.live_bytes += (k.len() + v.len()) as u64;
-                batch.insert(k, v);
-                in_batch += 1;
-                if in_batch == COMPACT_BATCH_KEYS {
-                    target.apply_batch(std::mem::take(&mut batch))?;
-                    in_batch = 0;
-                    hook::reached("compact-copy");
+            out.keys_copied += 1;
+            out.live_bytes += (k.len() + v.len()) as u64;
+            batch.insert(k, v);
+            in_batch += 1;
+            if in_batch == COMPACT_BATCH_KEYS {
+                target.apply_batch(std::mem::take(&mut batch))?;
+                in_batch = 0;
+                hook::reached("compact-copy");
+            }
+        }
+        target.apply_batch(batch)?;
+        // Phase 2.
+        let old = {
+            let _writes = self.write_lock.lock();
+            let paused = Instant::now();
+            let _checkpoint = ckpt.run_lock.lock();
+            usable()?;
+            let a1 = ckpt.applied.load(Ordering::Acquire);
+            if a1 > a0 {
+                let mut next = a0 + 1;
+                for (lsn, ops) in wal::read_log(&self.dir)? {
+                    if lsn < next || lsn > a1 {
+                        continue;
+                    }
+                    if lsn != next {
+                        break;
+                    }
+                    let mut b = sled::Batch::default();
+                    for (k, v) in with_lsn(ops, lsn)? {
+                        match v {
+                            Some(v) => b.insert(k, v),
+                            None => b.remove(k),
+                        }
+                    }
+                    target.apply_batch(b)?;
+                    next += 1;
+                }
+                if next != a1 + 1 {
+                    return Err(Error::Storage(format!(
+                        "compaction found log records {} to {a1} incomplete (next {next}); \
+                         nothing was switched",
+                        a0 + 1
+                    )));
                 }
             }
-            target.apply_batch(batch)?;
-            // The copy must carry the source's watermarks, or the log would be misapplied.
+            // The copy must now equal the source, or the log would be misapplied.
             for key in [keys::META_WAL, keys::META_SEQ, keys::META_RUN] {
                 if target.get(key)? != source.get(key)? {
                     return Err(Error::Storage(format!(
@@ -1319,6 +1380,11 @@ impl SledStore {
                         keys::describe(key)
                     )));
                 }
+            }
+            if cfg!(debug_assertions) && !same_keys(&source, &target) {
+                return Err(Error::Storage(
+                    "compaction's copy differs from the store; nothing was switched".into(),
+                ));
             }
             target.flush()?;
             let data_file = File::open(new_dir.join("db"))?;
@@ -1360,13 +1426,12 @@ impl SledStore {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot update the OMNIQ marker after a compaction");
             }
             // The new generation durably holds every record applied so far.
-            ckpt.wal
-                .prune(ckpt.applied.load(Ordering::Acquire), false)
-                .map_err(poison)?;
+            ckpt.wal.prune(a1, false).map_err(poison)?;
             out.write_pause = paused.elapsed();
             out.generation = number;
             old
         };
+        drop(source);
         let old_layout = old.layout.clone();
         drop(old);
         compact::remove_old_generation(&self.dir, &old_layout, Duration::from_secs(10))?;
@@ -1382,6 +1447,31 @@ impl SledStore {
             "compacted the store"
         );
         Ok(out)
+    }
+}
+
+/// Whether `copy` holds exactly the keys and values of `source`, write-ahead entries aside (a
+/// compaction's check in debug builds).
+fn same_keys(source: &sled::Db, copy: &sled::Db) -> bool {
+    let mut a = source
+        .iter()
+        .filter(|i| !matches!(i, Ok((k, _)) if k.first() == Some(&keys::WRITE_AHEAD)));
+    let mut b = copy.iter();
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            (Some(Ok(x)), Some(Ok(y))) if x == y => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Lifts a compaction's hold on log pruning when it ends, however it ends.
+struct PruneFloor<'a>(&'a AtomicU64);
+
+impl Drop for PruneFloor<'_> {
+    fn drop(&mut self) {
+        self.0.store(u64::MAX, Ordering::Release);
     }
 }
 
