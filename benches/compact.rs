@@ -41,7 +41,11 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 fn mb(b: u64) -> String {
-    format!("{:.1} MB", b as f64 / 1e6)
+    if b < 1_000_000 {
+        format!("{:.1} kB", b as f64 / 1e3)
+    } else {
+        format!("{:.1} MB", b as f64 / 1e6)
+    }
 }
 
 fn enqueue(queue: &Queue, from: u64, n: u64) -> Vec<omniq::TaskId> {

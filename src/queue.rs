@@ -69,7 +69,7 @@ pub enum Durability {
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AutoCompact {
-    /// Never compact a store smaller than this (default 64 MiB).
+    /// Never compact a store smaller than this (default 16 MiB).
     pub min_bytes: u64,
     /// Compact when the store is more than this many times its live estimate (default 3).
     pub ratio: u64,
@@ -78,7 +78,7 @@ pub struct AutoCompact {
 impl Default for AutoCompact {
     fn default() -> Self {
         AutoCompact {
-            min_bytes: 64 << 20,
+            min_bytes: 16 << 20,
             ratio: 3,
         }
     }
@@ -224,7 +224,7 @@ impl QueueBuilder {
     }
     /// When a purge (yours or retention's) compacts the store afterwards (see
     /// [`Queue::compact`]); `None` never does. Default: [`AutoCompact::default`] (stores over
-    /// 64 MiB and over 3 times their live estimate). The compaction runs on the purging
+    /// 16 MiB and over 3 times their live estimate). The compaction runs on the purging
     /// thread and holds commits off while it copies the live data.
     pub fn auto_compact(mut self, rule: Option<AutoCompact>) -> Self {
         self.auto_compact = rule;

@@ -119,7 +119,7 @@ fn auto_compaction_can_be_turned_off_and_skips_a_store_that_holds_its_size() {
     assert_eq!(report.tasks_removed, 2_000);
     assert!(report.compaction.is_none());
     drop(queue);
-    // The default rule: a store under 64 MiB is left alone.
+    // The default rule: a store under 16 MiB is left alone.
     let queue = reopen(&dir);
     enqueue_and_drain(&queue, 500);
     assert!(queue.purge(Duration::ZERO).unwrap().compaction.is_none());
@@ -128,7 +128,8 @@ fn auto_compaction_can_be_turned_off_and_skips_a_store_that_holds_its_size() {
     assert!(rule.wants(128 << 20, 0, None));
     assert!(!rule.wants(128 << 20, 30_000, None));
     assert!(rule.wants(128 << 20, 30_000, Some(1000)));
-    assert!(!rule.wants(32 << 20, 0, None));
+    assert!(rule.wants(32 << 20, 0, None));
+    assert!(!rule.wants(8 << 20, 0, None));
 }
 
 #[test]

@@ -1338,8 +1338,12 @@ impl SledStore {
             }
         }
         target.apply_batch(batch)?;
+        // Written out and synced now, so the flush and fsync under the lock write only what
+        // the catch-up changes.
+        target.flush()?;
+        File::open(new_dir.join("db"))?.sync_all()?;
         // Phase 2.
-        let old = {
+        let (old, a1) = {
             let _writes = self.write_lock.lock();
             let paused = Instant::now();
             let _checkpoint = ckpt.run_lock.lock();
@@ -1347,7 +1351,7 @@ impl SledStore {
             let a1 = ckpt.applied.load(Ordering::Acquire);
             if a1 > a0 {
                 let mut next = a0 + 1;
-                for (lsn, ops) in wal::read_log(&self.dir)? {
+                for (lsn, ops) in wal::read_log_from(&self.dir, a0)? {
                     if lsn < next || lsn > a1 {
                         continue;
                     }
@@ -1425,12 +1429,16 @@ impl SledStore {
             if let Err(e) = self.write_watermark() {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot update the OMNIQ marker after a compaction");
             }
-            // The new generation durably holds every record applied so far.
-            ckpt.wal.prune(a1, false).map_err(poison)?;
             out.write_pause = paused.elapsed();
             out.generation = number;
-            old
+            (old, a1)
         };
+        // The new generation durably holds every record up to `a1`: those segments can go (as
+        // a checkpoint would delete them; a failure here is one).
+        if let Err(e) = ckpt.wal.prune(a1, false) {
+            *ckpt.failed.lock() = Some(format!("compaction could not prune the log: {e}"));
+            return Err(e);
+        }
         drop(source);
         let old_layout = old.layout.clone();
         drop(old);

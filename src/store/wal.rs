@@ -143,6 +143,18 @@ fn parse_at(bytes: &[u8], off: usize) -> Option<Parsed> {
 /// valid records before the tail, oldest first, with their key writes. Refuses a log damaged
 /// before its tail ([`Error::Damaged`], naming the file).
 pub(crate) fn read_log(dir: &Path) -> Result<Vec<(u64, Vec<Op>)>> {
+    read_log_from(dir, 0)
+}
+
+/// [`read_log`] over only the segments that can hold records after `after` (a compaction
+/// catching up on what was appended while it copied).
+pub(crate) fn read_log_from(dir: &Path, after: u64) -> Result<Vec<(u64, Vec<Op>)>> {
+    let mut segs = segments(dir)?;
+    let from = segs
+        .iter()
+        .rposition(|(first, _)| *first <= after.saturating_add(1))
+        .unwrap_or(0);
+    segs.drain(..from);
     let damaged = |file: &Path, detail: String| Error::Damaged {
         path: Some(dir.to_path_buf()),
         detail: format!(
@@ -155,7 +167,7 @@ pub(crate) fn read_log(dir: &Path) -> Result<Vec<(u64, Vec<Op>)>> {
     let mut out: Vec<(u64, Vec<Op>)> = Vec::new();
     // The first bad spot: (file, offset, the lsn the record there should have had).
     let mut tail: Option<(PathBuf, usize, u64)> = None;
-    for (first, path) in segments(dir)? {
+    for (first, path) in segs {
         let bytes = std::fs::read(&path)?;
         if tail.is_none() && out.last().is_some_and(|(l, _)| l + 1 != first) {
             // Records are missing between two segments (an older segment whose deletion did
