@@ -126,7 +126,9 @@ pub fn dir_bytes(dir: &Path) -> Result<u64> {
 /// Keys and values stored in a closed queue directory, summed by key prefix byte: (prefix,
 /// keys, key bytes, value bytes), in prefix order.
 pub fn key_breakdown(dir: &Path) -> Result<Vec<(u8, u64, u64, u64)>> {
-    let db = crate::store::sled_config::config(dir, 64 << 20, None).open()?;
+    // sled's files: at the root, or in the generation a compaction switched to.
+    let sled_dir = crate::store::compact::resolve(dir)?.dir;
+    let db = crate::store::sled_config::config(&sled_dir, 64 << 20, None).open()?;
     let mut by: std::collections::BTreeMap<u8, (u64, u64, u64)> = Default::default();
     for kv in db.iter() {
         let (k, v) = kv?;
