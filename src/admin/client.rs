@@ -541,6 +541,21 @@ fn from_value<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T>
     })
 }
 
+/// A [`CompactReport`] from its JSON (`POST /api/v1/compact`, or a purge's `compaction`).
+fn compact_report(v: &Value) -> CompactReport {
+    let ms = |key: &str| Duration::from_secs_f64(v[key].as_f64().unwrap_or(0.0).max(0.0) / 1000.0);
+    CompactReport {
+        compacted: v["compacted"].as_bool().unwrap_or(false),
+        note: v["note"].as_str().map(str::to_string),
+        bytes_before: v["bytes_before"].as_u64().unwrap_or(0),
+        bytes_after: v["bytes_after"].as_u64().unwrap_or(0),
+        keys_copied: v["keys_copied"].as_u64().unwrap_or(0),
+        live_bytes: v["live_bytes"].as_u64().unwrap_or(0),
+        duration: ms("duration_ms"),
+        write_pause: ms("write_pause_ms"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -561,20 +576,5 @@ mod tests {
     #[test]
     fn query_values_are_percent_encoded() {
         assert_eq!(encode("a b&c"), "a%20b%26c");
-    }
-}
-
-/// A [`CompactReport`] from its JSON (`POST /api/v1/compact`, or a purge's `compaction`).
-fn compact_report(v: &Value) -> CompactReport {
-    let ms = |key: &str| Duration::from_secs_f64(v[key].as_f64().unwrap_or(0.0).max(0.0) / 1000.0);
-    CompactReport {
-        compacted: v["compacted"].as_bool().unwrap_or(false),
-        note: v["note"].as_str().map(str::to_string),
-        bytes_before: v["bytes_before"].as_u64().unwrap_or(0),
-        bytes_after: v["bytes_after"].as_u64().unwrap_or(0),
-        keys_copied: v["keys_copied"].as_u64().unwrap_or(0),
-        live_bytes: v["live_bytes"].as_u64().unwrap_or(0),
-        duration: ms("duration_ms"),
-        write_pause: ms("write_pause_ms"),
     }
 }

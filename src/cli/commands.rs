@@ -777,20 +777,6 @@ pub fn migrate(json: bool, url: &str, schema: &str) -> Result<ExitCode, CliError
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    #[test]
-    fn short_durations() {
-        let d = Duration::from_millis;
-        assert_eq!(super::short_duration(d(850)), "850ms");
-        assert_eq!(super::short_duration(d(3_240)), "3.2s");
-        assert_eq!(super::short_duration(d(250_000)), "4m10s");
-        assert_eq!(super::short_duration(d(7_500_000)), "2h05m");
-    }
-}
-
 /// `omniq compact`: rewrites the store, then says what it gave back.
 pub fn compact(queue: &Target, json: bool) -> Result<ExitCode, CliError> {
     let r = queue.compact()?;
@@ -819,4 +805,18 @@ pub fn compact(queue: &Target, json: bool) -> Result<ExitCode, CliError> {
         r.write_pause.as_secs_f64() * 1000.0,
     ))?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn short_durations() {
+        let d = Duration::from_millis;
+        assert_eq!(super::short_duration(d(850)), "850ms");
+        assert_eq!(super::short_duration(d(3_240)), "3.2s");
+        assert_eq!(super::short_duration(d(250_000)), "4m10s");
+        assert_eq!(super::short_duration(d(7_500_000)), "2h05m");
+    }
 }
