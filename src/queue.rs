@@ -889,7 +889,16 @@ impl Queue {
                 let tasks: u64 = self.inner.backend.counts()?.values().sum();
                 let task_bytes = *self.inner.task_bytes.lock();
                 if rule.wants(self.size_on_disk()?, tasks, task_bytes) {
-                    report.compaction = Some(self.compact()?);
+                    // The purge itself succeeded: a compaction that fails is said, not raised
+                    // (the store keeps working on its current files; a failure that leaves it
+                    // unusable refuses every later commit by itself).
+                    match self.compact() {
+                        Ok(r) if r.compacted => report.compaction = Some(r),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "compaction after a purge failed")
+                        }
+                    }
                 }
             }
         }
