@@ -300,3 +300,77 @@ fn compaction_while_a_producer_and_workers_run_loses_and_repeats_nothing() {
     );
     assert!(queue.check_consistency().unwrap().is_consistent());
 }
+
+/// Every file under `dir` with its length, for "nothing was touched".
+fn tree(dir: &Path) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let meta = entry.metadata().unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if meta.is_dir() {
+            out.extend(
+                tree(&entry.path())
+                    .into_iter()
+                    .map(|(n, l)| (format!("{name}/{n}"), l)),
+            );
+        } else {
+            out.push((name, meta.len()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A compacted store whose data file is cut short is refused as damaged, untouched: the
+/// preflight and the watermark follow the generation.
+#[test]
+fn a_compacted_store_cut_short_is_refused_untouched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("q");
+    let queue = Queue::open(&dir).unwrap();
+    let batch = (0..2_000).map(|n| Noop {
+        n,
+        pad: "y".repeat(40),
+    });
+    queue.enqueue_many(batch).unwrap();
+    queue.compact().unwrap();
+    queue.close().unwrap();
+    let db = dir.join("sled.1/db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&db)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+    let before = tree(&dir);
+    match common::reopen(|| Queue::open(&dir)) {
+        Err(omniq::Error::Damaged { .. }) => {}
+        Err(e) => panic!("{e:?}"),
+        Ok(q) => panic!(
+            "a cut-short store opened with {} task(s)",
+            q.stats().unwrap().total
+        ),
+    }
+    assert_eq!(tree(&dir), before);
+}
+
+/// A store written before the marker existed (sled's files at the root, nothing else) opens,
+/// compacts into a generation and reopens.
+#[test]
+fn a_store_from_before_the_marker_compacts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("q");
+    let id = {
+        let q = Queue::open(&dir).unwrap();
+        q.enqueue_json("k", &json!(7), EnqueueOptions::new())
+            .unwrap()
+    };
+    std::fs::remove_file(dir.join("OMNIQ")).unwrap();
+    let q = reopen(&dir);
+    assert!(q.compact().unwrap().compacted);
+    q.close().unwrap();
+    let q = reopen(&dir);
+    assert_eq!(q.get(id).unwrap().unwrap().status, Status::Pending);
+    assert!(dir.join("sled.1/db").is_file() && !dir.join("db").exists());
+}
