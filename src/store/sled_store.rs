@@ -1429,6 +1429,11 @@ impl SledStore {
             if let Err(e) = self.write_watermark() {
                 tracing::warn!(dir = %self.dir.display(), error = %e, "cannot update the OMNIQ marker after a compaction");
             }
+            // The current log segment holds records the new generation has: start another,
+            // so the prune below can delete it too.
+            if let Err(e) = ckpt.wal.rotate() {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot start a new log segment after a compaction; the next checkpoint deletes the old one");
+            }
             out.write_pause = paused.elapsed();
             out.generation = number;
             (old, a1)

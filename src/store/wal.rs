@@ -326,14 +326,7 @@ impl Wal {
         app.buf.clear();
         encode_record(lsn, self.synced.load(Ordering::Acquire), ops, &mut app.buf);
         if app.len > 0 && app.len + app.buf.len() as u64 > self.segment_bytes {
-            crate::store::hook::reached("wal-rotate");
-            let path = self.dir.join(segment_name(lsn));
-            let file = Arc::new(create_segment(&path)?);
-            let old = std::mem::replace(&mut app.file, file);
-            app.unsynced.push(old);
-            app.dir_dirty = true;
-            app.len = 0;
-            app.live.push_back((lsn, path));
+            self.rotate_locked(app)?;
         }
         if crate::store::hook::armed("wal-torn") {
             // Crash tests: die with half of the record written.
@@ -349,6 +342,32 @@ impl Wal {
         self.since_checkpoint
             .fetch_add(app.buf.len() as u64, Ordering::Relaxed);
         Ok(lsn)
+    }
+
+    /// Starts a new segment now if the current one holds any record, so that every record
+    /// appended so far can be pruned once covered (a compaction, whose new files hold them all,
+    /// calls it instead of waiting for the segment to fill).
+    pub(crate) fn rotate(&self) -> Result<()> {
+        let mut guard = self.app.lock();
+        if guard.len == 0 {
+            return Ok(());
+        }
+        self.rotate_locked(&mut guard)
+    }
+
+    /// Creates the segment the next record (`next_lsn`) starts; the old one is synced by the
+    /// next sync, with the directory.
+    fn rotate_locked(&self, app: &mut Appender) -> Result<()> {
+        crate::store::hook::reached("wal-rotate");
+        let lsn = app.next_lsn;
+        let path = self.dir.join(segment_name(lsn));
+        let file = Arc::new(create_segment(&path)?);
+        let old = std::mem::replace(&mut app.file, file);
+        app.unsynced.push(old);
+        app.dir_dirty = true;
+        app.len = 0;
+        app.live.push_back((lsn, path));
+        Ok(())
     }
 
     /// Makes every record appended so far durable: `fdatasync` of the segments written since
