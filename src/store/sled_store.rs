@@ -49,6 +49,10 @@ type Counters = BTreeMap<(String, Status), u64>;
 /// acknowledged transitions may be only in the log, which a format-2 build would ignore. A
 /// format-2 store is migrated at open: any write-ahead entry (`w`) a crash left is applied, then
 /// `m/format` is rewritten; nothing else changes.
+///
+/// Where sled's files live (the root, or the generation `sled.<n>/` a compaction switched to)
+/// is not part of this number: it is recognised by the pointer file `sled.current`
+/// (`compact.rs`).
 pub const FORMAT_VERSION: u32 = 3;
 
 /// Options for opening the store.
@@ -1447,7 +1451,12 @@ impl SledStore {
         drop(source);
         let old_layout = old.layout.clone();
         drop(old);
-        compact::remove_old_generation(&self.dir, &old_layout, Duration::from_secs(10))?;
+        // The switch is done: old files that cannot go now are a leftover the next open removes.
+        if let Err(e) =
+            compact::remove_old_generation(&self.dir, &old_layout, Duration::from_secs(10))
+        {
+            tracing::warn!(dir = %old_layout.dir.display(), error = %e, "cannot delete the old sled generation; the next open removes it");
+        }
         out.bytes_after = self.size_on_disk_inner()?;
         out.duration = started.elapsed();
         tracing::info!(
