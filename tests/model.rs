@@ -67,6 +67,8 @@ enum Op {
     Advance(u64),
     Cancel(usize),
     Retry(usize),
+    /// Rewrites the store into a new sled generation (held claims stay valid).
+    Compact,
 }
 
 #[derive(Clone, Debug)]
@@ -353,6 +355,10 @@ impl Harness {
                 assert_eq!(report.failed, report.recovered - requeued);
             }
             Op::Advance(ms) => self.clock.advance(Duration::from_millis(ms)),
+            Op::Compact => {
+                let r = self.q().compact().unwrap();
+                assert!(r.compacted, "{r:?}");
+            }
             Op::Cancel(i) | Op::Retry(i) => {
                 let Some(id) = self.pick(i) else { return };
                 let before = self.q().get(id).unwrap().unwrap();
@@ -499,6 +505,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => prop_oneof![Just(1u64), Just(100), Just(800), Just(2_000), Just(10_000), Just(75_000)].prop_map(Op::Advance),
         1 => any::<usize>().prop_map(Op::Cancel),
         1 => any::<usize>().prop_map(Op::Retry),
+        1 => Just(Op::Compact),
     ]
 }
 
@@ -543,9 +550,11 @@ fn scripted_scenario_covers_every_operation() {
         },
         Op::Claim,       // priority 2 first
         Op::Claim,       // then the oldest priority 0 that is due
+        Op::Compact,     // held claims finish in the new generation
         Op::Cancel(0),   // Running: refused
         Op::CrashReopen, // both orphans charged "crash"
-        Op::Retry(1),    // task 1 (max_retries 0) failed by the crash: manual retry
+        Op::Compact,
+        Op::Retry(1), // task 1 (max_retries 0) failed by the crash: manual retry
         Op::Advance(2_000),
         Op::RunDue(Behavior::Timeout),
         Op::Claim,
