@@ -1397,6 +1397,13 @@ impl SledStore {
             target.flush()?;
             let data_file = File::open(new_dir.join("db"))?;
             data_file.sync_all()?;
+            // sled's other files (`conf`, its snapshot) must survive a power loss too before the
+            // pointer names this generation.
+            for entry in std::fs::read_dir(&new_dir)?.flatten() {
+                if entry.file_type()?.is_file() {
+                    File::open(entry.path())?.sync_all()?;
+                }
+            }
             let mut blobs = HashSet::new();
             sync_new_blobs(&new_dir, &mut blobs)?;
             sync_dir(&new_dir)?;
