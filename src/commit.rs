@@ -30,6 +30,10 @@ use crate::rules::unique::{self, Hold, Unique};
 use crate::store::{Change, QueueSet, SideWrite, Store};
 use crate::task::{Status, TaskError, TaskId, TaskInfo, Timestamp};
 
+/// Groups that go through the syncer pipeline after a group synced on the writer thread found
+/// commands waiting once it was durable (see `Writer::run`).
+const INLINE_PAUSE_GROUPS: u32 = 256;
+
 /// Most commands applied in one group.
 pub(crate) const MAX_GROUP: usize = 1024;
 
@@ -366,7 +370,8 @@ impl Writer {
         // Pipelining: this thread applies group N+1 to sled while the syncer thread makes group
         // N durable, so the CPU work of a group overlaps the previous group's fsync. Replies and
         // notifications are sent by the syncer, in group order, only once their group is durable.
-        // `Immediate` keeps everything on this thread: each write is its own flush + fsync.
+        // `Immediate` keeps everything on this thread: each write is its own flush + fsync; so
+        // does `Group` for a lone group while nothing else is in flight (see `inline` below).
         let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<Applied>();
         let mut order = SyncOrder::default();
         let sequencer = Arc::new(Sequencer::default());
@@ -399,6 +404,7 @@ impl Writer {
             }
         };
         drop(sync_rx);
+        let mut inline_pause = 0u32;
         while let Ok(first) = rx.recv() {
             let mut commands = vec![first];
             while commands.len() < max {
@@ -407,8 +413,23 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let mut applied = self.apply_group(commands, syncer.is_none());
+            // `Group`: a lone group with nothing in flight and nothing waiting is synced right
+            // here, since a hand-off to a syncer thread would only add a thread wake-up to its
+            // latency. But while it syncs this thread cannot apply anything else: when commands
+            // arrived meanwhile (other producers, workers), the pipeline is used for a while.
+            // (Not `Relaxed`: there a claim's fsync must not hold up later acks.)
+            inline_pause = inline_pause.saturating_sub(1);
+            let inline = syncer.is_some()
+                && self.durability == Durability::Group
+                && inline_pause == 0
+                && order.idle()
+                && rx.is_empty();
+            let mut applied = self.apply_group(commands, syncer.is_none() || inline);
+            if inline && !rx.is_empty() {
+                inline_pause = INLINE_PAUSE_GROUPS;
+            }
             match &syncer {
+                Some(_) if inline => finish(applied, None, &self.notify),
                 Some(_) if !applied.durable && order.may_skip_syncer(&applied) => {
                     // `Relaxed`, no claim, and no task in it still waiting in the syncer: it
                     // needs no fsync, so it must not wait behind an earlier claim's.
@@ -548,6 +569,11 @@ impl SyncOrder {
             && applied
                 .task_ids()
                 .all(|id| self.waiting.get(&id).is_none_or(|t| *t <= done))
+    }
+
+    /// Every group handed to the syncer has been finished.
+    fn idle(&self) -> bool {
+        self.synced.load(std::sync::atomic::Ordering::Acquire) == self.next_ticket
     }
 
     fn sent_to_syncer(&mut self, applied: &mut Applied) {
@@ -1152,6 +1178,8 @@ mod tests {
         inner: SledStore,
         fail: AtomicBool,
         gate: Mutex<()>,
+        /// The thread each sync was called on, in order (recorded before `gate`).
+        sync_threads: Mutex<Vec<String>>,
     }
 
     impl FailingSync {
@@ -1169,6 +1197,7 @@ mod tests {
                 inner,
                 fail: AtomicBool::new(false),
                 gate: Mutex::new(()),
+                sync_threads: Mutex::new(Vec::new()),
             })
         }
     }
@@ -1218,6 +1247,41 @@ mod tests {
                 .recv_timeout(std::time::Duration::from_millis(50))
                 .is_ok()
         })
+    }
+
+    /// `Group`: a lone command with nothing in flight is made durable on the writer thread (a
+    /// hand-off to a syncer would only add a wake-up to its latency); once commands arrive while
+    /// the writer syncs, the following groups go through the syncers, so that one can be
+    /// applied while another's fsync runs.
+    #[test]
+    fn a_lone_group_is_synced_on_the_writer_and_contended_ones_on_the_syncers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FailingSync::open(dir.path());
+        let (tx, writer) = spawn_writer(store.clone(), Durability::Group);
+        insert(&tx, crate::task::test_task(3))
+            .recv()
+            .unwrap()
+            .unwrap();
+        assert_eq!(*store.sync_threads.lock(), ["omniq-writer"]);
+
+        // The disk stalls in the next lone group's fsync, on the writer; a second command
+        // arrives meanwhile.
+        let stalled = store.gate.lock();
+        let first = insert(&tx, crate::task::test_task(3));
+        while store.sync_threads.lock().len() < 2 {
+            std::thread::yield_now();
+        }
+        let second = insert(&tx, crate::task::test_task(3));
+        drop(stalled);
+        first.recv().unwrap().unwrap();
+        second.recv().unwrap().unwrap();
+        assert_eq!(
+            *store.sync_threads.lock(),
+            ["omniq-writer", "omniq-writer", "omniq-syncer"],
+            "the command that waited behind a sync on the writer went to the syncers"
+        );
+        drop(tx);
+        writer.join().unwrap();
     }
 
     /// `Relaxed`: a group without a claim is acknowledged without waiting for an earlier
@@ -1325,6 +1389,8 @@ mod tests {
             self.inner.size_on_disk()
         }
         fn sync(&self) -> Result<()> {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            self.sync_threads.lock().push(name);
             let _gate = self.gate.lock();
             if self.fail.load(Ordering::SeqCst) {
                 return Err(Error::Storage("injected fsync failure".into()));
