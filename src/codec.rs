@@ -30,6 +30,8 @@ pub enum RecordKind {
     Limit = 6,
     /// A schedule ([`ScheduleInfo`](crate::ScheduleInfo)), format 2.
     Schedule = 7,
+    /// A task record with its transition log inside (format 4; see [`crate::record`]).
+    TaskLog = 8,
 }
 
 impl RecordKind {
@@ -42,6 +44,7 @@ impl RecordKind {
             RecordKind::Extras => "task extras",
             RecordKind::Limit => "limit",
             RecordKind::Schedule => "schedule",
+            RecordKind::TaskLog => "task record",
         }
     }
 }

@@ -36,9 +36,9 @@ pub const FUZZ_TASK_ID: TaskId = TaskId(Uuid::from_bytes([
 /// One fuzz target per decoder family; the name is the fuzz target's and its corpus folder's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
-    /// Task records: [`decode_task_record`].
+    /// Task records with their log (format 4): [`decode_task_record`].
     TaskRecord,
-    /// Transition-log entries: [`decode_log_entry`].
+    /// Format-3 transition-log entries (read by the migration): [`decode_log_entry`].
     LogEntry,
     /// Metadata values: [`decode_meta`].
     Meta,
@@ -94,9 +94,9 @@ fn log_key_name() -> String {
     keys::describe(&keys::log(FUZZ_TASK_ID, 1))
 }
 
-/// Decodes `data` as a stored task record.
-pub fn decode_task_record(data: &[u8]) -> Result<TaskInfo> {
-    codec::decode(RecordKind::Task, data, &task_key_name)
+/// Decodes `data` as a stored task record (format 4: the task and its log).
+pub fn decode_task_record(data: &[u8]) -> Result<(TaskInfo, Vec<LogEntry>)> {
+    crate::record::decode(data, &task_key_name)
 }
 
 /// Decodes `data` as a stored transition-log entry.
@@ -133,8 +133,10 @@ pub struct DecodedKeys {
     pub state: Result<(Status, TaskId)>,
     /// [`keys::decode_pending`].
     pub pending: Result<keys::PendingKey>,
-    /// [`keys::decode_finished`].
+    /// [`keys::decode_finished`] (format 3).
     pub finished: Result<(Timestamp, TaskId)>,
+    /// [`keys::decode_finish_bucket`].
+    pub bucket: Result<u64>,
     /// [`keys::decode_log`].
     pub log: Result<(TaskId, u64)>,
     /// [`keys::decode_count`].
@@ -150,6 +152,7 @@ pub fn decode_keys(data: &[u8]) -> DecodedKeys {
         state: keys::decode_state(data),
         pending: keys::decode_pending(data),
         finished: keys::decode_finished(data),
+        bucket: keys::decode_finish_bucket(data),
         log: keys::decode_log(data),
         count: keys::decode_count(data),
         description: keys::describe(data),
@@ -159,8 +162,10 @@ pub fn decode_keys(data: &[u8]) -> DecodedKeys {
 /// What [`envelope`] found: `data` decoded as a value of every record kind.
 #[derive(Debug)]
 pub struct DecodedEnvelope {
-    /// As a task record.
-    pub task: Result<TaskInfo>,
+    /// As a task record (format 4).
+    pub task: Result<(TaskInfo, Vec<LogEntry>)>,
+    /// As a format-3 task record (read by the migration).
+    pub task_v3: Result<TaskInfo>,
     /// As a log entry.
     pub log: Result<LogEntry>,
     /// As a metadata value.
@@ -176,6 +181,7 @@ pub type WriteAheadOps = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 pub fn envelope(data: &[u8]) -> DecodedEnvelope {
     DecodedEnvelope {
         task: decode_task_record(data),
+        task_v3: codec::decode(RecordKind::Task, data, &task_key_name),
         log: decode_log_entry(data),
         meta: decode_meta(data).seq,
         write_ahead: codec::decode(RecordKind::WriteAhead, data, &|| {
@@ -187,9 +193,7 @@ pub fn envelope(data: &[u8]) -> DecodedEnvelope {
 /// Runs `target`'s entry point on `data` and checks every property listed in the module docs.
 pub fn check(target: Target, data: &[u8]) -> std::result::Result<(), Violation> {
     match target {
-        Target::TaskRecord => {
-            check_record(RecordKind::Task, decode_task_record(data), &task_key_name())
-        }
+        Target::TaskRecord => check_task_record(decode_task_record(data)),
         Target::LogEntry => check_record(RecordKind::Log, decode_log_entry(data), &log_key_name()),
         Target::Meta => {
             let m = decode_meta(data);
@@ -205,11 +209,13 @@ pub fn check(target: Target, data: &[u8]) -> std::result::Result<(), Violation> 
             let e = envelope(data);
             let accepted = [
                 e.task.is_ok(),
+                e.task_v3.is_ok(),
                 e.log.is_ok(),
                 e.meta.is_ok(),
                 e.write_ahead.is_ok(),
             ];
             let accepted_kind = [
+                RecordKind::TaskLog,
                 RecordKind::Task,
                 RecordKind::Log,
                 RecordKind::Meta,
@@ -230,7 +236,8 @@ pub fn check(target: Target, data: &[u8]) -> std::result::Result<(), Violation> 
                     )))
                 }
             }
-            check_record(RecordKind::Task, e.task, &task_key_name())?;
+            check_task_record(e.task)?;
+            check_record(RecordKind::Task, e.task_v3, &task_key_name())?;
             check_record(RecordKind::Log, e.log, &log_key_name())?;
             check_record(RecordKind::Meta, e.meta, &keys::describe(keys::META_SEQ))?;
             check_record(
@@ -251,7 +258,40 @@ fn kind_name(kind: RecordKind) -> &'static str {
         RecordKind::Extras => "task extras",
         RecordKind::Limit => "limit",
         RecordKind::Schedule => "schedule",
+        RecordKind::TaskLog => "task record",
     }
+}
+
+/// A format-4 record either decodes to a task and log that re-encode stably, or is a `Corrupt`
+/// error naming the task record and its key.
+fn check_task_record(
+    decoded: Result<(TaskInfo, Vec<LogEntry>)>,
+) -> std::result::Result<(), Violation> {
+    let key = task_key_name();
+    let (task, log) = match decoded {
+        Ok(v) => v,
+        Err(e) => return check_error(&e, "task record", &key),
+    };
+    let fail =
+        |what: &str, e: &dyn fmt::Display| Violation(format!("a decoded task record: {what}: {e}"));
+    let encode = |task: &TaskInfo, log: &[LogEntry]| -> Result<Vec<u8>> {
+        let mut entries = Vec::new();
+        for e in log {
+            entries.extend_from_slice(&crate::record::encode_entry(e)?);
+        }
+        crate::record::encode(task, log.len() as u64, &entries)
+    };
+    let once = encode(&task, &log).map_err(|e| fail("does not re-encode", &e))?;
+    let (t2, l2) = crate::record::decode(&once, &|| key.clone())
+        .map_err(|e| fail("re-encoding does not decode", &e))?;
+    let twice = encode(&t2, &l2).map_err(|e| fail("does not re-encode twice", &e))?;
+    if once != twice {
+        return Err(fail(
+            "encoding is not stable",
+            &format!("{} then {}", hex(&once), hex(&twice)),
+        ));
+    }
+    Ok(())
 }
 
 /// A decode result is either a value that round-trips or a `Corrupt` error naming the record
@@ -346,6 +386,10 @@ fn check_keys(data: &[u8]) -> std::result::Result<(), Violation> {
     key_check(
         "finished-index key",
         d.finished.as_ref().map(|(at, id)| keys::finished(*at, *id)),
+    )?;
+    key_check(
+        "finish-bucket key",
+        d.bucket.as_ref().map(|m| keys::finish_bucket(*m)),
     )?;
     key_check(
         "log key",

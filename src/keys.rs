@@ -5,11 +5,10 @@
 //! | prefix | layout                                                        | value            |
 //! |--------|---------------------------------------------------------------|------------------|
 //! | `m`    | `m` name                                                      | meta envelope    |
-//! | `t`    | `t` id(16)                                                    | task envelope    |
-//! | `s`    | `s` status(1) id(16)                                          | empty            |
+//! | `t`    | `t` id(16)                                                    | task + its log   |
+//! | `s`    | `s` status(1) id(16), not for `Completed`                     | empty            |
 //! | `p`    | `p` qlen(1) queue prio(1) next_run_ms(8) id(16)               | empty            |
-//! | `f`    | `f` finished_ms(8) id(16)                                     | empty            |
-//! | `l`    | `l` id(16) seq(8)                                             | log envelope     |
+//! | `f`    | `f` minute(8): a finish bucket                                | largest id(16)   |
 //! | `c`    | `c` status(1) queue                                           | u64 BE count     |
 //! | `w`    | `w` n(8)                                                      | write-ahead env. |
 //! | `q`    | `q` queue                                                     | u64 BE paused-at |
@@ -22,6 +21,20 @@
 //!
 //! `prio` is `127 - priority` (as a byte), so higher priority sorts first; within a priority,
 //! earlier `next_run_ms` first, then the id (UUIDv7, so enqueue order).
+//!
+//! Format 4 (issue 12: sled costs ~150-250 bytes per key, so a completed task must be one key):
+//! a `t` value holds the task and its transition log (`crate::record`); a `Completed` task has
+//! no index key at all (listing completed tasks scans `t`); the state index keeps `Pending`,
+//! `Running`, `Failed` and `Cancelled`. Retention reads per-minute *finish buckets*: `f`
+//! minute (`finished_at / 60_000`, u64 BE) -> the largest id (16 bytes, the `t` key order) of a
+//! task that reached a terminal state with `finished_at` in that minute. Every terminal task
+//! finished in minute `m` has an id <= bucket `m`'s value, so the terminal tasks finished
+//! before a cutoff are all among the `t` keys up to the largest value of the buckets at or
+//! before the cutoff's minute. Keys per task: a pending task has `t s p k`, a running, failed or
+//! cancelled one `t s`, a completed one `t` alone.
+//!
+//! Format 3 (read only by the migration to format 4) also had `l` id(16) seq(8) -> one log
+//! entry each, `f` finished_ms(8) id(16) -> empty per terminal task, and `s` for `Completed`.
 
 use crate::error::{Error, Result};
 use crate::task::{Status, TaskId, Timestamp};
@@ -34,9 +47,9 @@ pub const TASK: u8 = b't';
 pub const STATE: u8 = b's';
 /// Pending (due-time) index.
 pub const PENDING: u8 = b'p';
-/// Finished-time index (for retention).
+/// Finish buckets (format 4, for retention; in format 3, a per-task finished-time index).
 pub const FINISHED: u8 = b'f';
-/// Transition log.
+/// Transition log (format 3 only: format 4 keeps the log inside the task record).
 pub const LOG: u8 = b'l';
 /// Per-status, per-queue counters.
 pub const COUNT: u8 = b'c';
@@ -173,7 +186,47 @@ pub fn decode_pending(key: &[u8]) -> Result<PendingKey> {
     })
 }
 
-/// `f` finished_ms id
+/// Milliseconds per finish bucket.
+pub const BUCKET_MS: u64 = 60_000;
+
+/// The finish bucket (minute) a time falls in.
+pub fn bucket_of(at: Timestamp) -> u64 {
+    at.0 / BUCKET_MS
+}
+
+/// `f` minute: a finish bucket (format 4).
+pub fn finish_bucket(minute: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(FINISHED);
+    k.extend_from_slice(&minute.to_be_bytes());
+    k
+}
+
+/// Decodes an `f` key of format 4 into its minute.
+pub fn decode_finish_bucket(key: &[u8]) -> Result<u64> {
+    match key {
+        [FINISHED, rest @ ..] if rest.len() == 8 => Ok(u64::from_be_bytes(fixed(rest))),
+        _ => Err(corrupt_key(
+            "finish-bucket key",
+            key,
+            "wrong prefix or length",
+        )),
+    }
+}
+
+/// Decodes a finish bucket's value (the largest id in it).
+pub fn decode_bucket_value(key: &[u8], value: &[u8]) -> Result<TaskId> {
+    if value.len() != 16 {
+        return Err(corrupt_key(
+            "finish bucket",
+            key,
+            "value is not a 16-byte id",
+        ));
+    }
+    Ok(TaskId::from_bytes(fixed(value)))
+}
+
+/// `f` finished_ms id: format 3's per-task finished index (the migration removes it).
 pub fn finished(at: Timestamp, id: TaskId) -> Vec<u8> {
     let mut k = Vec::with_capacity(25);
     k.push(FINISHED);
@@ -197,7 +250,7 @@ pub fn decode_finished(key: &[u8]) -> Result<(Timestamp, TaskId)> {
     }
 }
 
-/// `l` id seq
+/// `l` id seq: format 3's log entry key (the migration removes it).
 pub fn log(id: TaskId, seq: u64) -> Vec<u8> {
     let mut k = log_prefix(id);
     k.extend_from_slice(&seq.to_be_bytes());
@@ -462,6 +515,7 @@ pub fn describe(key: &[u8]) -> String {
         (Some(&FINISHED), 25) => {
             format!("f/{}/{}", u64::from_be_bytes(fixed(&key[1..9])), id_at(9))
         }
+        (Some(&FINISHED), 9) => format!("f/{}", u64::from_be_bytes(fixed(&key[1..9]))),
         (Some(&META), _) => format!("m/{}", String::from_utf8_lossy(&key[1..])),
         (Some(&WRITE_AHEAD), 9) => format!("w/{}", u64::from_be_bytes(fixed(&key[1..]))),
         (Some(&EXTRAS), 17) => format!("o/{}", id_at(1)),

@@ -130,6 +130,8 @@ mod lifecycle;
 mod limiter;
 mod log;
 mod queue;
+#[doc(hidden)]
+pub mod record;
 mod recovery;
 pub mod retry;
 pub mod rules;

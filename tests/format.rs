@@ -118,8 +118,8 @@ fn full_task() -> TaskInfo {
 }
 
 #[test]
-fn format_version_is_three() {
-    assert_eq!(FORMAT_VERSION, 3);
+fn format_version_is_four() {
+    assert_eq!(FORMAT_VERSION, 4);
     assert_eq!(omniq::codec::SCHEMA_VERSION, 1);
     assert_eq!(
         [
@@ -130,9 +130,113 @@ fn format_version_is_three() {
             RecordKind::Extras as u8,
             RecordKind::Limit as u8,
             RecordKind::Schedule as u8,
+            RecordKind::TaskLog as u8,
         ],
-        [1, 2, 3, 4, 5, 6, 7]
+        [1, 2, 3, 4, 5, 6, 7, 8]
     );
+}
+
+/// Format 4: a task record holds the task and its log. Pinned with the minimal task and two
+/// entries: `[08][0001][task length][task as the v1 payload][entry count]` then per entry
+/// `[length][the v1 log entry payload without its task id]`.
+#[test]
+fn task_record_with_log_v4() {
+    let t = minimal_task();
+    let task_body = [
+        concat!("10 ", id_hex!()),
+        "01 'k",
+        "07 'default",
+        "04 'null",
+        "00 00 03 00 00 fa",
+        "00 00 00 00 00 00 00 00",
+    ];
+    let body_len = golden(&task_body).len();
+    assert_eq!(body_len, 46);
+    let enqueued = LogEntry {
+        seq: 1,
+        task_id: id(),
+        from: None,
+        to: Status::Pending,
+        attempt: 0,
+        cause: Cause::Enqueued,
+        at: T_CREATED,
+        run_id: 300,
+    };
+    let failed = LogEntry {
+        seq: 70_000,
+        from: Some(Status::Pending),
+        to: Status::Running,
+        attempt: 1,
+        cause: Cause::Failed {
+            error_type: "network".into(),
+            permanent: true,
+        },
+        ..enqueued.clone()
+    };
+    // An entry: seq, from, to, attempt, cause, at (T_CREATED), run_id 300.
+    const TAIL: &str = "fd 880369cf8f010000 fb 2c01";
+    let mut parts = vec!["08 0001", "2e"];
+    parts.extend(task_body);
+    parts.extend([
+        "02",
+        "11",
+        "01 00 00 00 00",
+        TAIL,
+        "1f",
+        "fc 70110100 01 00 01 01 03 07 'network",
+        "01",
+        TAIL,
+    ]);
+    let expected = golden(&parts);
+    let mut entries = omniq::record::encode_entry(&enqueued).unwrap();
+    entries.extend(omniq::record::encode_entry(&failed).unwrap());
+    let actual = omniq::record::encode(&t, 2, &entries).unwrap();
+    assert_eq!(
+        hex(&actual),
+        hex(&expected),
+        "the format-4 record encoding changed; format-4 directories would no longer read"
+    );
+    let appended = omniq::record::append(
+        Some(&omniq::record::append(None, &t, Some(&enqueued), &|| "t".into()).unwrap()),
+        &t,
+        Some(&failed),
+        &|| "t".into(),
+    )
+    .unwrap();
+    assert_eq!(
+        hex(&appended),
+        hex(&expected),
+        "append builds the same bytes"
+    );
+    let (task, log) = omniq::record::decode(&expected, &|| "t".into()).unwrap();
+    assert_eq!(task, t);
+    assert_eq!(log, vec![enqueued, failed]);
+    assert!(omniq::record::is_record(&expected));
+    assert!(!omniq::record::is_record(
+        &encode(RecordKind::Task, &t).unwrap()
+    ));
+}
+
+#[test]
+fn finish_bucket_key_v4() {
+    let id = id();
+    let minute = 1_717_171_753_000 / 60_000; // 28_619_529 = 0x1b4b309
+    assert_eq!(keys::bucket_of(Timestamp(1_717_171_753_000)), minute);
+    assert_eq!(
+        hex(&keys::finish_bucket(minute)),
+        hex(&golden(&["66", "0000000001b4b309"]))
+    );
+    assert_eq!(
+        keys::decode_finish_bucket(&keys::finish_bucket(minute)).unwrap(),
+        minute
+    );
+    assert_eq!(keys::describe(&keys::finish_bucket(minute)), "f/28619529");
+    assert_eq!(
+        keys::decode_bucket_value(&keys::finish_bucket(minute), &golden(&[ID_HEX])).unwrap(),
+        id
+    );
+    assert!(keys::decode_bucket_value(b"f", b"short").is_err());
+    assert!(keys::decode_finish_bucket(&keys::finished(Timestamp(5), id)).is_err());
 }
 
 #[test]
@@ -174,9 +278,8 @@ fn full_task_record_v1() {
     );
 }
 
-#[test]
-fn minimal_task_record_v1() {
-    let t = TaskInfo {
+fn minimal_task() -> TaskInfo {
+    TaskInfo {
         id: id(),
         kind: "k".into(),
         queue: "default".into(),
@@ -195,7 +298,12 @@ fn minimal_task_record_v1() {
         last_error: None,
         errors: Vec::new(),
         lease: 0,
-    };
+    }
+}
+
+#[test]
+fn minimal_task_record_v1() {
+    let t = minimal_task();
     assert_golden(
         "minimal task record",
         RecordKind::Task,
@@ -373,8 +481,14 @@ fn meta_values_v1() {
     assert_golden(
         "format version",
         RecordKind::Meta,
-        &FORMAT_VERSION,
+        &3u32,
         &["03 0001", "03"],
+    );
+    assert_golden(
+        "format version",
+        RecordKind::Meta,
+        &FORMAT_VERSION,
+        &["03 0001", "04"],
     );
     assert_golden(
         "last sequence",
@@ -521,26 +635,38 @@ fn every_key_layout_v1() {
     assert_eq!(keys::MAX_QUEUE_NAME, 128);
 }
 
-/// A real queue writes exactly these layouts: enqueue one task at a known time, close, and
-/// read the raw sled tree.
+/// A real queue writes exactly these layouts: enqueue one task at a known time and run another
+/// to completion, close, and read the raw sled tree. The completed task is one key (format 4).
 #[test]
 fn a_queue_writes_the_pinned_layout() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(T_CREATED);
-    let id = {
+    let (id, done) = {
         let q = Queue::builder(dir.path())
             .clock(clock.clone())
             .open()
             .unwrap();
-        q.enqueue_json(
-            "send_email",
-            &serde_json::json!({"to": "ada@example.com"}),
-            EnqueueOptions::new()
-                .queue("emails")
-                .priority(-7)
-                .delay(Duration::from_secs(5)),
-        )
-        .unwrap()
+        let id = q
+            .enqueue_json(
+                "send_email",
+                &serde_json::json!({"to": "ada@example.com"}),
+                EnqueueOptions::new()
+                    .queue("emails")
+                    .priority(-7)
+                    .delay(Duration::from_secs(5)),
+            )
+            .unwrap();
+        let done = q
+            .enqueue_json(
+                "k",
+                &serde_json::json!(1),
+                EnqueueOptions::new().queue("done"),
+            )
+            .unwrap();
+        let c = omniq::testing::claim_next(&q).unwrap().unwrap();
+        assert_eq!(c.task.id, done);
+        assert!(c.succeed(&2).unwrap());
+        (id, done)
     };
     let db = raw_db(dir.path());
     let due = T_CREATED + Duration::from_secs(5);
@@ -550,18 +676,14 @@ fn a_queue_writes_the_pinned_layout() {
         keys::pending("emails", -7, due, id),
         keys::kind_pending("send_email", "emails", -7, due, id),
         keys::count(Status::Pending, "emails"),
+        keys::task(done),
+        keys::finish_bucket(keys::bucket_of(T_CREATED)),
+        keys::count(Status::Completed, "done"),
         keys::META_FORMAT.to_vec(),
         keys::META_SEQ.to_vec(),
         keys::META_RUN.to_vec(),
         keys::META_WAL.to_vec(),
     ];
-    let logs: Vec<Vec<u8>> = db
-        .scan_prefix(keys::log_prefix(id))
-        .keys()
-        .map(|k| k.unwrap().to_vec())
-        .collect();
-    assert_eq!(logs.len(), 1, "one log entry (the enqueue)");
-    expected.extend(logs.iter().cloned());
     expected.sort();
     let all: Vec<Vec<u8>> = db.iter().keys().map(|k| k.unwrap().to_vec()).collect();
     assert_eq!(
@@ -575,7 +697,7 @@ fn a_queue_writes_the_pinned_layout() {
 
     assert_eq!(
         db.get(keys::META_FORMAT).unwrap().unwrap().as_ref(),
-        golden(&["03 0001 03"])
+        golden(&["03 0001 04"])
     );
     assert_eq!(
         db.get(keys::META_RUN).unwrap().unwrap().as_ref(),
@@ -584,8 +706,8 @@ fn a_queue_writes_the_pinned_layout() {
     );
     assert_eq!(
         db.get(keys::META_WAL).unwrap().unwrap().as_ref(),
-        golden(&["03 0001 01"]),
-        "the one group's log record (the first) is applied"
+        golden(&["03 0001 04"]),
+        "the four groups' log records are applied"
     );
     assert_eq!(
         db.get(keys::count(Status::Pending, "emails"))
@@ -602,26 +724,31 @@ fn a_queue_writes_the_pinned_layout() {
             .is_empty(),
         "index values are empty"
     );
-    let record: TaskInfo = decode(
-        RecordKind::Task,
-        &db.get(keys::task(id)).unwrap().unwrap(),
-        &|| "t".into(),
-    )
-    .unwrap();
+    assert_eq!(
+        db.get(keys::finish_bucket(keys::bucket_of(T_CREATED)))
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        done.as_bytes(),
+        "a bucket holds the largest id finished in its minute"
+    );
+    let (record, log) =
+        omniq::record::decode(&db.get(keys::task(id)).unwrap().unwrap(), &|| "t".into()).unwrap();
     assert_eq!(
         (record.id, record.priority, record.next_run_at),
         (id, -7, due)
     );
-    let entry: LogEntry = decode(
-        RecordKind::Log,
-        &db.get(&logs[0]).unwrap().unwrap(),
-        &|| "l".into(),
-    )
-    .unwrap();
-    assert_eq!(keys::log(id, entry.seq), logs[0]);
+    assert_eq!(log.len(), 1, "one log entry (the enqueue)");
     assert_eq!(
-        (entry.from, entry.to, entry.cause),
-        (None, Status::Pending, Cause::Enqueued)
+        (log[0].task_id, log[0].from, log[0].to, log[0].cause.clone()),
+        (id, None, Status::Pending, Cause::Enqueued)
+    );
+    let (record, log) =
+        omniq::record::decode(&db.get(keys::task(done)).unwrap().unwrap(), &|| "t".into()).unwrap();
+    assert_eq!(record.status, Status::Completed);
+    assert_eq!(
+        log.iter().map(|e| e.cause.clone()).collect::<Vec<_>>(),
+        [Cause::Enqueued, Cause::Claimed, Cause::Succeeded]
     );
 }
 
@@ -633,13 +760,13 @@ fn a_newer_format_is_refused_without_touching_the_directory() {
         q.enqueue_json("k", &serde_json::json!(1), EnqueueOptions::new())
             .unwrap()
     };
-    let newer = encode(RecordKind::Meta, &4u32).unwrap();
+    let newer = encode(RecordKind::Meta, &5u32).unwrap();
     {
         let db = raw_db(dir.path());
         db.insert(keys::META_FORMAT, newer.clone()).unwrap();
         db.flush().unwrap();
     }
-    let err = reopen(|| Queue::open(dir.path())).expect_err("a format-4 directory must be refused");
+    let err = reopen(|| Queue::open(dir.path())).expect_err("a format-5 directory must be refused");
     match &err {
         Error::FormatTooNew {
             path,
@@ -647,14 +774,14 @@ fn a_newer_format_is_refused_without_touching_the_directory() {
             supported,
         } => {
             assert_eq!(path, dir.path());
-            assert_eq!((*found, *supported), (4, 3));
+            assert_eq!((*found, *supported), (5, 4));
         }
         other => panic!("expected FormatTooNew, got {other:?}"),
     }
     let text = err.to_string();
     assert!(text.contains(&dir.path().display().to_string()), "{text}");
     assert!(
-        text.contains("format 4") && text.contains("format 3"),
+        text.contains("format 5") && text.contains("format 4"),
         "{text}"
     );
 
@@ -702,7 +829,7 @@ fn a_sled_directory_omniq_did_not_write_is_refused() {
     assert_eq!(db.len(), 1, "nothing was written to it");
 }
 
-/// The marker omniq writes when it creates a store (`omniq queue directory`, `format 3`; before
+/// The marker omniq writes when it creates a store (`omniq queue directory`, `format 4`; before
 /// sled creates anything), and the watermark each open and clean close add (`run N`: the run
 /// whose start is durable in sled; `seq S`: the last durable transition; `db_bytes L`: the data
 /// file's length): pinned.
@@ -716,7 +843,7 @@ fn marker_file_v1() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines[..3],
-        ["omniq queue directory", "format 3", "run 2"],
+        ["omniq queue directory", "format 4", "run 2"],
         "{text}"
     );
     assert_eq!(lines[3], "seq 0", "no transition yet: {text}");
@@ -732,7 +859,7 @@ fn a_newer_marker_is_refused_before_sled_runs() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("OMNIQ"),
-        "omniq queue directory\nformat 4\n",
+        "omniq queue directory\nformat 5\n",
     )
     .unwrap();
     let err = Queue::open(dir.path()).expect_err("refused");
@@ -740,8 +867,8 @@ fn a_newer_marker_is_refused_before_sled_runs() {
         matches!(
             err,
             Error::FormatTooNew {
-                found: 4,
-                supported: 3,
+                found: 5,
+                supported: 4,
                 ..
             }
         ),
@@ -826,7 +953,7 @@ fn a_format_1_directory_is_upgraded_on_open() {
     let db = raw_db(dir.path());
     assert_eq!(
         db.get(keys::META_FORMAT).unwrap().unwrap().as_ref(),
-        golden(&["03 0001 03"])
+        golden(&["03 0001 04"])
     );
     type Entries = Vec<(Vec<u8>, Vec<u8>)>;
     let (built, after): (Entries, Entries) = db
@@ -835,13 +962,21 @@ fn a_format_1_directory_is_upgraded_on_open() {
         .filter(|(k, _)| !k.starts_with(b"m"))
         .map(|(k, v)| (k.to_vec(), v.to_vec()))
         .partition(|(k, _)| k[0] == keys::KIND_PENDING);
-    assert_eq!(before, after, "nothing but m/format was rewritten");
-    let t: TaskInfo = decode(
-        RecordKind::Task,
-        &db.get(keys::task(id)).unwrap().unwrap(),
-        &|| "t".into(),
-    )
-    .unwrap();
+    // Then format 4: the record holds its log, the `l` key is gone.
+    let without = |e: &Entries| -> Entries {
+        e.iter()
+            .filter(|(k, _)| k[0] != keys::TASK && k[0] != keys::LOG)
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        without(&before),
+        without(&after),
+        "nothing but m/format, the record and its log was rewritten"
+    );
+    let (t, log) =
+        omniq::record::decode(&db.get(keys::task(id)).unwrap().unwrap(), &|| "t".into()).unwrap();
+    assert_eq!(log.len(), 1);
     assert_eq!(
         built,
         vec![(
@@ -1044,7 +1179,8 @@ fn crc32fast_reference(bytes: &[u8]) -> u32 {
 
 /// A format-2 store (no log, `m/format` 2, marker `format 2`, and a write-ahead entry `w` a
 /// crash left mid-apply) is migrated at open: the entry is applied, `m/format` and the marker
-/// become 3, nothing else changes, and its tasks read; the next transition goes through the log.
+/// become 4 (the format-4 step leaves the already-converted record and the stray `t` key it
+/// cannot decode as they are), and its tasks read; the next transition goes through the log.
 #[test]
 fn a_format_2_directory_is_migrated_on_open() {
     let dir = tempfile::tempdir().unwrap();
@@ -1090,11 +1226,11 @@ fn a_format_2_directory_is_migrated_on_open() {
         q.cancel(id).unwrap();
     }
     let marker = std::fs::read_to_string(dir.path().join("OMNIQ")).unwrap();
-    assert!(marker.contains("\nformat 3\n"), "{marker}");
+    assert!(marker.contains("\nformat 4\n"), "{marker}");
     let db = raw_db(dir.path());
     assert_eq!(
         db.get(keys::META_FORMAT).unwrap().unwrap().as_ref(),
-        golden(&["03 0001 03"])
+        golden(&["03 0001 04"])
     );
     assert_eq!(db.get(&interrupted).unwrap().unwrap().as_ref(), [1]);
     assert_eq!(db.scan_prefix([keys::WRITE_AHEAD]).count(), 0);
@@ -1112,4 +1248,211 @@ fn a_format_2_directory_is_migrated_on_open() {
     drop(db);
     let q = reopen(|| Queue::open(dir.path())).unwrap();
     assert_eq!(q.get(id).unwrap().unwrap().status, Status::Cancelled);
+}
+
+/// The format-3 fixture (`tests/fixtures/format3`, written by main before format 4) copied to a
+/// temporary directory.
+fn format3_fixture() -> (tempfile::TempDir, serde_json::Value) {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format3");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("store");
+    std::fs::create_dir_all(dir.join("blobs")).unwrap();
+    for f in ["OMNIQ", "conf", "db"] {
+        std::fs::copy(src.join("store").join(f), dir.join(f)).unwrap();
+    }
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("expected.json")).unwrap()).unwrap();
+    (tmp, expected)
+}
+
+/// Opens the (possibly partly migrated) fixture and checks everything the format-3 store held:
+/// records, histories, counts, the raw layout, listing, purge and the pending order.
+fn assert_fixture_migrated(dir: &std::path::Path, expected: &serde_json::Value) {
+    let clock = ManualClock::new(Timestamp(expected["clock"].as_u64().unwrap()));
+    let tasks: Vec<(TaskInfo, Vec<LogEntry>)> = expected["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                serde_json::from_value(t["task"].clone()).unwrap(),
+                serde_json::from_value(t["history"].clone()).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(tasks.len(), 13);
+    {
+        let q = reopen(|| Queue::builder(dir).clock(clock.clone()).open()).unwrap();
+        for (t, h) in &tasks {
+            assert_eq!(&q.get(t.id).unwrap().unwrap(), t, "record of {}", t.id);
+            assert_eq!(&q.history(t.id).unwrap(), h, "history of {}", t.id);
+        }
+        assert_eq!(
+            serde_json::to_value(q.stats().unwrap().by_queue).unwrap(),
+            expected["counts"]
+        );
+        let report = q.check_consistency().unwrap();
+        assert!(report.is_consistent(), "{:?}", report.problems);
+        assert_eq!(
+            report.log_entries,
+            tasks.iter().map(|(_, h)| h.len()).sum::<usize>()
+        );
+    }
+    {
+        let db = raw_db(dir);
+        assert_eq!(
+            db.get(keys::META_FORMAT).unwrap().unwrap().as_ref(),
+            golden(&["03 0001 04"])
+        );
+        for kv in db.iter() {
+            let (k, v) = kv.unwrap();
+            match k[0] {
+                keys::LOG => panic!("a format-3 log key is left: {}", keys::describe(&k)),
+                keys::FINISHED => assert_eq!(k.len(), 9, "{}", keys::describe(&k)),
+                keys::STATE => assert!(
+                    !keys::describe(&k).contains("Completed"),
+                    "{}",
+                    keys::describe(&k)
+                ),
+                keys::TASK => assert!(omniq::record::is_record(&v), "{}", keys::describe(&k)),
+                _ => {}
+            }
+        }
+        let buckets: Vec<Vec<u8>> = db
+            .scan_prefix([keys::FINISHED])
+            .keys()
+            .map(|k| k.unwrap().to_vec())
+            .collect();
+        assert_eq!(
+            buckets.len(),
+            2,
+            "finishes in two minutes: t0 and t0 + 10 min"
+        );
+    }
+    let marker = std::fs::read_to_string(dir.join("OMNIQ")).unwrap();
+    assert!(marker.contains("\nformat 4\n"), "{marker}");
+    let q = reopen(|| Queue::builder(dir).clock(clock.clone()).open()).unwrap();
+    // Completed tasks are listed (newest first) without a state index.
+    let mut completed: Vec<_> = tasks
+        .iter()
+        .filter(|(t, _)| t.status == Status::Completed)
+        .map(|(t, _)| t.id)
+        .collect();
+    completed.sort();
+    completed.reverse();
+    assert_eq!(completed.len(), 4);
+    let listed: Vec<_> = q
+        .list(&omniq::ListFilter {
+            status: Some(Status::Completed),
+            ..Default::default()
+        })
+        .unwrap()
+        .tasks
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(listed, completed);
+    // Purge: the two tasks finished at t0 (10 minutes ago), nothing else.
+    let report = q.purge(Duration::from_secs(300)).unwrap();
+    assert_eq!(report.tasks_removed, 2);
+    for (t, _) in &tasks {
+        let gone = t.kind == "old";
+        assert_eq!(q.get(t.id).unwrap().is_none(), gone, "{}", t.kind);
+    }
+    assert!(q.check_consistency().unwrap().is_consistent());
+    // Pending order: priority, due time, enqueue order.
+    let mut due: Vec<&TaskInfo> = tasks
+        .iter()
+        .map(|(t, _)| t)
+        .filter(|t| t.status == Status::Pending && t.next_run_at <= clock.now())
+        .collect();
+    due.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then(a.next_run_at.cmp(&b.next_run_at))
+            .then(a.id.cmp(&b.id))
+    });
+    assert_eq!(due.len(), 5);
+    for t in due {
+        let c = omniq::testing::claim_next(&q).unwrap().unwrap();
+        assert_eq!(c.task.id, t.id);
+    }
+    assert!(omniq::testing::claim_next(&q).unwrap().is_none());
+    assert!(q.check_consistency().unwrap().is_consistent());
+}
+
+/// A real format-3 store is migrated at open: every record gets its log inside, the old keys
+/// go, and nothing the store held changes.
+#[test]
+fn a_format_3_directory_is_migrated_on_open() {
+    let (tmp, expected) = format3_fixture();
+    let dir = tmp.path().join("store");
+    {
+        let db = raw_db(&dir);
+        assert_eq!(
+            db.get(keys::META_FORMAT).unwrap().unwrap().as_ref(),
+            golden(&["03 0001 03"])
+        );
+        assert!(
+            db.scan_prefix([keys::LOG]).count() > 13,
+            "the fixture has format-3 log keys"
+        );
+    }
+    assert_fixture_migrated(&dir, &expected);
+}
+
+const MIGRATE_CHILD_DIR: &str = "OMNIQ_FORMAT_MIGRATE_CHILD_DIR";
+
+/// Not a test on its own: the process the interrupted-migration test kills (it opens the
+/// directory named by the environment, which aborts at the armed fault point).
+#[test]
+fn migrate_child() {
+    let Ok(dir) = std::env::var(MIGRATE_CHILD_DIR) else {
+        return;
+    };
+    let _ = Queue::open(dir);
+}
+
+/// A migration killed after some tasks were converted (the `migrate-4` fault point aborts the
+/// process before the nth task's batch) leaves a store only this build opens (the marker says
+/// format 4, `m/format` still 3), and the next open finishes it with nothing lost.
+#[test]
+fn an_interrupted_migration_resumes() {
+    for n in [1, 6, 13] {
+        let (tmp, expected) = format3_fixture();
+        let dir = tmp.path().join("store");
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "migrate_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(MIGRATE_CHILD_DIR, &dir)
+            .env(omniq::wal::FAULT_ENV, format!("migrate-4:{n}"))
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("aborting at migrate-4"),
+            "n = {n}: {out:?}"
+        );
+        let marker = std::fs::read_to_string(dir.join("OMNIQ")).unwrap();
+        assert!(marker.contains("\nformat 4\n"), "{marker}");
+        {
+            let db = raw_db(&dir);
+            assert_eq!(
+                db.get(keys::META_FORMAT).unwrap().unwrap().as_ref(),
+                golden(&["03 0001 03"]),
+                "not finished"
+            );
+            let converted = db
+                .scan_prefix([keys::TASK])
+                .values()
+                .filter(|v| omniq::record::is_record(v.as_ref().unwrap()))
+                .count();
+            assert!(converted < n, "n = {n}: {converted} converted");
+        }
+        assert_fixture_migrated(&dir, &expected);
+    }
 }

@@ -138,6 +138,19 @@ fn log_entries() -> Vec<(&'static str, LogEntry)> {
     ]
 }
 
+/// A format-4 task record: the task and its log.
+fn record(t: &TaskInfo, log: &[LogEntry]) -> Vec<u8> {
+    let mut entries = Vec::new();
+    for e in log {
+        entries.extend(omniq::record::encode_entry(e).unwrap());
+    }
+    omniq::record::encode(t, log.len() as u64, &entries).unwrap()
+}
+
+fn some_log() -> Vec<LogEntry> {
+    log_entries().into_iter().map(|(_, e)| e).take(3).collect()
+}
+
 /// The seed corpus: valid encodings of every record kind and key, plus edge cases.
 fn seeds() -> Vec<(Target, String, Vec<u8>)> {
     let mut out: Vec<(Target, String, Vec<u8>)> = Vec::new();
@@ -148,13 +161,19 @@ fn seeds() -> Vec<(Target, String, Vec<u8>)> {
         add(
             Target::TaskRecord,
             &format!("task_{}", st.as_str().to_lowercase()),
-            encode(RecordKind::Task, &task(st)).unwrap(),
+            record(&task(st), &some_log()),
         );
     }
     add(
         Target::TaskRecord,
         "task_minimal",
-        encode(RecordKind::Task, &minimal_task()).unwrap(),
+        record(&minimal_task(), &[]),
+    );
+    let all: Vec<LogEntry> = log_entries().into_iter().map(|(_, e)| e).collect();
+    add(
+        Target::TaskRecord,
+        "task_every_cause",
+        record(&task(Status::Failed), &all),
     );
     let mut wide = task(Status::Failed);
     wide.kind = "κind-ü".into();
@@ -171,9 +190,9 @@ fn seeds() -> Vec<(Target, String, Vec<u8>)> {
     add(
         Target::TaskRecord,
         "task_extremes",
-        encode(RecordKind::Task, &wide).unwrap(),
+        record(&wide, &some_log()),
     );
-    let full = encode(RecordKind::Task, &task(Status::Completed)).unwrap();
+    let full = record(&task(Status::Completed), &some_log());
     add(Target::TaskRecord, "edge_empty", Vec::new());
     add(Target::TaskRecord, "edge_header_only", full[..3].to_vec());
     add(
@@ -191,6 +210,14 @@ fn seeds() -> Vec<(Target, String, Vec<u8>)> {
     huge.push(0xfd);
     huge.extend_from_slice(&u64::MAX.to_le_bytes());
     add(Target::TaskRecord, "edge_huge_length", huge);
+    let mut fewer = full.clone();
+    fewer.truncate(full.len() - omniq::record::encode_entry(&some_log()[2]).unwrap().len());
+    add(Target::TaskRecord, "edge_entry_missing", fewer);
+    add(
+        Target::TaskRecord,
+        "edge_format_3_record",
+        encode(RecordKind::Task, &task(Status::Completed)).unwrap(),
+    );
 
     // Log entries.
     for (name, e) in log_entries() {
@@ -274,6 +301,16 @@ fn seeds() -> Vec<(Target, String, Vec<u8>)> {
     add(Target::Keys, "log", keys::log(id, 70_000));
     add(
         Target::Keys,
+        "finish_bucket",
+        keys::finish_bucket(28_619_529),
+    );
+    add(
+        Target::Keys,
+        "finish_bucket_max",
+        keys::finish_bucket(u64::MAX),
+    );
+    add(
+        Target::Keys,
         "count",
         keys::count(Status::Completed, "emails"),
     );
@@ -303,6 +340,11 @@ fn seeds() -> Vec<(Target, String, Vec<u8>)> {
 
     // Envelopes of every kind.
     add(Target::Envelope, "task", full);
+    add(
+        Target::Envelope,
+        "task_format_3",
+        encode(RecordKind::Task, &task(Status::Completed)).unwrap(),
+    );
     add(Target::Envelope, "log", log);
     add(
         Target::Envelope,
@@ -368,10 +410,10 @@ fn every_corpus_file_replays_cleanly() {
 #[test]
 fn valid_seeds_decode_and_errors_name_what_is_corrupt() {
     // The entry points are not vacuous: valid seeds decode, damaged ones are named errors.
-    let t = encode(RecordKind::Task, &task(Status::Completed)).unwrap();
+    let t = record(&task(Status::Completed), &some_log());
     assert_eq!(
         fuzzing::decode_task_record(&t).unwrap(),
-        task(Status::Completed)
+        (task(Status::Completed), some_log())
     );
     let err = fuzzing::decode_task_record(&t[..10])
         .unwrap_err()

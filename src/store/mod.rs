@@ -12,6 +12,7 @@ use crate::rules::limit::{Limit, LimitScope};
 use crate::task::{Status, TaskId, TaskInfo, Timestamp};
 
 pub(crate) mod compact;
+pub(crate) mod format4;
 pub mod hook;
 #[cfg(test)]
 mod power_loss;

@@ -27,8 +27,10 @@ use crate::extras::{ScheduleInfo, TaskExtras};
 use crate::inspect::{ConsistencyReport, CorruptEntry, ListFilter, Page};
 use crate::keys;
 use crate::log::{Cause, LogEntry};
+use crate::record;
 use crate::rules::unique;
 use crate::store::compact::{self, Generation, LiveDb};
+use crate::store::format4;
 use crate::store::hook;
 use crate::store::probe::{self, Found, Preflight};
 use crate::store::wal::{self, Op, Wal};
@@ -53,7 +55,15 @@ type Counters = BTreeMap<(String, Status), u64>;
 /// Where sled's files live (the root, or the generation `sled.<n>/` a compaction switched to)
 /// is not part of this number: it is recognised by the pointer file `sled.current`
 /// (`compact.rs`).
-pub const FORMAT_VERSION: u32 = 3;
+///
+/// Format 4 (issue 12: bytes per task) keeps each task's transition log inside its record (one
+/// `t` key, `crate::record`), drops the state-index key of `Completed` tasks and replaces the
+/// per-task finished index with per-minute finish buckets (`keys.rs`, `format4.rs`): a completed
+/// task is one key. An older store is migrated at open, after its log is replayed and sled
+/// checkpointed, one atomic batch per task (`format4::migrate`); the marker says format 4 from
+/// the start of the migration (so an older build refuses a half-migrated store) and `m/format`
+/// once it is done (so an interrupted migration is run again).
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Options for opening the store.
 #[derive(Clone, Debug)]
@@ -206,6 +216,12 @@ pub(crate) struct SledStore {
     sync_failed: std::sync::atomic::AtomicBool,
     /// The older format found at open, upgraded once interrupted groups are replayed.
     upgrade_from: Mutex<Option<u32>>,
+    /// Commit groups applied by this process (a purge's bucket clean-up is valid only if none
+    /// was applied since the scan that justified it).
+    groups_applied: AtomicU64,
+    /// Finish buckets a purge scan found empty: (`groups_applied` at the scan, cutoff). The next
+    /// group removes the buckets before the cutoff's minute if no group came in between.
+    bucket_cleanup: Mutex<Option<(u64, Timestamp)>>,
     /// Must stay the last field: fields drop in declaration order, so this runs after `db`.
     _lock_release: LockRelease,
 }
@@ -428,6 +444,8 @@ impl SledStore {
             opened: false,
             sync_failed: std::sync::atomic::AtomicBool::new(false),
             upgrade_from: Mutex::new(None),
+            groups_applied: AtomicU64::new(0),
+            bucket_cleanup: Mutex::new(None),
         };
         store.check_format(existed, expected.run)?;
         if !existed {
@@ -458,7 +476,7 @@ impl SledStore {
         )?;
         store.replay_write_ahead()?;
         let applied = store.replay_log(log)?;
-        store.upgrade()?;
+        let migrate = store.upgrade()?;
         *store.last_seq.lock() = store.read_meta_u64(keys::META_SEQ)?;
         store.load_counters()?;
         store.load_paused()?;
@@ -469,6 +487,11 @@ impl SledStore {
         let mut blobs = HashSet::new();
         sync_new_blobs(sled_dir, &mut blobs)?;
         let wal = Arc::new(Wal::start(dir, applied + 1, opts.wal_segment_bytes)?);
+        if let Some(found) = migrate {
+            // Only now: no format-3 log record is left to be replayed onto format-4 records.
+            store.migrate_to_4(found)?;
+            sync_new_blobs(sled_dir, &mut blobs)?;
+        }
         let ckpt = Arc::new(Checkpoint {
             dir: dir.to_path_buf(),
             db: store.db.clone(),
@@ -632,23 +655,33 @@ impl SledStore {
     }
 
     /// Format 1 or 2 -> 3 (after any interrupted commit group is replayed): from format 1,
-    /// builds the pending-by-kind index for the tasks already pending; then writes the new
-    /// version. Until the version is written (and checkpointed, at the end of the open) an
-    /// interrupted upgrade is simply redone.
-    fn upgrade(&self) -> Result<()> {
+    /// builds the pending-by-kind index for the tasks already pending. Returns the format found
+    /// when the store still needs [`migrate_to_4`](SledStore::migrate_to_4), which writes the
+    /// new version; until it is written (and checkpointed) an interrupted upgrade is redone.
+    fn upgrade(&self) -> Result<Option<u32>> {
         let Some(found) = self.upgrade_from.lock().take() else {
-            return Ok(());
+            return Ok(None);
         };
-        let n = if found < 2 {
-            self.backfill_kind_index()?
-        } else {
-            0
-        };
+        if found < 2 {
+            let n = self.backfill_kind_index()?;
+            tracing::info!(pending = n, path = %self.dir.display(), "built the pending-by-kind index");
+        }
+        Ok(Some(found))
+    }
+
+    /// Format 3 -> 4 (see [`FORMAT_VERSION`]), once sled holds the replayed log durably and the
+    /// log is empty: the marker says 4 first, then every task is converted, then `m/format`
+    /// is written and sled checkpointed.
+    fn migrate_to_4(&self, found: u32) -> Result<()> {
+        self.write_watermark()?;
+        let n = super::format4::migrate(&self.db.handle())?;
         self.db.insert(
             keys::META_FORMAT,
             codec::encode(RecordKind::Meta, &FORMAT_VERSION)?,
         )?;
-        tracing::info!(from = found, to = FORMAT_VERSION, pending = n, path = %self.dir.display(), "upgraded the on-disk format");
+        self.db.flush()?;
+        self.db.sync_data_file()?;
+        tracing::info!(from = found, to = FORMAT_VERSION, tasks = n, path = %self.dir.display(), "upgraded the on-disk format");
         Ok(())
     }
 
@@ -752,6 +785,19 @@ impl SledStore {
         let mut batch = WriteSet::default();
         let mut counters = self.counters.lock().clone();
         let mut touched: HashSet<(String, Status)> = HashSet::new();
+        // Records as this group leaves them (a task changed twice appends to its first write).
+        let mut records: HashMap<TaskId, Option<Vec<u8>>> = HashMap::new();
+        let mut buckets = format4::Buckets::default();
+        let cleanup = self.bucket_cleanup.lock().take();
+        if let Some((seen, cutoff)) = cleanup {
+            // Before this group's finishes: one of them may land in such a minute again.
+            if seen == self.groups_applied.load(Ordering::Acquire) {
+                for minute in format4::stale_buckets(&self.db.handle(), cutoff)? {
+                    batch.remove(keys::finish_bucket(minute));
+                    buckets.removed(minute);
+                }
+            }
+        }
         for ch in changes {
             if let Some(b) = &ch.before {
                 for k in Self::index_keys(b) {
@@ -764,9 +810,23 @@ impl SledStore {
             }
             match &ch.after {
                 Some(a) => {
-                    batch.insert(keys::task(a.id), codec::encode(RecordKind::Task, a)?);
+                    let key = keys::task(a.id);
+                    let old = match records.remove(&a.id) {
+                        Some(v) => v,
+                        None if ch.before.is_some() => self.db.get(&key)?.map(|v| v.to_vec()),
+                        None => None,
+                    };
+                    let entry = ch.log.as_ref().filter(|e| e.task_id == a.id);
+                    let value = record::append(old.as_deref(), a, entry, &|| keys::describe(&key))?;
+                    batch.insert(key, value.clone());
+                    records.insert(a.id, Some(value));
                     for k in Self::index_keys(a) {
                         batch.insert(k, Vec::new());
+                    }
+                    if let Some(minute) = format4::finishes(ch.before.as_ref(), a) {
+                        if let Some(v) = buckets.raise(&self.db.handle(), minute, a.id)? {
+                            batch.insert(keys::finish_bucket(minute), v);
+                        }
                     }
                     let key = (a.queue.clone(), a.status);
                     *counters.entry(key.clone()).or_insert(0) += 1;
@@ -775,17 +835,9 @@ impl SledStore {
                 None => {
                     if let Some(b) = &ch.before {
                         batch.remove(keys::task(b.id));
-                        for item in self.db.scan_prefix(keys::log_prefix(b.id)).keys() {
-                            batch.remove(item?);
-                        }
+                        records.insert(b.id, None);
                     }
                 }
-            }
-            if let Some(entry) = &ch.log {
-                batch.insert(
-                    keys::log(entry.task_id, entry.seq),
-                    codec::encode(RecordKind::Log, entry)?,
-                );
             }
             for w in &ch.side {
                 side_write(&mut batch, w)?;
@@ -810,11 +862,16 @@ impl SledStore {
     }
 
     fn decode_task(key: &[u8], bytes: &[u8]) -> Result<TaskInfo> {
-        codec::decode(RecordKind::Task, bytes, &|| keys::describe(key))
+        record::decode_task(bytes, &|| keys::describe(key))
     }
 
+    /// A task's index keys by state: `Pending` has `s p k`, `Running`, `Failed` and
+    /// `Cancelled` have `s`, `Completed` none (format 4: its record is its only key).
     fn index_keys(t: &TaskInfo) -> Vec<Vec<u8>> {
-        let mut out = vec![keys::state(t.status, t.id)];
+        let mut out = Vec::with_capacity(3);
+        if t.status != Status::Completed {
+            out.push(keys::state(t.status, t.id));
+        }
         if t.status == Status::Pending {
             out.push(keys::pending(&t.queue, t.priority, t.next_run_at, t.id));
             out.push(keys::kind_pending(
@@ -825,21 +882,15 @@ impl SledStore {
                 t.id,
             ));
         }
-        if t.status.is_terminal() {
-            if let Some(at) = t.finished_at {
-                out.push(keys::finished(at, t.id));
-            }
-        }
         out
     }
 
     fn each_log(&self, id: TaskId) -> Result<Vec<LogEntry>> {
-        let mut out = Vec::new();
-        for item in self.db.scan_prefix(keys::log_prefix(id)) {
-            let (k, v) = item?;
-            out.push(codec::decode(RecordKind::Log, &v, &|| keys::describe(&k))?);
+        let key = keys::task(id);
+        match self.db.get(&key)? {
+            Some(v) => record::decode_log(id, &v, &|| keys::describe(&key)),
+            None => Ok(Vec::new()),
         }
-        Ok(out)
     }
 
     /// The due tasks of one queue: walks its priority buckets best first; within a bucket keys
@@ -1002,7 +1053,14 @@ impl SledStore {
             .keys()
         {
             let (_, id) = keys::decode_state(&item?)?;
-            if let Some(t) = self.get(id)? {
+            let key = keys::task(id);
+            if let Some(v) = self.db.get(&key)? {
+                // Usually still a format-1 record: the migration to format 4 runs after this.
+                let t: TaskInfo = if record::is_record(&v) {
+                    record::decode_task(&v, &|| keys::describe(&key))?
+                } else {
+                    codec::decode(RecordKind::Task, &v, &|| keys::describe(&key))?
+                };
                 self.db.insert(
                     keys::kind_pending(&t.kind, &t.queue, t.priority, t.next_run_at, t.id),
                     Vec::<u8>::new(),
@@ -1072,6 +1130,7 @@ impl SledStore {
         self.metrics.group_size.observe(changes.len() as f64);
         let (writes, counters) = self.write_set(changes, last_seq)?;
         self.apply_logged(writes.ops)?;
+        self.groups_applied.fetch_add(1, Ordering::AcqRel);
         *self.counters.lock() = counters;
         *self.last_seq.lock() = last_seq;
         if durable {
@@ -1177,10 +1236,16 @@ impl SledStore {
         Ok(out)
     }
 
+    /// Newest first. A status other than `Completed` reads its state index; `Completed` (which
+    /// has none, format 4) and no status scan the task records backwards, decoding each, so
+    /// listing completed tasks costs the records newer than the page's last one (all of them
+    /// when few are completed), and a record that does not decode anywhere on that range is
+    /// reported in the page.
     fn list_inner(&self, filter: &ListFilter) -> Result<Page> {
         let limit = filter.effective_limit();
         // Newest first: scan backwards from just below the cursor (or the prefix's end).
-        let prefix = match filter.status {
+        let by_index = filter.status.filter(|st| *st != Status::Completed);
+        let prefix = match by_index {
             Some(st) => keys::state_prefix(st),
             None => vec![keys::TASK],
         };
@@ -1196,7 +1261,7 @@ impl SledStore {
         };
         for item in self.db.range(low..high).rev() {
             let (k, v) = item?;
-            let (id, record) = if filter.status.is_some() {
+            let (id, record) = if by_index.is_some() {
                 let (_, id) = keys::decode_state(&k)?;
                 let tkey = keys::task(id);
                 match self.db.get(&tkey)? {
@@ -1226,14 +1291,20 @@ impl SledStore {
         self.each_log(id)
     }
 
+    /// Terminal tasks finished before `cutoff`, read through the finish buckets (see
+    /// `format4.rs`), in id order. A complete scan that found none means every bucket whose
+    /// minute is wholly before `cutoff` is empty: the next commit group removes them, if no
+    /// group was applied since the scan began (a task finished in the meantime could be in one).
     fn finished_before_inner(&self, cutoff: Timestamp, limit: usize) -> Result<Vec<TaskId>> {
-        let low = vec![keys::FINISHED];
-        let high = keys::finished(cutoff, TaskId::from_bytes([0; 16]));
-        let mut out = Vec::new();
-        for item in self.db.range(low..high).keys().take(limit) {
-            out.push(keys::decode_finished(&item?)?.1);
+        let seen = self.groups_applied.load(Ordering::Acquire);
+        let found = format4::finished_before(&self.db.handle(), cutoff, limit)?;
+        if found.complete
+            && found.ids.is_empty()
+            && self.groups_applied.load(Ordering::Acquire) == seen
+        {
+            *self.bucket_cleanup.lock() = Some((seen, cutoff));
         }
-        Ok(out)
+        Ok(found.ids)
     }
 
     fn check_inner(&self) -> Result<ConsistencyReport> {
@@ -1820,16 +1891,25 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
     let mut problems: Vec<String> = Vec::new();
     let mut p = |msg: String| problems.push(msg);
     let mut tasks: HashMap<TaskId, TaskInfo> = HashMap::new();
+    let mut logs: HashMap<TaskId, Vec<LogEntry>> = HashMap::new();
     for item in s.db.scan_prefix([keys::TASK]) {
         let (k, v) = item?;
-        match keys::decode_task(&k).and_then(|_| SledStore::decode_task(&k, &v)) {
-            Ok(t) => {
+        match keys::decode_task(&k).and_then(|_| record::decode(&v, &|| keys::describe(&k))) {
+            Ok((t, log)) => {
+                if keys::task(t.id) != k.as_ref() {
+                    p(format!(
+                        "record at {} holds task {}",
+                        keys::describe(&k),
+                        t.id
+                    ));
+                }
+                logs.insert(t.id, log);
                 tasks.insert(t.id, t);
             }
             Err(e) => p(e.to_string()),
         }
     }
-    // State index: exactly one entry per task, matching its status.
+    // State index: exactly one entry per task, matching its status; none for `Completed`.
     let mut states: HashMap<TaskId, Vec<Status>> = HashMap::new();
     for item in s.db.scan_prefix([keys::STATE]).keys() {
         let (st, id) = keys::decode_state(&item?)?;
@@ -1837,7 +1917,8 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
     }
     for (id, t) in &tasks {
         match states.get(id).map(Vec::as_slice) {
-            Some([st]) if *st == t.status => {}
+            Some([st]) if *st == t.status && t.status != Status::Completed => {}
+            None if t.status == Status::Completed => {}
             other => p(format!(
                 "task {id} is {} but the state index has {other:?}",
                 t.status
@@ -1911,22 +1992,30 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
             ));
         }
     }
-    // Finished index: exactly the terminal tasks.
-    let mut finished_seen = HashSet::new();
-    for item in s.db.scan_prefix([keys::FINISHED]).keys() {
-        let (at, id) = keys::decode_finished(&item?)?;
-        match tasks.get(&id) {
-            Some(t) if t.status.is_terminal() && t.finished_at == Some(at) => {}
-            _ => p(format!(
-                "finished index entry for {id} at {at} disagrees with its record"
-            )),
+    // Finish buckets: every terminal task is covered by a bucket at or before its finish
+    // minute (the purge scan reaches it for any cutoff after its finish).
+    let mut buckets: BTreeMap<u64, TaskId> = BTreeMap::new();
+    for item in s.db.scan_prefix([keys::FINISHED]) {
+        let (k, v) = item?;
+        match keys::decode_finish_bucket(&k)
+            .and_then(|m| Ok((m, keys::decode_bucket_value(&k, &v)?)))
+        {
+            Ok((m, id)) => {
+                buckets.insert(m, id);
+            }
+            Err(e) => p(e.to_string()),
         }
-        finished_seen.insert(id);
     }
     for (id, t) in &tasks {
-        if t.status.is_terminal() && !finished_seen.contains(id) {
+        let (true, Some(at)) = (t.status.is_terminal(), t.finished_at) else {
+            continue;
+        };
+        let covered = buckets
+            .range(..=keys::bucket_of(at))
+            .any(|(_, b)| b.as_bytes() >= id.as_bytes());
+        if !covered {
             p(format!(
-                "terminal task {id} is missing from the finished index"
+                "terminal task {id} (finished at {at}) is in no finish bucket"
             ));
         }
     }
@@ -1944,32 +2033,25 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
     // Log: per task, strictly increasing sequence numbers, ending in the task's state, and one
     // claim per counted attempt since the last manual retry.
     let last_seq = s.last_seq();
-    let mut logs: HashMap<TaskId, Vec<LogEntry>> = HashMap::new();
-    for item in s.db.scan_prefix([keys::LOG]) {
-        let (k, v) = item?;
-        let (id, seq) = keys::decode_log(&k)?;
-        let entry: LogEntry = codec::decode(RecordKind::Log, &v, &|| keys::describe(&k))?;
-        if entry.seq != seq || entry.task_id != id {
-            p(format!(
-                "log entry at {} holds seq {} of task {}",
-                keys::describe(&k),
-                entry.seq,
-                entry.task_id
-            ));
-        }
-        if seq > last_seq {
-            p(format!(
-                "log entry {seq} is beyond the stored last sequence {last_seq}"
-            ));
-        }
-        report.log_entries += 1;
-        logs.entry(id).or_default().push(entry);
+    for item in s.db.scan_prefix([keys::LOG]).keys() {
+        p(format!(
+            "format-3 log key {} is left in a format-4 store",
+            keys::describe(&item?)
+        ));
     }
     for (id, t) in &tasks {
-        let Some(entries) = logs.get(id) else {
+        let entries = logs.get(id).map(Vec::as_slice).unwrap_or_default();
+        report.log_entries += entries.len();
+        if entries.is_empty() {
             p(format!("task {id} has no log entries"));
             continue;
-        };
+        }
+        if let Some(e) = entries.iter().find(|e| e.seq > last_seq) {
+            p(format!(
+                "task {id}: log entry {} is beyond the stored last sequence {last_seq}",
+                e.seq
+            ));
+        }
         if entries.windows(2).any(|w| w[0].seq >= w[1].seq) {
             p(format!(
                 "task {id}: log sequence numbers do not strictly increase"
@@ -2002,13 +2084,6 @@ fn check_all(s: &SledStore) -> Result<ConsistencyReport> {
             p(format!(
                 "task {id} has attempts = {} but {claims} claims in its log",
                 t.attempts
-            ));
-        }
-    }
-    for id in logs.keys() {
-        if !tasks.contains_key(id) {
-            p(format!(
-                "log entries exist for task {id}, which has no record"
             ));
         }
     }
