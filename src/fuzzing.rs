@@ -270,6 +270,11 @@ fn check_task_record(
     let key = task_key_name();
     let (task, log) = match decoded {
         Ok(v) => v,
+        Err(
+            e @ Error::Corrupt {
+                what: "log entry", ..
+            },
+        ) => return check_error(&e, "log entry", &key),
         Err(e) => return check_error(&e, "task record", &key),
     };
     let fail =

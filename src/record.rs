@@ -220,19 +220,26 @@ fn frames<'a>(
     Ok(out)
 }
 
+/// Decodes `bytes` as exactly one `T`; errors are `Corrupt { what: kind, .. }`.
 fn decode_exact<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
-    what: &str,
+    kind: &'static str,
+    part: &str,
     key: &dyn Fn() -> String,
 ) -> Result<T> {
+    let err = |reason: String| Error::Corrupt {
+        what: kind,
+        key: key(),
+        reason,
+    };
     let cfg = config().with_limit::<{ 64 << 20 }>();
     let (value, used) = bincode::serde::decode_from_slice::<T, _>(bytes, cfg)
-        .map_err(|e| corrupt(key, format!("{what} does not decode: {e}")))?;
+        .map_err(|e| err(format!("{part} does not decode: {e}")))?;
     if used != bytes.len() {
-        return Err(corrupt(
-            key,
-            format!("{} trailing bytes after {what}", bytes.len() - used),
-        ));
+        return Err(err(format!(
+            "{} trailing bytes after {part}",
+            bytes.len() - used
+        )));
     }
     Ok(value)
 }
@@ -242,17 +249,18 @@ fn decode_exact<T: serde::de::DeserializeOwned>(
 pub fn decode_task(bytes: &[u8], key: &dyn Fn() -> String) -> Result<TaskInfo> {
     let (task, count, entries) = split(bytes, key)?;
     frames(count, entries, key)?;
-    decode_exact(task, "the task", key)
+    decode_exact(task, WHAT, "the task", key)
 }
 
-/// The log of a record (task `id`), oldest first.
+/// The log of a record (task `id`), oldest first. An entry that does not decode is a
+/// `Corrupt` error about a `"log entry"` (the framing around it, a `"task record"` one).
 pub fn decode_log(id: TaskId, bytes: &[u8], key: &dyn Fn() -> String) -> Result<Vec<LogEntry>> {
     let (_, count, entries) = split(bytes, key)?;
     frames(count, entries, key)?
         .into_iter()
         .enumerate()
         .map(|(i, f)| {
-            let e: EntryOwned = decode_exact(f, &format!("log entry {i}"), key)?;
+            let e: EntryOwned = decode_exact(f, "log entry", &format!("entry {i}"), key)?;
             Ok(LogEntry {
                 seq: e.seq,
                 task_id: id,

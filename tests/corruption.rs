@@ -24,8 +24,8 @@ use common::{raw_db, reopen};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The ways a stored task value is damaged. Each takes the record's valid bytes and a valid
-/// log-entry value of the same task.
+/// The ways a stored task value is damaged. Each takes the record's valid bytes (format 4: the
+/// task and its log) and the same task as a format-3 record (another record kind).
 type Damage = fn(&[u8], &[u8]) -> Vec<u8>;
 
 const VARIANTS: &[(&str, Damage)] = &[
@@ -34,14 +34,14 @@ const VARIANTS: &[(&str, Damage)] = &[
         (0u32..40).map(|i| (i * 73 + 11) as u8).collect()
     }),
     ("garbage after a valid header", |_, _| {
-        let mut v = vec![1, 0, 1];
+        let mut v = vec![8, 0, 1];
         v.extend((0u32..40).map(|i| (i * 151 + 7) as u8));
         v
     }),
     ("header only", |rec, _| rec[..3].to_vec()),
     ("truncated", |rec, _| rec[..rec.len() / 2].to_vec()),
     ("missing last byte", |rec, _| rec[..rec.len() - 1].to_vec()),
-    ("wrong record kind", |_, log| log.to_vec()),
+    ("wrong record kind", |_, v3| v3.to_vec()),
     ("newer schema version", |rec, _| {
         let mut v = rec.to_vec();
         v[1..3].copy_from_slice(&2u16.to_be_bytes());
@@ -53,15 +53,16 @@ const VARIANTS: &[(&str, Damage)] = &[
         v
     }),
     ("huge length prefix", |rec, _| {
-        // header, the id (17 bytes), then a kind string claiming 2^63 bytes.
-        let mut v = rec[..20].to_vec();
+        // header, the task's length (1 byte), the id (17 bytes), then a kind string claiming
+        // 2^63 bytes.
+        let mut v = rec[..21].to_vec();
         v.push(0xfd);
         v.extend_from_slice(&(1u64 << 63).to_le_bytes());
         v
     }),
     ("invalid utf-8 in kind", |rec, _| {
         let mut v = rec.to_vec();
-        v[21] = 0xff; // first byte of the kind name (after header, id, length byte)
+        v[22] = 0xff; // first byte of the kind name (after header, task length, id, length byte)
         v
     }),
 ];
@@ -94,16 +95,14 @@ fn fixture() -> Fixture {
     Fixture { dir, bad, others }
 }
 
-/// Overwrites `id`'s record with `damage(record, a log entry of it)`; returns what was stored.
+/// Overwrites `id`'s record with `damage(record, the record in format 3)`; returns what was
+/// stored.
 fn corrupt(dir: &Path, id: TaskId, damage: Damage) -> Vec<u8> {
     let db = raw_db(dir);
     let record = db.get(keys::task(id)).unwrap().expect("record exists");
-    let (_, log) = db
-        .scan_prefix(keys::log_prefix(id))
-        .next()
-        .unwrap()
-        .unwrap();
-    let bytes = damage(&record, &log);
+    let task = omniq::record::decode_task(&record, &|| "t".into()).unwrap();
+    let v3 = omniq::codec::encode(omniq::codec::RecordKind::Task, &task).unwrap();
+    let bytes = damage(&record, &v3);
     assert_ne!(bytes, record.to_vec());
     db.insert(keys::task(id), bytes.clone()).unwrap();
     db.flush().unwrap();
@@ -119,6 +118,18 @@ fn raw_records(dir: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
             (k.to_vec(), v.to_vec())
         })
         .collect()
+}
+
+/// The history of a damaged record: `len` entries if the damage spared the log (the log is
+/// inside the record, format 4), else a `Corrupt` error naming the task.
+fn assert_history(q: &Queue, id: TaskId, len: usize, variant: &str) {
+    match q.history(id) {
+        Ok(h) => assert_eq!(h.len(), len, "{variant}"),
+        Err(e) => {
+            assert!(matches!(e, Error::Corrupt { .. }), "{variant}: {e:?}");
+            assert!(e.to_string().contains(&id.to_string()), "{variant}: {e}");
+        }
+    }
 }
 
 fn assert_corrupt_names(err: &Error, id: TaskId, variant: &str) {
@@ -194,8 +205,9 @@ fn a_corrupt_record_is_reported_and_everything_else_still_loads() {
             assert_eq!(seen, expected, "{variant}");
             assert_eq!(corrupt_seen, 1, "{variant}");
 
-            // Its log is intact and readable; operations on it fail cleanly.
-            assert_eq!(q.history(f.bad).unwrap().len(), 1, "{variant}");
+            // Its log is inside the damaged record (format 4): readable when the damage
+            // spared it, else the same named error; operations on it fail cleanly.
+            assert_history(&q, f.bad, 1, variant);
             assert_corrupt_names(&q.cancel(f.bad).expect_err(variant), f.bad, variant);
             assert_corrupt_names(&q.retry(f.bad).expect_err(variant), f.bad, variant);
             assert_eq!(
@@ -289,11 +301,7 @@ fn a_worker_pool_runs_the_other_tasks_and_does_not_spin_on_the_corrupt_one() {
             let report = pool.stop();
             assert_eq!(report.abandoned, 0, "{variant}");
             assert_corrupt_names(&q.get(f.bad).expect_err(variant), f.bad, variant);
-            assert_eq!(
-                q.history(f.bad).unwrap().len(),
-                1,
-                "{variant}: never claimed"
-            );
+            assert_history(&q, f.bad, 1, &format!("{variant}: never claimed"));
             let stats = q.stats().unwrap();
             assert_eq!(stats.count(Status::Completed), 5, "{variant}");
         }
@@ -397,10 +405,11 @@ fn recovery_at_open_reports_a_corrupt_orphan_and_recovers_the_rest() {
                 "{variant}"
             );
         }
-        assert_eq!(
-            q.history(bad).unwrap().len(),
+        assert_history(
+            &q,
+            bad,
             2,
-            "{variant}: enqueue + claim, nothing more"
+            &format!("{variant}: enqueue + claim, nothing more"),
         );
         drop(q);
 
@@ -421,17 +430,18 @@ fn recovery_at_open_reports_a_corrupt_orphan_and_recovers_the_rest() {
 #[test]
 fn a_corrupt_log_entry_fails_history_but_not_the_task() {
     let f = fixture();
-    let bytes = {
+    {
+        // The entry's bytes (after its length prefix) become 0xff: the framing holds, the
+        // entry does not decode.
         let db = raw_db(f.dir.path());
-        let (k, _) = db
-            .scan_prefix(keys::log_prefix(f.bad))
-            .next()
-            .unwrap()
-            .unwrap();
-        db.insert(&k, vec![2, 0, 1, 0xff]).unwrap();
+        let mut v = db.get(keys::task(f.bad)).unwrap().unwrap().to_vec();
+        let (_, count, entries) = omniq::record::split(&v, &|| "t".into()).unwrap();
+        assert_eq!(count, 1);
+        let start = v.len() - entries.len() + 1;
+        v[start..].fill(0xff);
+        db.insert(keys::task(f.bad), v).unwrap();
         db.flush().unwrap();
-        k.to_vec()
-    };
+    }
     let q = reopen(|| Queue::open(f.dir.path())).unwrap();
     let err = q.history(f.bad).expect_err("a corrupt log entry");
     assert!(
@@ -445,10 +455,6 @@ fn a_corrupt_log_entry_fails_history_but_not_the_task() {
         "{err:?}"
     );
     assert!(err.to_string().contains(&f.bad.to_string()), "{err}");
-    assert_eq!(
-        keys::describe(&bytes),
-        format!("l/{}/{}", f.bad, keys::decode_log(&bytes).unwrap().1)
-    );
     assert_eq!(q.get(f.bad).unwrap().unwrap().status, Status::Pending);
     for id in &f.others {
         assert_eq!(q.history(*id).unwrap().len(), 1);

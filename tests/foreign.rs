@@ -225,7 +225,7 @@ fn stores_omniq_wrote_open_and_carry_the_marker() {
     drop(Queue::open(&fresh).unwrap());
     let marker = std::fs::read_to_string(fresh.join("OMNIQ")).unwrap();
     assert!(
-        marker.starts_with("omniq queue directory\nformat 3\nrun 1\nseq 0\ndb_bytes "),
+        marker.starts_with("omniq queue directory\nformat 4\nrun 1\nseq 0\ndb_bytes "),
         "{marker}"
     );
     let empty = tmp.path().join("empty");

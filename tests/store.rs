@@ -10,6 +10,8 @@ use omniq::{
 };
 use serde::{Deserialize, Serialize};
 
+mod common;
+
 #[derive(Serialize, Deserialize, Debug, PartialEq, Clone)]
 struct Job {
     n: u64,
@@ -422,4 +424,162 @@ fn different_kinds_and_unknown_ids() {
     assert!(q.get(unknown).unwrap().is_none());
     assert!(matches!(q.retry(unknown), Err(Error::NotFound(_))));
     assert!(matches!(q.retry(id), Err(Error::InvalidState { .. })));
+}
+
+/// Format 4 purges through per-minute finish buckets, not a per-task index: it must remove
+/// exactly the terminal tasks finished before the cutoff whatever the clock did. The queue's
+/// clock jumps back and forth by hours between finishes (ids come from the real clock, so id
+/// order and finish order disagree), tasks are retried and finish again, finishes land in
+/// minutes whose buckets a purge already removed, and after every purge the set of tasks left
+/// is exactly the model's and the checker (which verifies every terminal task is covered by a
+/// bucket) is satisfied.
+#[test]
+fn purge_is_exact_whatever_the_clock_does() {
+    match std::env::var("OMNIQ_PURGE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        Some(seed) => purge_model(seed),
+        None => (0..8).for_each(purge_model),
+    }
+}
+
+/// One run of [`purge_is_exact_whatever_the_clock_does`]; the clock moves within 30 minutes so
+/// that finishes share minutes (and buckets) often.
+fn purge_model(seed: u64) {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use std::collections::HashMap;
+
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = omniq::Timestamp(1_700_000_000_000);
+    let clock = ManualClock::new(t0);
+    let q = Queue::builder(dir.path())
+        .clock(clock.clone())
+        .open()
+        .unwrap();
+    // Every task stored: finished_at for the terminal ones, None for the live ones.
+    let mut model: HashMap<TaskId, Option<omniq::Timestamp>> = HashMap::new();
+    let jump = |rng: &mut StdRng| {
+        clock.set(t0 + Duration::from_millis(rng.random_range(0..30 * 60_000)));
+    };
+    for round in 0..40 {
+        for _ in 0..rng.random_range(1..6) {
+            let id = q
+                .enqueue_with(Job { n: round }, EnqueueOptions::new().max_retries(0))
+                .unwrap();
+            model.insert(id, None);
+        }
+        for _ in 0..rng.random_range(0..6) {
+            jump(&mut rng);
+            match rng.random_range(0..3) {
+                0 | 1 => {
+                    if let Some(c) = testing::claim_next(&q).unwrap() {
+                        let id = c.task.id;
+                        if rng.random_bool(0.5) {
+                            assert!(c.succeed(&1u64).unwrap());
+                        } else {
+                            assert!(c.fail(TaskError::permanent("x", "no")).unwrap());
+                        }
+                        model.insert(id, Some(clock.now()));
+                    }
+                }
+                _ => {
+                    let live: Vec<TaskId> = model
+                        .iter()
+                        .filter(|(_, f)| f.is_none())
+                        .map(|(id, _)| *id)
+                        .collect();
+                    if let Some(id) = live.first() {
+                        if q.get(*id).unwrap().unwrap().status == Status::Pending {
+                            q.cancel(*id).unwrap();
+                            model.insert(*id, Some(clock.now()));
+                        }
+                    }
+                }
+            }
+        }
+        // Retry a failed or cancelled task now and then: it must leave the purge's reach
+        // until it finishes again.
+        if rng.random_bool(0.3) {
+            let retryable: Vec<TaskId> = model
+                .iter()
+                .filter(|(id, f)| {
+                    f.is_some() && q.get(**id).unwrap().unwrap().status != Status::Completed
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            if let Some(id) = retryable.first() {
+                jump(&mut rng);
+                q.retry(*id).unwrap();
+                model.insert(*id, None);
+            }
+        }
+        if rng.random_bool(0.5) {
+            jump(&mut rng);
+            let older_than = Duration::from_millis(rng.random_range(0..20 * 60_000));
+            let now = clock.now();
+            let report = q.purge(older_than).unwrap();
+            let gone: Vec<TaskId> = model
+                .iter()
+                .filter(|(_, f)| f.is_some_and(|f| f + older_than <= now))
+                .map(|(id, _)| *id)
+                .collect();
+            assert_eq!(
+                report.tasks_removed,
+                gone.len(),
+                "seed {seed} round {round}: purge({older_than:?}) at {now}"
+            );
+            for id in gone {
+                model.remove(&id);
+            }
+        }
+        for (id, f) in &model {
+            let t = q.get(*id).unwrap();
+            assert!(t.is_some(), "seed {seed} round {round}: {id} was lost");
+            assert_eq!(t.unwrap().finished_at.is_some(), f.is_some());
+        }
+        assert_eq!(
+            q.stats().unwrap().total,
+            model.len() as u64,
+            "seed {seed} round {round}"
+        );
+        assert_consistent(&q);
+    }
+}
+
+/// Finish buckets do not pile up: once a purge removed everything finished before its cutoff,
+/// the buckets of the minutes wholly before it are deleted (by the next commit).
+#[test]
+fn a_purge_deletes_the_buckets_it_emptied() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = omniq::Timestamp(1_700_000_000_000); // a minute boundary: 28_333_333 min + 20 s
+    let clock = ManualClock::new(t0);
+    let minute = |t: omniq::Timestamp| t.0 / 60_000;
+    let mut finished = Vec::new();
+    {
+        let q = Queue::builder(dir.path())
+            .clock(clock.clone())
+            .open()
+            .unwrap();
+        for m in 0..3u64 {
+            q.enqueue(Job { n: m }).unwrap();
+            let c = testing::claim_next(&q).unwrap().unwrap();
+            assert!(c.succeed(&m).unwrap());
+            finished.push(clock.now());
+            clock.advance(Duration::from_secs(120));
+        }
+        // Now t0 + 6 min: purge what finished at least 3 min ago (the first two).
+        assert_eq!(q.purge(Duration::from_secs(180)).unwrap().tasks_removed, 2);
+        q.enqueue(Job { n: 9 }).unwrap();
+        assert_consistent(&q);
+    }
+    let db = common::raw_db(dir.path());
+    let buckets: Vec<u64> = db
+        .scan_prefix([omniq::keys::FINISHED])
+        .keys()
+        .map(|k| omniq::keys::decode_finish_bucket(&k.unwrap()).unwrap())
+        .collect();
+    assert_eq!(buckets, vec![minute(finished[2])]);
 }
