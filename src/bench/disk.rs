@@ -16,8 +16,12 @@
 //!    `Completed` (2 executions per task).
 //! 6. bytes on disk per completed task: row 3's directory after [`Queue::close`] (so flushed),
 //!    every file's length summed, divided by `N`; then the same directory's keys and values
-//!    summed by key prefix (opened with sled directly): where the bytes go.
-//! 7. row 1 again, a drift check.
+//!    summed by key prefix (opened with sled directly): where the bytes go. This directory
+//!    once held `N` pending tasks, and sled's data file never shrinks, so the row measures the
+//!    pending peak as much as the completed tasks.
+//! 7. bytes on disk per completed task in row 4's directory after close: tasks completed as they
+//!    arrived (a short backlog), the steady state of a retained history (format 4, issue 12).
+//! 8. row 1 again, a drift check.
 //!
 //! **rss**: one process enqueues `N` pending tasks with `enqueue_many` in batches of 1,000
 //! (small payloads), reporting peak RSS (`VmHWM`), then the peak is reset (`clear_refs`) and
@@ -155,7 +159,8 @@ fn drain(dir: &Path, n: usize, w: usize) -> Result<(f64, Queue)> {
     Ok((r, q))
 }
 
-fn producer_with_workers(dir: &Path, n: usize, w: usize) -> Result<f64> {
+/// Row 4; the queue is returned still open.
+fn producer_with_workers(dir: &Path, n: usize, w: usize) -> Result<(f64, Queue)> {
     let q = open_group(dir)?;
     register_noop(&q);
     let pool = q.workers().concurrency(w).start()?;
@@ -167,7 +172,7 @@ fn producer_with_workers(dir: &Path, n: usize, w: usize) -> Result<f64> {
     await_terminal(&events, n)?;
     let r = rate(n, t0.elapsed());
     pool.stop();
-    Ok(r)
+    Ok((r, q))
 }
 
 fn fail_once(dir: &Path, n: usize, w: usize) -> Result<f64> {
@@ -239,6 +244,7 @@ pub fn run_disk(opts: &SuiteOptions, progress: &mut dyn FnMut(&str)) -> Result<S
     // The workloads interleave run by run, so that drift in the disk's speed spreads over all.
     let mut results: [Vec<f64>; 4] = Default::default();
     let mut bytes = Vec::new();
+    let mut steady = Vec::new();
     let mut breakdown = Vec::new();
     for run in 0..runs {
         results[0].push(enqueue_alone(&dir.join(format!("enqueue-{run}")), n)?);
@@ -250,11 +256,11 @@ pub fn run_disk(opts: &SuiteOptions, progress: &mut dyn FnMut(&str)) -> Result<S
         if run == 0 {
             breakdown = key_breakdown(&drained)?;
         }
-        results[2].push(producer_with_workers(
-            &dir.join(format!("producer-{run}")),
-            n,
-            w,
-        )?);
+        let everyday = dir.join(format!("producer-{run}"));
+        let (r, q) = producer_with_workers(&everyday, n, w)?;
+        results[2].push(r);
+        q.close()?;
+        steady.push(dir_bytes(&everyday)? as f64 / n as f64);
         results[3].push(fail_once(&dir.join(format!("fail-once-{run}")), n, w)?);
         for sub in ["enqueue", "drain", "producer", "fail-once"] {
             // Free the disk as we go: a 20,000-task run leaves ~50 MB per directory.
@@ -292,6 +298,14 @@ pub fn run_disk(opts: &SuiteOptions, progress: &mut dyn FnMut(&str)) -> Result<S
             "bytes on disk per completed task (drain directory after close, {tasks}, {of_runs})"
         ),
         median(bytes),
+        "bytes/task",
+    );
+    rows.push(
+        "disk_bytes_per_completed_task_steady",
+        format!(
+            "bytes on disk per completed task (producer + workers directory after close: short backlog, {tasks}, {of_runs})"
+        ),
+        median(steady),
         "bytes/task",
     );
     for (prefix, keys, kb, vb) in breakdown {
@@ -520,6 +534,7 @@ mod tests {
             "producer_with_workers_per_s",
             "fail_once_per_s",
             "disk_bytes_per_completed_task",
+            "disk_bytes_per_completed_task_steady",
             "live_bytes_per_task_t",
         ] {
             let row = r.rows.iter().find(|r| r.key == k).unwrap();
