@@ -1414,11 +1414,12 @@ fn migrate_child() {
 }
 
 /// A migration killed after some tasks were converted (the `migrate-4` fault point aborts the
-/// process before the nth task's batch) leaves a store only this build opens (the marker says
-/// format 4, `m/format` still 3), and the next open finishes it with nothing lost.
+/// process before the nth batch of two tasks is applied) leaves a store only this build opens
+/// (the marker says format 4, `m/format` still 3), and the next open finishes it with nothing
+/// lost.
 #[test]
 fn an_interrupted_migration_resumes() {
-    for n in [1, 6, 13] {
+    for n in [1, 4, 7] {
         let (tmp, expected) = format3_fixture();
         let dir = tmp.path().join("store");
         let out = std::process::Command::new(std::env::current_exe().unwrap())
@@ -1430,6 +1431,7 @@ fn an_interrupted_migration_resumes() {
             ])
             .env(MIGRATE_CHILD_DIR, &dir)
             .env(omniq::wal::FAULT_ENV, format!("migrate-4:{n}"))
+            .env("OMNIQ_MIGRATE_BATCH", "2")
             .output()
             .unwrap();
         assert!(
@@ -1451,7 +1453,13 @@ fn an_interrupted_migration_resumes() {
                 .values()
                 .filter(|v| omniq::record::is_record(v.as_ref().unwrap()))
                 .count();
-            assert!(converted < n, "n = {n}: {converted} converted");
+            assert!(converted <= 2 * (n - 1), "n = {n}: {converted} converted");
+            if n == 7 {
+                // sled made (at least part of) the earlier batches durable: the resumed open
+                // does meet converted records. (Not guaranteed by sled for an abort; checked
+                // here only so that the test says when it stops exercising that path.)
+                eprintln!("n = {n}: {converted} of 13 records were converted before the kill");
+            }
         }
         assert_fixture_migrated(&dir, &expected);
     }

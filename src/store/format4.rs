@@ -144,11 +144,26 @@ pub(crate) fn stale_buckets(db: &sled::Db, cutoff: Timestamp) -> Result<Vec<u64>
     Ok(out)
 }
 
-/// Format 3 -> 4, run at open after the log is replayed and sled checkpointed: per task, one
-/// atomic batch rewrites the record with its log inside and removes its `l` keys, its `s` key if
-/// it is `Completed` and its per-task `f` key, and raises its finish bucket. A record already
-/// in format 4 (an interrupted migration) is recognised by its envelope and only has its
-/// leftover keys removed. Returns how many records it converted.
+/// Tasks converted per atomic batch by [`migrate`] (`OMNIQ_MIGRATE_BATCH` overrides it, for the
+/// tests that interrupt a migration between batches). sled 0.34.7's `apply_batch` costs two
+/// synchronous writebacks whatever its size: one batch per task made a 200,000-task migration
+/// take 20 s.
+const MIGRATE_BATCH: usize = 1_000;
+
+fn migrate_batch() -> usize {
+    std::env::var("OMNIQ_MIGRATE_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(MIGRATE_BATCH)
+}
+
+/// Format 3 -> 4, run at open after the log is replayed and sled checkpointed: per task, the
+/// record is rewritten with its log inside and its `l` keys, its `s` key if it is `Completed`
+/// and its per-task `f` key are removed, and its finish bucket raised, all in the same atomic
+/// batch (a batch holds up to [`MIGRATE_BATCH`] whole tasks, in id order). A record already in
+/// format 4 (an interrupted migration) is recognised by its envelope and only has its leftover
+/// keys removed. Returns how many records it converted.
 ///
 /// A record that does not decode is left as it is, with its log keys (it reads as the corrupt
 /// record it is, naming its key; one bad record must not keep the queue from opening); a log
@@ -157,7 +172,17 @@ pub(crate) fn migrate(db: &sled::Db) -> Result<usize> {
     let mut converted = 0;
     let mut from = vec![keys::TASK];
     let end = vec![keys::TASK + 1];
+    let per_batch = migrate_batch();
+    let mut batch = sled::Batch::default();
+    let mut in_batch = 0;
+    // Bucket values as this migration left them (batches not yet applied included).
+    let mut buckets: HashMap<u64, TaskId> = HashMap::new();
     loop {
+        if in_batch >= per_batch {
+            hook::reached("migrate-4");
+            db.apply_batch(std::mem::take(&mut batch))?;
+            in_batch = 0;
+        }
         let Some(item) = db.range(from.clone()..end.clone()).next() else {
             break;
         };
@@ -179,7 +204,7 @@ pub(crate) fn migrate(db: &sled::Db) -> Result<usize> {
                 continue;
             }
         };
-        let mut batch = sled::Batch::default();
+        in_batch += 1;
         let mut log = Vec::new();
         for item in db.scan_prefix(keys::log_prefix(id)) {
             let (lk, lv) = item?;
@@ -208,10 +233,17 @@ pub(crate) fn migrate(db: &sled::Db) -> Result<usize> {
         if let (true, Some(at)) = (task.status.is_terminal(), task.finished_at) {
             batch.remove(keys::finished(at, id));
             let minute = keys::bucket_of(at);
-            if read_bucket(db, minute)?.is_none_or(|b| b.as_bytes() < id.as_bytes()) {
+            let current = match buckets.get(&minute) {
+                Some(b) => Some(*b),
+                None => read_bucket(db, minute)?,
+            };
+            if current.is_none_or(|b| b.as_bytes() < id.as_bytes()) {
                 batch.insert(keys::finish_bucket(minute), id.as_bytes().to_vec());
+                buckets.insert(minute, id);
             }
         }
+    }
+    if in_batch > 0 {
         hook::reached("migrate-4");
         db.apply_batch(batch)?;
     }
