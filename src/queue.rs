@@ -1192,7 +1192,9 @@ impl Queue {
     /// deleting anything: how many finished (terminal) tasks finished at least `older_than`
     /// ago, and the first `sample` of them, oldest finish first.
     ///
-    /// It reads the finished index only (plus `sample` records). A purge called afterwards
+    /// On sled it reads the task records up to the newest one that finished before the cutoff
+    /// (format 4 keeps per-minute finish buckets, not a per-task index); on PostgreSQL, an
+    /// index. A purge called afterwards
     /// computes its own cutoff, so it also removes tasks that finish in between.
     ///
     /// ```

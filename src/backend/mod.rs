@@ -196,7 +196,8 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn counts(&self) -> Result<BTreeMap<(String, Status), u64>>;
     /// How many of `queues`' tasks are due at `now` (up to `limit`), and the next due time.
     fn due_summary(&self, queues: &QueueSet, now: Timestamp, limit: usize) -> Result<DueSummary>;
-    /// Up to `limit` terminal tasks finished before `cutoff`, oldest first.
+    /// Up to `limit` terminal tasks finished before `cutoff`, oldest finish first (sled: the
+    /// first `limit` in id order, then sorted).
     #[allow(dead_code)] // for `purge --dry-run`, which lands with the CLI's purge preview
     fn finished_before(&self, cutoff: Timestamp, limit: usize) -> Result<Vec<TaskId>>;
     /// Full scan verifying every invariant between records, indexes, counters and the log.

@@ -99,14 +99,16 @@ fn bound(db: &sled::Db, cutoff: Timestamp) -> Result<Option<TaskId>> {
 
 /// What [`finished_before`] found.
 pub(crate) struct Finished {
-    /// Terminal tasks finished before the cutoff, oldest id first.
+    /// Terminal tasks finished before the cutoff, oldest finish first (the first `limit` of them
+    /// in id order).
     pub ids: Vec<TaskId>,
     /// The scan reached its bound (it was not cut short by the limit).
     pub complete: bool,
 }
 
-/// Up to `limit` terminal tasks finished before `cutoff` (strictly), in id order. A record that
-/// does not decode is skipped (a purge must not stop on it; `omniq check` reports it).
+/// Up to `limit` terminal tasks finished before `cutoff` (strictly): the first `limit` in id
+/// order, returned oldest finish first. A record that does not decode is skipped (a purge must
+/// not stop on it; `omniq check` reports it).
 pub(crate) fn finished_before(db: &sled::Db, cutoff: Timestamp, limit: usize) -> Result<Finished> {
     let mut out = Finished {
         ids: Vec::new(),
@@ -117,19 +119,25 @@ pub(crate) fn finished_before(db: &sled::Db, cutoff: Timestamp, limit: usize) ->
     };
     let low = vec![keys::TASK];
     let high = keys::task(high);
+    let mut found: Vec<(Timestamp, TaskId)> = Vec::new();
     for item in db.range(low..=high) {
         let (k, v) = item?;
         let Ok(t) = record::decode_task(&v, &|| keys::describe(&k)) else {
             continue;
         };
-        if t.status.is_terminal() && t.finished_at.is_some_and(|f| f < cutoff) {
-            if out.ids.len() >= limit {
-                out.complete = false;
-                break;
+        match t.finished_at {
+            Some(f) if t.status.is_terminal() && f < cutoff => {
+                if found.len() >= limit {
+                    out.complete = false;
+                    break;
+                }
+                found.push((f, t.id));
             }
-            out.ids.push(t.id);
+            _ => {}
         }
     }
+    found.sort();
+    out.ids = found.into_iter().map(|(_, id)| id).collect();
     Ok(out)
 }
 

@@ -145,7 +145,8 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn list(&self, filter: &ListFilter) -> Result<Page>;
     /// One task's transitions, oldest first.
     fn history(&self, id: TaskId) -> Result<Vec<LogEntry>>;
-    /// Up to `limit` terminal tasks finished before `cutoff`, oldest first.
+    /// Up to `limit` terminal tasks finished before `cutoff`, oldest finish first (sled: the
+    /// first `limit` in id order, found through its finish buckets, then sorted).
     fn finished_before(&self, cutoff: Timestamp, limit: usize) -> Result<Vec<TaskId>>;
     /// Counters: (queue, status) -> count.
     fn counts(&self) -> BTreeMap<(String, Status), u64>;

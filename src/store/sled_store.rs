@@ -1229,6 +1229,17 @@ impl SledStore {
 
     fn ids_in_state_inner(&self, status: Status) -> Result<Vec<TaskId>> {
         let mut out = Vec::new();
+        if status == Status::Completed {
+            // No state index for them (format 4): read the records (nothing in the engine asks
+            // for these; kept correct for the trait).
+            for item in self.db.scan_prefix([keys::TASK]) {
+                let (k, v) = item?;
+                if Self::decode_task(&k, &v)?.status == Status::Completed {
+                    out.push(keys::decode_task(&k)?);
+                }
+            }
+            return Ok(out);
+        }
         for item in self.db.scan_prefix(keys::state_prefix(status)).keys() {
             let k = item?;
             out.push(keys::decode_state(&k)?.1);
