@@ -2191,6 +2191,113 @@ mod tests {
         }
     }
 
+    /// A change from `before` to `after` with its log entry.
+    fn moved(before: &TaskInfo, after: &TaskInfo, seq: u64, cause: Cause) -> Change {
+        Change {
+            before: Some(before.clone()),
+            after: Some(after.clone()),
+            log: Some(LogEntry {
+                seq,
+                task_id: after.id,
+                from: Some(before.status),
+                to: after.status,
+                attempt: after.attempts,
+                cause,
+                at: after.finished_at.unwrap_or(Timestamp(1)),
+                run_id: 1,
+            }),
+            side: Vec::new(),
+        }
+    }
+
+    /// A purge scan that found nothing lets the next group delete the buckets before its
+    /// cutoff's minute; a task of that same group finishing in one of those minutes (a clock
+    /// set back) must still find its bucket afterwards: the deletions come first.
+    #[test]
+    fn bucket_clean_up_comes_before_the_groups_own_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), &options()).unwrap();
+        let minute = |m: u64| Timestamp(m * keys::BUCKET_MS + 7);
+        let a = crate::task::test_task(3);
+        let mut done = a.clone();
+        done.status = Status::Cancelled;
+        done.finished_at = Some(minute(10));
+        store.commit(&[enqueued(&a, 1)], 1, true).unwrap();
+        store
+            .commit(&[moved(&a, &done, 2, Cause::Cancelled)], 2, true)
+            .unwrap();
+        let purge = Change {
+            before: Some(done.clone()),
+            after: None,
+            log: None,
+            side: Vec::new(),
+        };
+        store.commit(&[purge], 2, true).unwrap();
+        assert!(store.db.get(keys::finish_bucket(10)).unwrap().is_some());
+        // Nothing finished before minute 20 is left: the next group may drop bucket 10 ...
+        assert!(store.finished_before(minute(20), 100).unwrap().is_empty());
+        // ... and that group finishes a task in minute 10 again.
+        let b = crate::task::test_task(3);
+        let mut b_done = b.clone();
+        b_done.status = Status::Cancelled;
+        b_done.finished_at = Some(minute(10));
+        let (mut e, c) = (enqueued(&b, 3), moved(&b, &b_done, 4, Cause::Cancelled));
+        e.after = Some(b.clone());
+        store.commit(&[e, c], 4, true).unwrap();
+        assert_eq!(
+            store
+                .db
+                .get(keys::finish_bucket(10))
+                .unwrap()
+                .map(|v| v.to_vec()),
+            Some(b.id.as_bytes().to_vec())
+        );
+        let report = store.check().unwrap();
+        assert!(report.is_consistent(), "{:?}", report.problems);
+        assert_eq!(store.finished_before(minute(20), 100).unwrap(), vec![b.id]);
+    }
+
+    /// A clean-up justified by a scan is dropped if a group was applied after the scan began
+    /// (a preview's scan runs beside the writer): that group may have finished a task in one of
+    /// the minutes the scan found empty.
+    #[test]
+    fn a_stale_bucket_clean_up_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), &options()).unwrap();
+        let at = Timestamp(10 * keys::BUCKET_MS + 7);
+        assert!(store
+            .finished_before(Timestamp(20 * keys::BUCKET_MS), 100)
+            .unwrap()
+            .is_empty());
+        // As if this group had been applied while the scan ran (before the scan recorded its
+        // clean-up): it finishes a task in minute 10.
+        let pending = store.bucket_cleanup.lock().take();
+        assert!(pending.is_some(), "the empty scan asked for a clean-up");
+        let a = crate::task::test_task(3);
+        let mut done = a.clone();
+        done.status = Status::Cancelled;
+        done.finished_at = Some(at);
+        store
+            .commit(
+                &[enqueued(&a, 1), moved(&a, &done, 2, Cause::Cancelled)],
+                2,
+                true,
+            )
+            .unwrap();
+        *store.bucket_cleanup.lock() = pending;
+        let b = crate::task::test_task(3);
+        store.commit(&[enqueued(&b, 3)], 3, true).unwrap();
+        assert!(store.db.get(keys::finish_bucket(10)).unwrap().is_some());
+        let report = store.check().unwrap();
+        assert!(report.is_consistent(), "{:?}", report.problems);
+        assert_eq!(
+            store
+                .finished_before(Timestamp(20 * keys::BUCKET_MS), 100)
+                .unwrap(),
+            vec![a.id]
+        );
+    }
+
     /// A format-2 store left by a crash after a group's write-ahead entry reached disk but before
     /// all of its writes (or the entry's removal) did: the next open applies the whole group,
     /// whatever prefix of it had been written.
