@@ -14,8 +14,8 @@
 //! the new entry: see [`append`].
 //!
 //! Why one key: sled costs ~150-250 bytes per key whatever its size, so a completed task with a
-//! record, a state-index key, a finished-index key and three log keys (format 3) took 1,416 B on
-//! disk; a single key takes ~460 B (BENCHMARKS.md, "Format 4").
+//! record, a state-index key, a finished-index key and three log keys (format 3) took ~1.4 KB on
+//! disk; as a single key it takes ~410 B (BENCHMARKS.md, "Format 4").
 //!
 //! Decoding never panics: bad bytes give a [`Error::Corrupt`] naming the key.
 
