@@ -104,21 +104,39 @@ pub(crate) struct Finished {
     pub ids: Vec<TaskId>,
     /// The scan reached its bound (it was not cut short by the limit).
     pub complete: bool,
+    /// The largest id returned (where a continuation starts).
+    pub last: Option<TaskId>,
 }
 
-/// Up to `limit` terminal tasks finished before `cutoff` (strictly): the first `limit` in id
-/// order, returned oldest finish first. A record that does not decode is skipped (a purge must
-/// not stop on it; `omniq check` reports it).
-pub(crate) fn finished_before(db: &sled::Db, cutoff: Timestamp, limit: usize) -> Result<Finished> {
+/// Up to `limit` terminal tasks finished before `cutoff` (strictly) with ids above `after`
+/// (all, if `None`): the first `limit` in id order, returned oldest finish first. A record that
+/// does not decode is skipped (a purge must not stop on it; `omniq check` reports it).
+pub(crate) fn finished_before(
+    db: &sled::Db,
+    cutoff: Timestamp,
+    limit: usize,
+    after: Option<TaskId>,
+) -> Result<Finished> {
     let mut out = Finished {
         ids: Vec::new(),
         complete: true,
+        last: None,
     };
     let Some(high) = bound(db, cutoff)? else {
         return Ok(out);
     };
-    let low = vec![keys::TASK];
+    let low = match after {
+        Some(id) => {
+            let mut k = keys::task(id);
+            k.push(0);
+            k
+        }
+        None => vec![keys::TASK],
+    };
     let high = keys::task(high);
+    if low > high {
+        return Ok(out);
+    }
     let mut found: Vec<(Timestamp, TaskId)> = Vec::new();
     for item in db.range(low..=high) {
         let (k, v) = item?;
@@ -132,6 +150,7 @@ pub(crate) fn finished_before(db: &sled::Db, cutoff: Timestamp, limit: usize) ->
                     break;
                 }
                 found.push((f, t.id));
+                out.last = Some(t.id);
             }
             _ => {}
         }
@@ -139,6 +158,23 @@ pub(crate) fn finished_before(db: &sled::Db, cutoff: Timestamp, limit: usize) ->
     found.sort();
     out.ids = found.into_iter().map(|(_, id)| id).collect();
     Ok(out)
+}
+
+/// A purge in progress: `Queue::purge` asks for batches of `limit` with one cutoff until a batch
+/// is empty. Each batch continues after the last id the previous one returned instead of
+/// scanning again from the first record, so live tasks older than the purged ones are read
+/// once per purge, not once per batch. Valid while no task finished with a `finished_at`
+/// before the cutoff since the purge began (a clock set back, or `purge(0)` within the same
+/// millisecond): such a task may lie behind the continuation point, so the next batch starts
+/// from the first record again. Commit groups record the earliest finish they apply in
+/// `floor`.
+#[derive(Clone, Debug)]
+pub(crate) struct PurgeScan {
+    pub cutoff: Timestamp,
+    pub limit: usize,
+    pub after: TaskId,
+    /// The earliest `finished_at` applied since the purge began (ms).
+    pub floor: u64,
 }
 
 /// The bucket keys whose whole minute is before `cutoff`: once no terminal task finished before

@@ -222,6 +222,8 @@ pub(crate) struct SledStore {
     /// Finish buckets a purge scan found empty: (`groups_applied` at the scan, cutoff). The next
     /// group removes the buckets before the cutoff's minute if no group came in between.
     bucket_cleanup: Mutex<Option<(u64, Timestamp)>>,
+    /// The purge in progress, if its last batch was full (see [`format4::PurgeScan`]).
+    purge_scan: Mutex<Option<format4::PurgeScan>>,
     /// Must stay the last field: fields drop in declaration order, so this runs after `db`.
     _lock_release: LockRelease,
 }
@@ -446,6 +448,7 @@ impl SledStore {
             upgrade_from: Mutex::new(None),
             groups_applied: AtomicU64::new(0),
             bucket_cleanup: Mutex::new(None),
+            purge_scan: Mutex::new(None),
         };
         store.check_format(existed, expected.run)?;
         if !existed {
@@ -826,6 +829,11 @@ impl SledStore {
                     if let Some(minute) = format4::finishes(ch.before.as_ref(), a) {
                         if let Some(v) = buckets.raise(&self.db.handle(), minute, a.id)? {
                             batch.insert(keys::finish_bucket(minute), v);
+                        }
+                        if let (Some(scan), Some(at)) =
+                            (self.purge_scan.lock().as_mut(), a.finished_at)
+                        {
+                            scan.floor = scan.floor.min(at.0);
                         }
                     }
                     let key = (a.queue.clone(), a.status);
@@ -1303,17 +1311,44 @@ impl SledStore {
     }
 
     /// Terminal tasks finished before `cutoff`, read through the finish buckets (see
-    /// `format4.rs`), in id order. A complete scan that found none means every bucket whose
-    /// minute is wholly before `cutoff` is empty: the next commit group removes them, if no
-    /// group was applied since the scan began (a task finished in the meantime could be in one).
+    /// `format4.rs`). A batch of a purge in progress (same cutoff and limit as the previous,
+    /// full, batch) continues after the previous batch's last id ([`format4::PurgeScan`]).
+    ///
+    /// A scan that found none, having covered every record up to the bound (this call, or this
+    /// purge's batches with no earlier finish since it began), means every bucket whose minute
+    /// is wholly before `cutoff` is empty: the next commit group removes them, if no group was
+    /// applied while this scan ran (a preview scans beside the writer; a task finished in the
+    /// meantime could be in one).
     fn finished_before_inner(&self, cutoff: Timestamp, limit: usize) -> Result<Vec<TaskId>> {
         let seen = self.groups_applied.load(Ordering::Acquire);
-        let found = format4::finished_before(&self.db.handle(), cutoff, limit)?;
-        if found.complete
-            && found.ids.is_empty()
-            && self.groups_applied.load(Ordering::Acquire) == seen
-        {
-            *self.bucket_cleanup.lock() = Some((seen, cutoff));
+        let resume = {
+            let mut scan = self.purge_scan.lock();
+            match scan.take() {
+                Some(s) if s.cutoff == cutoff && s.limit == limit && s.floor >= cutoff.0 => {
+                    Some(s.after)
+                }
+                // Another caller (a preview) leaves a purge's continuation alone.
+                Some(s) if s.limit != limit => {
+                    *scan = Some(s);
+                    None
+                }
+                _ => None,
+            }
+        };
+        let found = format4::finished_before(&self.db.handle(), cutoff, limit, resume)?;
+        match (found.complete, found.last) {
+            (false, Some(after)) => {
+                *self.purge_scan.lock() = Some(format4::PurgeScan {
+                    cutoff,
+                    limit,
+                    after,
+                    floor: u64::MAX,
+                });
+            }
+            _ if found.ids.is_empty() && self.groups_applied.load(Ordering::Acquire) == seen => {
+                *self.bucket_cleanup.lock() = Some((seen, cutoff));
+            }
+            _ => {}
         }
         Ok(found.ids)
     }
@@ -2296,6 +2331,94 @@ mod tests {
                 .unwrap(),
             vec![a.id]
         );
+    }
+
+    /// A purge asks for batches until one is empty; a batch after a full one continues after
+    /// its last id. A task finishing meanwhile with a `finished_at` before the cutoff (here the
+    /// oldest task, behind the continuation point) sends the next batch back to the first
+    /// record: otherwise this purge would end on an empty continuation (the one task past the
+    /// first batch was retried) and miss it.
+    #[test]
+    fn purge_batches_continue_unless_an_earlier_finish_happened() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), &options()).unwrap();
+        let at = |m: u64| Timestamp(m * keys::BUCKET_MS + 7);
+        let mut tasks: Vec<TaskInfo> = (0..8).map(|_| crate::task::test_task(3)).collect();
+        tasks.sort_by_key(|t| t.id);
+        let mut seq = 0;
+        let mut next = || {
+            seq += 1;
+            seq
+        };
+        for t in &tasks {
+            let n = next();
+            store.commit(&[enqueued(t, n)], n, true).unwrap();
+        }
+        let cancel = |t: &TaskInfo, m: u64, seq: u64| {
+            let mut done = t.clone();
+            done.status = Status::Cancelled;
+            done.finished_at = Some(at(m));
+            (done.clone(), moved(t, &done, seq, Cause::Cancelled))
+        };
+        let mut stored: HashMap<TaskId, TaskInfo> =
+            tasks.iter().map(|t| (t.id, t.clone())).collect();
+        for i in [1, 2, 3] {
+            let n = next();
+            let (done, ch) = cancel(&tasks[i], 5, n);
+            store.commit(&[ch], n, true).unwrap();
+            stored.insert(done.id, done);
+        }
+        let cutoff = at(20);
+        let mut batches = 0;
+        loop {
+            let ids = store.finished_before(cutoff, 2).unwrap();
+            batches += 1;
+            assert!(batches < 20);
+            if ids.is_empty() {
+                break;
+            }
+            let changes: Vec<Change> = ids
+                .iter()
+                .map(|id| Change {
+                    before: stored.remove(id),
+                    after: None,
+                    log: None,
+                    side: Vec::new(),
+                })
+                .collect();
+            let n = next();
+            store.commit(&changes, n, true).unwrap();
+            if batches == 1 {
+                // The third cancelled task is retried, and the oldest task finishes now, with a
+                // time before the cutoff.
+                let n = next();
+                let before = stored[&tasks[3].id].clone();
+                let mut again = before.clone();
+                again.status = Status::Pending;
+                again.finished_at = None;
+                store
+                    .commit(&[moved(&before, &again, n, Cause::ManualRetry)], n, true)
+                    .unwrap();
+                stored.insert(again.id, again);
+                let n = next();
+                let (done, ch) = cancel(&tasks[0], 3, n);
+                store.commit(&[ch], n, true).unwrap();
+                stored.insert(done.id, done);
+            }
+        }
+        let left: Vec<TaskId> = stored
+            .values()
+            .filter(|t| t.status.is_terminal())
+            .map(|t| t.id)
+            .collect();
+        assert!(left.is_empty(), "not purged: {left:?}");
+        assert_eq!(
+            stored.len(),
+            5,
+            "the pending and the retried tasks are left"
+        );
+        let report = store.check().unwrap();
+        assert!(report.is_consistent(), "{:?}", report.problems);
     }
 
     /// A format-2 store left by a crash after a group's write-ahead entry reached disk but before
