@@ -60,7 +60,7 @@ type Counters = BTreeMap<(String, Status), u64>;
 /// `t` key, `crate::record`), drops the state-index key of `Completed` tasks and replaces the
 /// per-task finished index with per-minute finish buckets (`keys.rs`, `format4.rs`): a completed
 /// task is one key. An older store is migrated at open, after its log is replayed and sled
-/// checkpointed, one atomic batch per task (`format4::migrate`); the marker says format 4 from
+/// checkpointed, each task whole in one atomic batch (`format4::migrate`); the marker says format 4 from
 /// the start of the migration (so an older build refuses a half-migrated store) and `m/format`
 /// once it is done (so an interrupted migration is run again).
 pub const FORMAT_VERSION: u32 = 4;
