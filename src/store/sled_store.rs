@@ -791,11 +791,14 @@ impl SledStore {
         // Records as this group leaves them (a task changed twice appends to its first write).
         let mut records: HashMap<TaskId, Option<Vec<u8>>> = HashMap::new();
         let mut buckets = format4::Buckets::default();
+        // One handle for the group's reads (only this thread writes, so every generation a
+        // compaction may switch to meanwhile holds the same data).
+        let db = self.db.handle();
         let cleanup = self.bucket_cleanup.lock().take();
         if let Some((seen, cutoff)) = cleanup {
             // Before this group's finishes: one of them may land in such a minute again.
             if seen == self.groups_applied.load(Ordering::Acquire) {
-                for minute in format4::stale_buckets(&self.db.handle(), cutoff)? {
+                for minute in format4::stale_buckets(&db, cutoff)? {
                     batch.remove(keys::finish_bucket(minute));
                     buckets.removed(minute);
                 }
@@ -816,7 +819,7 @@ impl SledStore {
                     let key = keys::task(a.id);
                     let old = match records.remove(&a.id) {
                         Some(v) => v,
-                        None if ch.before.is_some() => self.db.get(&key)?.map(|v| v.to_vec()),
+                        None if ch.before.is_some() => db.get(&key)?.map(|v| v.to_vec()),
                         None => None,
                     };
                     let entry = ch.log.as_ref().filter(|e| e.task_id == a.id);
@@ -827,7 +830,7 @@ impl SledStore {
                         batch.insert(k, Vec::new());
                     }
                     if let Some(minute) = format4::finishes(ch.before.as_ref(), a) {
-                        if let Some(v) = buckets.raise(&self.db.handle(), minute, a.id)? {
+                        if let Some(v) = buckets.raise(&db, minute, a.id)? {
                             batch.insert(keys::finish_bucket(minute), v);
                         }
                         if let (Some(scan), Some(at)) =
