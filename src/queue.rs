@@ -65,7 +65,7 @@ pub enum Durability {
 /// use omniq::AutoCompact;
 /// let rule = AutoCompact { min_bytes: 16 << 20, ratio: 4 };
 /// assert!(rule.wants(100 << 20, 1_000, None));
-/// assert!(!rule.wants(100 << 20, 20_000, None));
+/// assert!(!rule.wants(100 << 20, 40_000, None));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AutoCompact {
@@ -85,10 +85,10 @@ impl Default for AutoCompact {
 }
 
 impl AutoCompact {
-    /// Bytes per task assumed before a compaction measured them: a completed task with a
-    /// small payload, its log entries and its share of storage overhead (issue 12 measured
-    /// ~1,800 B).
-    pub const DEFAULT_TASK_BYTES: u64 = 2048;
+    /// Bytes per task assumed before a compaction measured them: format 4 measured ~0.4 KB
+    /// per completed task and ~1.1 KB per pending one with a small payload, storage overhead
+    /// included (BENCHMARKS.md, "Format 4"); this leans to the pending side.
+    pub const DEFAULT_TASK_BYTES: u64 = 1024;
 
     /// Whether a store of `size_on_disk` bytes holding `tasks` tasks should be compacted,
     /// given the bytes per task a previous compaction measured (if any).

@@ -126,7 +126,7 @@ fn auto_compaction_can_be_turned_off_and_skips_a_store_that_holds_its_size() {
     // The rule itself.
     let rule = AutoCompact::default();
     assert!(rule.wants(128 << 20, 0, None));
-    assert!(!rule.wants(128 << 20, 30_000, None));
+    assert!(!rule.wants(128 << 20, 50_000, None));
     assert!(rule.wants(128 << 20, 30_000, Some(1000)));
     assert!(rule.wants(32 << 20, 0, None));
     assert!(!rule.wants(8 << 20, 0, None));

@@ -19,9 +19,11 @@
 //!    summed by key prefix (opened with sled directly): where the bytes go. This directory
 //!    once held `N` pending tasks, and sled's data file never shrinks, so the row measures the
 //!    pending peak as much as the completed tasks.
-//! 7. bytes on disk per completed task in row 4's directory after close: tasks completed as they
+//! 7. the same directory after [`Queue::compact`]: rewritten to what it holds (what a purge's
+//!    automatic compaction or `omniq compact` gives back).
+//! 8. bytes on disk per completed task in row 4's directory after close: tasks completed as they
 //!    arrived (a short backlog), the steady state of a retained history (format 4, issue 12).
-//! 8. row 1 again, a drift check.
+//! 9. row 1 again, a drift check.
 //!
 //! **rss**: one process enqueues `N` pending tasks with `enqueue_many` in batches of 1,000
 //! (small payloads), reporting peak RSS (`VmHWM`), then the peak is reset (`clear_refs`) and
@@ -245,6 +247,7 @@ pub fn run_disk(opts: &SuiteOptions, progress: &mut dyn FnMut(&str)) -> Result<S
     let mut results: [Vec<f64>; 4] = Default::default();
     let mut bytes = Vec::new();
     let mut steady = Vec::new();
+    let mut compacted = Vec::new();
     let mut breakdown = Vec::new();
     for run in 0..runs {
         results[0].push(enqueue_alone(&dir.join(format!("enqueue-{run}")), n)?);
@@ -256,6 +259,12 @@ pub fn run_disk(opts: &SuiteOptions, progress: &mut dyn FnMut(&str)) -> Result<S
         if run == 0 {
             breakdown = key_breakdown(&drained)?;
         }
+        // The same directory rewritten to what it holds: the pending backlog's high-water
+        // mark is gone (what a purge's automatic compaction or `omniq compact` gives back).
+        let q = open_group(&drained)?;
+        q.compact()?;
+        q.close()?;
+        compacted.push(dir_bytes(&drained)? as f64 / n as f64);
         let everyday = dir.join(format!("producer-{run}"));
         let (r, q) = producer_with_workers(&everyday, n, w)?;
         results[2].push(r);
@@ -298,6 +307,14 @@ pub fn run_disk(opts: &SuiteOptions, progress: &mut dyn FnMut(&str)) -> Result<S
             "bytes on disk per completed task (drain directory after close, {tasks}, {of_runs})"
         ),
         median(bytes),
+        "bytes/task",
+    );
+    rows.push(
+        "disk_bytes_per_completed_task_compacted",
+        format!(
+            "bytes on disk per completed task (drain directory after Queue::compact, {tasks}, {of_runs})"
+        ),
+        median(compacted),
         "bytes/task",
     );
     rows.push(
@@ -534,6 +551,7 @@ mod tests {
             "producer_with_workers_per_s",
             "fail_once_per_s",
             "disk_bytes_per_completed_task",
+            "disk_bytes_per_completed_task_compacted",
             "disk_bytes_per_completed_task_steady",
             "live_bytes_per_task_t",
         ] {
