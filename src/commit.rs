@@ -405,7 +405,8 @@ impl Writer {
         };
         drop(sync_rx);
         let mut inline_pause = 0u32;
-        while let Ok(first) = rx.recv() {
+        // Polls briefly before sleeping (see `next_command`).
+        while let Ok(first) = next_command(&rx) {
             let mut commands = vec![first];
             while commands.len() < max {
                 match rx.try_recv() {
@@ -544,6 +545,33 @@ impl Writer {
         }
     }
 }
+
+/// The next command. The writer first polls for up to [`SPIN_MICROS`] before it blocks: a lone
+/// producer sends its next command a few microseconds after its reply, and catching it without
+/// sleeping saves a thread wake-up on every call (issue 12, measured interleaved on a quiet
+/// machine: one producer +10-14 %, one producer + 4 workers unchanged; 80 us cost the workers
+/// 5 %). An idle writer spins once, for that long, then sleeps until a command arrives.
+fn next_command(
+    rx: &Receiver<Command>,
+) -> std::result::Result<Command, crossbeam_channel::RecvError> {
+    let until = std::time::Instant::now() + std::time::Duration::from_micros(SPIN_MICROS);
+    loop {
+        match rx.try_recv() {
+            Ok(c) => return Ok(c),
+            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                return Err(crossbeam_channel::RecvError)
+            }
+            Err(crossbeam_channel::TryRecvError::Empty) => {}
+        }
+        if std::time::Instant::now() >= until {
+            return rx.recv();
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// How long the writer polls for its next command before it blocks (see [`next_command`]).
+const SPIN_MICROS: u64 = 30;
 
 /// Keeps `Relaxed` acknowledgements in order per task while letting groups that need no fsync
 /// skip the syncer. Groups go to the syncer numbered (`ticket`); the syncer publishes the last
