@@ -405,8 +405,9 @@ impl Writer {
         };
         drop(sync_rx);
         let mut inline_pause = 0u32;
-        // Polls briefly before sleeping (see `next_command`).
-        while let Ok(first) = next_command(&rx) {
+        // Polls briefly before sleeping after a lone command (see `next_command`).
+        let mut lone = false;
+        while let Ok(first) = next_command(&rx, lone) {
             let mut commands = vec![first];
             while commands.len() < max {
                 match rx.try_recv() {
@@ -425,6 +426,7 @@ impl Writer {
                 && inline_pause == 0
                 && order.idle()
                 && rx.is_empty();
+            lone = commands.len() == 1;
             let mut applied = self.apply_group(commands, syncer.is_none() || inline);
             if inline && !rx.is_empty() {
                 inline_pause = INLINE_PAUSE_GROUPS;
@@ -546,14 +548,20 @@ impl Writer {
     }
 }
 
-/// The next command. The writer first polls for up to [`SPIN_MICROS`] before it blocks: a lone
-/// producer sends its next command a few microseconds after its reply, and catching it without
-/// sleeping saves a thread wake-up on every call (issue 12, measured interleaved on a quiet
-/// machine: one producer +10-14 %, one producer + 4 workers unchanged; 80 us cost the workers
-/// 5 %). An idle writer spins once, for that long, then sleeps until a command arrives.
+/// The next command. After a group of one command (`spin`) the writer first polls for up to
+/// [`SPIN_MICROS`] before it blocks: a lone producer sends its next command a few microseconds
+/// after its reply, and catching it without sleeping saves a thread wake-up on every call
+/// (issue 12, measured interleaved on a quiet machine: one producer +10-14 %, one producer + 4
+/// workers unchanged; 80 us cost the workers 5 %). Not after larger groups: with more busy
+/// threads than cores (8 producers, 16 workers) the poll took CPU from them (-7 %, -10 %). An
+/// idle writer polls once, for that long, then sleeps until a command arrives.
 fn next_command(
     rx: &Receiver<Command>,
+    spin: bool,
 ) -> std::result::Result<Command, crossbeam_channel::RecvError> {
+    if !spin {
+        return rx.recv();
+    }
     let until = std::time::Instant::now() + std::time::Duration::from_micros(SPIN_MICROS);
     loop {
         match rx.try_recv() {
