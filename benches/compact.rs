@@ -28,16 +28,7 @@ impl Task for Noop {
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let meta = entry.metadata().unwrap();
-        total += if meta.is_dir() {
-            dir_bytes(&entry.path())
-        } else {
-            meta.len()
-        };
-    }
-    total
+    omniq::bench::disk::dir_bytes(dir).unwrap()
 }
 
 fn mb(b: u64) -> String {

@@ -19,16 +19,7 @@ const LONG: Duration = Duration::from_secs(120);
 
 /// Bytes of every file under `dir`.
 fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let meta = entry.metadata().unwrap();
-        total += if meta.is_dir() {
-            dir_bytes(&entry.path())
-        } else {
-            meta.len()
-        };
-    }
-    total
+    omniq::bench::disk::dir_bytes(dir).unwrap()
 }
 
 fn names(dir: &Path) -> Vec<String> {
