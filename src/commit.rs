@@ -355,105 +355,164 @@ impl Group<'_> {
 
 impl Writer {
     /// Starts the writer thread. It runs until every `Sender<Command>` is dropped.
-    pub(crate) fn spawn(self, rx: Receiver<Command>) -> Result<JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name("omniq-writer".into())
-            .spawn(move || self.run(rx))
-            .map_err(|e| Error::Storage(format!("cannot start the writer thread: {e}")))
-    }
-
-    fn run(mut self, rx: Receiver<Command>) {
+    /// Starts the writer thread (and, unless `Immediate`, the syncer threads). Returns the
+    /// thread and the [`FastPath`] through which a waiting caller may apply its own command.
+    pub(crate) fn spawn(self, rx: Receiver<Command>) -> Result<(JoinHandle<()>, FastPath)> {
+        // Pipelining: the thread applying group N+1 to sled runs while a syncer thread makes
+        // group N durable, so the CPU work of a group overlaps the previous group's fsync.
+        // Replies and notifications are sent by the syncer, in group order, only once their
+        // group is durable. `Immediate` keeps everything on the applying thread: each write is
+        // its own flush + fsync; so does `Group` for a lone group while nothing else is in
+        // flight (see `Core::process`).
+        let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<Applied>();
+        let order = SyncOrder::default();
+        let sequencer = Arc::new(Sequencer::default());
+        let mut syncer_threads = Vec::new();
+        if self.durability != Durability::Immediate {
+            for _ in 0..syncers() {
+                let store = self.store.clone();
+                let notify = self.notify.clone();
+                let poisoned = self.poisoned.clone();
+                let synced = order.synced.clone();
+                let sequencer = sequencer.clone();
+                let rx = sync_rx.clone();
+                match std::thread::Builder::new()
+                    .name("omniq-syncer".into())
+                    .spawn(move || run_syncer(&*store, &notify, &poisoned, &synced, &sequencer, rx))
+                {
+                    Ok(h) => syncer_threads.push(h),
+                    Err(e) => tracing::error!(error = %e, "cannot start a syncer thread"),
+                }
+            }
+            if syncer_threads.is_empty() {
+                tracing::error!("no syncer thread; syncing on the writer");
+            }
+        }
+        drop(sync_rx);
         let max = match self.durability {
             Durability::Immediate => 1,
             _ => MAX_GROUP,
         };
-        // Pipelining: this thread applies group N+1 to sled while the syncer thread makes group
-        // N durable, so the CPU work of a group overlaps the previous group's fsync. Replies and
-        // notifications are sent by the syncer, in group order, only once their group is durable.
-        // `Immediate` keeps everything on this thread: each write is its own flush + fsync; so
-        // does `Group` for a lone group while nothing else is in flight (see `inline` below).
-        let (sync_tx, sync_rx) = crossbeam_channel::unbounded::<Applied>();
-        let mut order = SyncOrder::default();
-        let sequencer = Arc::new(Sequencer::default());
-        let syncer: Option<Vec<JoinHandle<()>>> = match self.durability {
-            Durability::Immediate => None,
-            _ => {
-                let mut threads = Vec::new();
-                for _ in 0..syncers() {
-                    let store = self.store.clone();
-                    let notify = self.notify.clone();
-                    let poisoned = self.poisoned.clone();
-                    let synced = order.synced.clone();
-                    let sequencer = sequencer.clone();
-                    let rx = sync_rx.clone();
-                    match std::thread::Builder::new()
-                        .name("omniq-syncer".into())
-                        .spawn(move || {
-                            run_syncer(&*store, &notify, &poisoned, &synced, &sequencer, rx)
-                        }) {
-                        Ok(h) => threads.push(h),
-                        Err(e) => tracing::error!(error = %e, "cannot start a syncer thread"),
-                    }
-                }
-                if threads.is_empty() {
-                    tracing::error!("no syncer thread; syncing on the writer");
-                    None
-                } else {
-                    Some(threads)
-                }
-            }
+        let core = Arc::new(Mutex::new(Core {
+            sync_tx: (!syncer_threads.is_empty()).then_some(sync_tx),
+            writer: self,
+            order,
+            inline_pause: 0,
+        }));
+        let fast = FastPath {
+            core: core.clone(),
+            rx: rx.clone(),
         };
-        drop(sync_rx);
-        let mut inline_pause = 0u32;
-        // Polls briefly before sleeping after a lone command (see `next_command`).
-        let mut lone = false;
-        while let Ok(first) = next_command(&rx, lone) {
-            let mut commands = vec![first];
-            while commands.len() < max {
-                match rx.try_recv() {
-                    Ok(c) => commands.push(c),
-                    Err(_) => break,
-                }
-            }
-            // `Group`: a lone group with nothing in flight and nothing waiting is synced right
-            // here, since a hand-off to a syncer thread would only add a thread wake-up to its
-            // latency. But while it syncs this thread cannot apply anything else: when commands
-            // arrived meanwhile (other producers, workers), the pipeline is used for a while.
-            // (Not `Relaxed`: there a claim's fsync must not hold up later acks.)
-            inline_pause = inline_pause.saturating_sub(1);
-            let inline = syncer.is_some()
-                && self.durability == Durability::Group
-                && inline_pause == 0
-                && order.idle()
-                && rx.is_empty();
-            lone = commands.len() == 1;
-            let mut applied = self.apply_group(commands, syncer.is_none() || inline);
-            if inline && !rx.is_empty() {
-                inline_pause = INLINE_PAUSE_GROUPS;
-            }
-            match &syncer {
-                Some(_) if inline => finish(applied, None, &self.notify),
-                Some(_) if !applied.durable && order.may_skip_syncer(&applied) => {
-                    // `Relaxed`, no claim, and no task in it still waiting in the syncer: it
-                    // needs no fsync, so it must not wait behind an earlier claim's.
-                    finish(applied, None, &self.notify);
-                }
-                Some(_) => {
-                    order.sent_to_syncer(&mut applied);
-                    if let Err(e) = sync_tx.send(applied) {
-                        // The syncer is gone (it panicked): nothing can be acknowledged any more.
-                        finish(e.into_inner(), Some(&Error::Closed), &self.notify);
+        let thread = std::thread::Builder::new()
+            .name("omniq-writer".into())
+            .spawn(move || {
+                // Polls briefly before sleeping after a lone command (see `next_command`).
+                let mut lone = false;
+                while let Ok(first) = next_command(&rx, lone) {
+                    let mut core = core.lock();
+                    let mut commands = vec![first];
+                    while commands.len() < max {
+                        match rx.try_recv() {
+                            Ok(c) => commands.push(c),
+                            Err(_) => break,
+                        }
                     }
+                    lone = commands.len() == 1;
+                    core.process(commands, &rx);
                 }
-                None => finish(applied, None, &self.notify),
-            }
+                // Every sender is gone: let the syncers finish what they hold, then stop.
+                core.lock().sync_tx = None;
+                for h in syncer_threads {
+                    let _ = h.join();
+                }
+            })
+            .map_err(|e| Error::Storage(format!("cannot start the writer thread: {e}")))?;
+        Ok((thread, fast))
+    }
+}
+
+/// What the writer keeps between groups. Whichever thread applies the next group holds it: the
+/// writer thread, or a caller on the [`FastPath`].
+pub(crate) struct Core {
+    writer: Writer,
+    order: SyncOrder,
+    /// Groups left before a lone group may be synced on the applying thread again.
+    inline_pause: u32,
+    /// The syncer threads' queue (`None`: `Immediate`, or none could start, or closing).
+    sync_tx: Option<Sender<Applied>>,
+}
+
+impl Core {
+    /// Applies `commands` as one group, then acknowledges it here or hands it to the syncers.
+    /// `rx` is the command queue (only looked at: whether anything waits).
+    fn process(&mut self, commands: Vec<Command>, rx: &Receiver<Command>) {
+        // `Group`: a lone group with nothing in flight and nothing waiting is synced right
+        // here, since a hand-off to a syncer thread would only add a thread wake-up to its
+        // latency. But while it syncs this thread cannot apply anything else: when commands
+        // arrived meanwhile (other producers, workers), the pipeline is used for a while.
+        // (Not `Relaxed`: there a claim's fsync must not hold up later acks.)
+        self.inline_pause = self.inline_pause.saturating_sub(1);
+        let pipelined = self.sync_tx.is_some();
+        let inline = pipelined
+            && self.writer.durability == Durability::Group
+            && self.inline_pause == 0
+            && self.order.idle()
+            && rx.is_empty();
+        let mut applied = self.writer.apply_group(commands, !pipelined || inline);
+        if inline && !rx.is_empty() {
+            self.inline_pause = INLINE_PAUSE_GROUPS;
         }
-        drop(sync_tx);
-        for h in syncer.into_iter().flatten() {
-            let _ = h.join();
+        let notify = &self.writer.notify;
+        match &self.sync_tx {
+            Some(_) if inline => finish(applied, None, notify),
+            Some(_) if !applied.durable && self.order.may_skip_syncer(&applied) => {
+                // `Relaxed`, no claim, and no task in it still waiting in the syncer: it
+                // needs no fsync, so it must not wait behind an earlier claim's.
+                finish(applied, None, notify);
+            }
+            Some(tx) => {
+                self.order.sent_to_syncer(&mut applied);
+                if let Err(e) = tx.send(applied) {
+                    // The syncer is gone (it panicked): nothing can be acknowledged any more.
+                    finish(e.into_inner(), Some(&Error::Closed), notify);
+                }
+            }
+            None => finish(applied, None, notify),
         }
     }
+}
 
+/// A caller that will block until its command is acknowledged may apply it itself when the
+/// writer is idle: no command waits and no thread holds the [`Core`]. It then runs exactly what
+/// the writer thread would (the same group rules, the same sync), but its command needs no
+/// hand-off to the writer thread and its reply no wake-up back: two thread switches saved per
+/// call, which on a 2-core VM was most of what a lone `enqueue` cost beyond its `fdatasync`
+/// (issue 12). When the writer is busy, the command is queued for it as before.
+pub(crate) struct FastPath {
+    core: Arc<Mutex<Core>>,
+    rx: Receiver<Command>,
+}
+
+impl FastPath {
+    /// Applies `command` on this thread if the writer is idle (`None`); otherwise gives it
+    /// back to be sent.
+    pub(crate) fn try_here(&self, command: Command) -> Option<Command> {
+        if !self.rx.is_empty() {
+            return Some(command);
+        }
+        let Some(mut core) = self.core.try_lock() else {
+            return Some(command);
+        };
+        // Checked again under the lock: a command queued meanwhile goes first.
+        if !self.rx.is_empty() {
+            return Some(command);
+        }
+        core.process(vec![command], &self.rx);
+        None
+    }
+}
+
+impl Writer {
     /// Applies one group to the store (atomically). With `sync_here` it is also made durable
     /// on this thread (as the mode requires); otherwise the syncer does that.
     fn apply_group(&mut self, commands: Vec<Command>, sync_here: bool) -> Applied {
@@ -1258,7 +1317,8 @@ mod tests {
             has_extras: false,
         }
         .spawn(rx)
-        .unwrap();
+        .unwrap()
+        .0;
         (tx, writer)
     }
 

@@ -175,6 +175,10 @@ pub struct CompactReport {
     pub keys_copied: u64,
     /// Their keys' and values' bytes: what the store holds, before storage overhead.
     pub live_bytes: u64,
+    /// Of `bytes_after`, the write-ahead log's: its segments are preallocated (zeros written
+    /// ahead, so that a sync need not commit a file size), and a compaction does not shrink
+    /// them. Up to about 16 MiB while the queue is open; deleted at close.
+    pub log_bytes: u64,
     /// From start to the old files deleted.
     #[serde(with = "duration_ms", rename = "duration_ms")]
     pub duration: Duration,

@@ -55,11 +55,11 @@ pub enum Durability {
 }
 
 /// When a purge compacts the store afterwards (see [`Queue::compact`] and
-/// [`QueueBuilder::auto_compact`]): when its size on disk exceeds both `min_bytes` and `ratio`
-/// times an estimate of what its live data needs. The estimate is the number of tasks times
-/// the bytes per task the last compaction of this process measured (a compacted store's size
-/// over its tasks, once it held at least 1,000), or [`AutoCompact::DEFAULT_TASK_BYTES`] until
-/// then.
+/// [`QueueBuilder::auto_compact`]): when its size on disk, less its write-ahead log (which a
+/// compaction does not shrink), exceeds both `min_bytes` and `ratio` times an estimate of what
+/// its live data needs. The estimate is the number of tasks times the bytes per task the last
+/// compaction of this process measured (a compacted store's size without its log over its
+/// tasks, once it held at least 1,000), or [`AutoCompact::DEFAULT_TASK_BYTES`] until then.
 ///
 /// ```
 /// use omniq::AutoCompact;
@@ -888,7 +888,11 @@ impl Queue {
             if let Some(rule) = self.inner.auto_compact {
                 let tasks: u64 = self.inner.backend.counts()?.values().sum();
                 let task_bytes = *self.inner.task_bytes.lock();
-                if rule.wants(self.size_on_disk()?, tasks, task_bytes) {
+                // The log's preallocated segments are not what a compaction gives back.
+                let size = self
+                    .size_on_disk()?
+                    .saturating_sub(self.inner.backend.log_bytes());
+                if rule.wants(size, tasks, task_bytes) {
                     // The purge itself succeeded: a compaction that fails is said, not raised
                     // (the store keeps working on its current files; a failure that leaves it
                     // unusable refuses every later commit by itself).
@@ -929,7 +933,8 @@ impl Queue {
         if report.compacted {
             let tasks: u64 = self.inner.backend.counts()?.values().sum();
             if tasks >= 1000 {
-                *self.inner.task_bytes.lock() = Some(report.bytes_after / tasks);
+                let data = report.bytes_after.saturating_sub(report.log_bytes);
+                *self.inner.task_bytes.lock() = Some(data / tasks);
             }
         }
         Ok(report)

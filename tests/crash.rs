@@ -1410,6 +1410,7 @@ fn kill_loop() {
                 "wal-append",
                 "wal-torn",
                 "wal-rotate",
+                "wal-spare",
                 "checkpoint",
                 "wal-prune",
                 "wal-replay",

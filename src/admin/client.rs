@@ -551,6 +551,7 @@ fn compact_report(v: &Value) -> CompactReport {
         bytes_after: v["bytes_after"].as_u64().unwrap_or(0),
         keys_copied: v["keys_copied"].as_u64().unwrap_or(0),
         live_bytes: v["live_bytes"].as_u64().unwrap_or(0),
+        log_bytes: v["log_bytes"].as_u64().unwrap_or(0),
         duration: ms("duration_ms"),
         write_pause: ms("write_pause_ms"),
     }

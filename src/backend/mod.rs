@@ -204,6 +204,11 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn check(&self) -> Result<ConsistencyReport>;
     /// Bytes the backend uses on disk.
     fn size_on_disk(&self) -> Result<u64>;
+    /// Of [`size_on_disk`](Backend::size_on_disk), the bytes a compaction cannot give back
+    /// (the write-ahead log's preallocated segments; 0 where there are none).
+    fn log_bytes(&self) -> u64 {
+        0
+    }
     /// Rewrites the storage to give back the space dead data holds (see
     /// [`Queue::compact`](crate::Queue::compact)). By default there is nothing to do.
     fn compact(&self) -> Result<crate::inspect::CompactReport> {

@@ -43,6 +43,8 @@ pub(crate) struct SledBackend {
     /// `None` once shut down: every later operation is refused with [`Error::Closed`].
     tx: RwLock<Option<Sender<Command>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Lets a blocking call apply its own command when the writer is idle.
+    fast: commit::FastPath,
     /// Shared with the writer: limits and their windows.
     limiter: Arc<Mutex<Limiter>>,
     /// Shared with the writer: schedules by name.
@@ -94,11 +96,13 @@ impl SledBackend {
             has_extras,
         }
         .spawn(rx)?;
+        let (writer, fast) = writer;
         Ok(SledBackend {
             store,
             corrupt,
             tx: RwLock::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
+            fast,
             limiter,
             schedules,
             next_tick,
@@ -115,9 +119,18 @@ impl SledBackend {
             .map_err(|_| Error::Closed)
     }
 
+    /// Sends a command and waits for its reply. When the writer is idle the command is applied
+    /// on this thread instead (`FastPath`): the caller waits either way.
     fn call<T>(&self, make: impl FnOnce(commit::Reply<T>) -> Command) -> Result<T> {
         let (reply, rx) = crossbeam_channel::bounded(1);
-        self.send(make(reply))?;
+        {
+            // Held while the command is applied here, so a close waits for it.
+            let tx = self.tx.read();
+            let tx = tx.as_ref().ok_or(Error::Closed)?;
+            if let Some(command) = self.fast.try_here(make(reply)) {
+                tx.send(command).map_err(|_| Error::Closed)?;
+            }
+        }
         rx.recv().map_err(|_| Error::Closed)?
     }
 }
@@ -334,6 +347,10 @@ impl Backend for SledBackend {
         self.store.size_on_disk()
     }
 
+    fn log_bytes(&self) -> u64 {
+        self.store.log_bytes()
+    }
+
     fn compact(&self) -> Result<crate::inspect::CompactReport> {
         // The store holds commits off itself (its write lock): the writer's next group waits.
         Ok(match self.store.compact()? {
@@ -344,6 +361,7 @@ impl Backend for SledBackend {
                 bytes_after: c.bytes_after,
                 keys_copied: c.keys_copied,
                 live_bytes: c.live_bytes,
+                log_bytes: self.store.log_bytes(),
                 duration: c.duration,
                 write_pause: c.write_pause,
             },

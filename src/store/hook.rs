@@ -1,7 +1,8 @@
 //! Fault points for the crash tests. With `OMNIQ_FAULT_AT=<point>:<n>` in its environment, the
 //! process aborts (as a `SIGKILL` would: no destructor runs, nothing more is written) the `n`th
 //! time it reaches `<point>`, so a kill can be made to land inside a chosen window: `wal-append`
-//! (before a record is written), `wal-torn` (half of a record written), `wal-rotate` (a segment being created), `checkpoint` (sled being
+//! (before a record is written), `wal-torn` (half of a record written), `wal-rotate` (a segment being started), `wal-spare` (the next segment's zeros written, not yet
+//! synced), `checkpoint` (sled being
 //! flushed), `wal-prune` (segments being deleted), `wal-replay` (an open replaying the log) and
 //! `migrate-4` (an open converting a format-3 store, before each batch of tasks); and a
 //! compaction's steps (`compact.rs`): `compact-start`, `compact-copy`, `compact-synced`,

@@ -158,6 +158,11 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn check(&self) -> Result<ConsistencyReport>;
     /// Bytes used on disk.
     fn size_on_disk(&self) -> Result<u64>;
+    /// Of [`size_on_disk`](Store::size_on_disk), the bytes a compaction cannot give back: the
+    /// write-ahead log's preallocated segments.
+    fn log_bytes(&self) -> u64 {
+        0
+    }
     /// Makes everything committed so far durable.
     fn sync(&self) -> Result<()>;
     /// Sets or clears a queue's durable pause flag (written and made durable before it

@@ -78,15 +78,20 @@ impl PowerCut {
             self.inner.dir().join(probe::MARKER),
             out.join(probe::MARKER),
         )?;
-        for (path, synced, len) in self.inner.wal_image() {
+        for (path, synced, written) in self.inner.wal_image() {
             let bytes = std::fs::read(&path)?;
-            let len = len.min(bytes.len() as u64);
+            let len = written.min(bytes.len() as u64);
             let synced = synced.min(len);
             let keep = st.rng.random_range(synced..=len) as usize;
             let mut kept = bytes[..keep].to_vec();
+            if bytes.len() > len as usize {
+                // A preallocated segment: its size and zeros were durable before any record
+                // was written, so unsynced record bytes revert to zeros instead of vanishing.
+                kept.resize(bytes.len(), 0);
+            }
             let unsynced = keep - synced as usize;
             if unsynced > 0 && st.rng.random_bool(0.3) {
-                for b in kept.iter_mut().rev().take(unsynced.min(8)) {
+                for b in kept[..keep].iter_mut().rev().take(unsynced.min(8)) {
                     *b = st.rng.random();
                 }
             }
@@ -273,6 +278,7 @@ fn run(seed: u64) {
     }
     .spawn(rx)
     .unwrap();
+    let (writer, fast) = writer;
 
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut running: Vec<(TaskId, u64)> = Vec::new();
@@ -336,7 +342,16 @@ fn run(seed: u64) {
         } else {
             Command::Many(commands)
         };
-        tx.send(cmd).unwrap();
+        // Half the commands take the fast path (applied on this thread when the writer is idle),
+        // as a blocking caller's do.
+        let cmd = if rng.random_bool(0.5) {
+            fast.try_here(cmd)
+        } else {
+            Some(cmd)
+        };
+        if let Some(cmd) = cmd {
+            tx.send(cmd).unwrap();
+        }
         for r in claims {
             match r.recv().unwrap() {
                 Ok(tasks) => running.extend(tasks.iter().map(|t| (t.id, t.lease))),

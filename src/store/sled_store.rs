@@ -1714,6 +1714,10 @@ impl Store for SledStore {
         self.size_on_disk_inner().map_err(|e| e.in_dir(&self.dir))
     }
 
+    fn log_bytes(&self) -> u64 {
+        self.ckpt().map_or(0, |c| c.wal.bytes_on_disk())
+    }
+
     fn extras(&self, id: TaskId) -> Result<Option<TaskExtras>> {
         let key = keys::extras(id);
         match self.db.get(&key)? {
