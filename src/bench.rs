@@ -376,6 +376,15 @@ impl Rows<'_> {
             "ms" => Some(value / (1e3 / self.raw_per_s)),
             _ => Some(value / self.raw_per_s),
         };
+        self.push_row(key, label, value, unit, vs_raw);
+    }
+
+    /// A row whose ratio was measured against raw rates taken around it (`disk` suite).
+    fn push_paired(&mut self, key: &str, label: String, value: f64, unit: &str, ratio: f64) {
+        self.push_row(key, label, value, unit, Some(ratio));
+    }
+
+    fn push_row(&mut self, key: &str, label: String, value: f64, unit: &str, vs_raw: Option<f64>) {
         let row = BenchRow {
             key: key.to_string(),
             label,

@@ -25,6 +25,12 @@
 //!    arrived (a short backlog), the steady state of a retained history (format 4, issue 12).
 //! 9. row 1 again, a drift check.
 //!
+//! Every omniq run of rows 2-5 is also bracketed by raw measurements of
+//! `min(N, 1,000)` writes (a row after row 1 reports them): a workload's ratio is the median,
+//! over its runs, of its rate over the mean of the raw rates just before and just after that
+//! run. The disk of this project's test machine has been seen to halve its raw rate within one
+//! suite, which made ratios to row 1 alone meaningless.
+//!
 //! **rss**: one process enqueues `N` pending tasks with `enqueue_many` in batches of 1,000
 //! (small payloads), reporting peak RSS (`VmHWM`), then the peak is reset (`clear_refs`) and
 //! `W` workers drain them, reporting the drain's peak; RSS after `close()`, the time to open the
@@ -99,6 +105,9 @@ fn tempdir() -> Result<tempfile::TempDir> {
     tempfile::TempDir::new()
         .map_err(|e| Error::Storage(format!("cannot create a temporary directory: {e}")))
 }
+
+/// Writes of each raw measurement bracketing an omniq run (about 0.2 s on this machine).
+const PAIRED_RAW_WRITES: usize = 1_000;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -244,16 +253,33 @@ pub fn run_disk(opts: &SuiteOptions, progress: &mut dyn FnMut(&str)) -> Result<S
         "writes/s",
     );
     // The workloads interleave run by run, so that drift in the disk's speed spreads over all.
+    // And each workload is bracketed by raw measurements (`paired`): its ratio is to the mean of
+    // the raw rates just before and just after it, since this disk's rate has been seen to
+    // halve within one run (issue 12; BENCHMARKS.md).
     let mut results: [Vec<f64>; 4] = Default::default();
+    let mut ratios: [Vec<f64>; 4] = Default::default();
+    let mut paired = Vec::new();
+    let pair_writes = raw_writes.min(PAIRED_RAW_WRITES);
+    let mut before = raw_fdatasync(dir, pair_writes)?;
+    paired.push(before);
+    let mut bracket = |i: usize, r: f64, results: &mut [Vec<f64>; 4]| -> Result<()> {
+        let after = raw_fdatasync(dir, pair_writes)?;
+        paired.push(after);
+        results[i].push(r);
+        ratios[i].push(r / ((before + after) / 2.0));
+        before = after;
+        Ok(())
+    };
     let mut bytes = Vec::new();
     let mut steady = Vec::new();
     let mut compacted = Vec::new();
     let mut breakdown = Vec::new();
     for run in 0..runs {
-        results[0].push(enqueue_alone(&dir.join(format!("enqueue-{run}")), n)?);
+        let r = enqueue_alone(&dir.join(format!("enqueue-{run}")), n)?;
+        bracket(0, r, &mut results)?;
         let drained = dir.join(format!("drain-{run}"));
         let (r, q) = drain(&drained, n, w)?;
-        results[1].push(r);
+        bracket(1, r, &mut results)?;
         q.close()?;
         bytes.push(dir_bytes(&drained)? as f64 / n as f64);
         if run == 0 {
@@ -267,39 +293,60 @@ pub fn run_disk(opts: &SuiteOptions, progress: &mut dyn FnMut(&str)) -> Result<S
         compacted.push(dir_bytes(&drained)? as f64 / n as f64);
         let everyday = dir.join(format!("producer-{run}"));
         let (r, q) = producer_with_workers(&everyday, n, w)?;
-        results[2].push(r);
+        bracket(2, r, &mut results)?;
         q.close()?;
         steady.push(dir_bytes(&everyday)? as f64 / n as f64);
-        results[3].push(fail_once(&dir.join(format!("fail-once-{run}")), n, w)?);
+        let r = fail_once(&dir.join(format!("fail-once-{run}")), n, w)?;
+        bracket(3, r, &mut results)?;
         for sub in ["enqueue", "drain", "producer", "fail-once"] {
             // Free the disk as we go: a 20,000-task run leaves ~50 MB per directory.
             let _ = std::fs::remove_dir_all(dir.join(format!("{sub}-{run}")));
         }
     }
     let [alone, drained, everyday, retried] = results;
+    let [r_alone, r_drained, r_everyday, r_retried] = ratios.map(median);
+    let (lo, hi) = paired
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(lo, hi), r| (lo.min(*r), hi.max(*r)));
     rows.push(
+        "raw_fdatasync_paired_per_s",
+        format!(
+            "raw append + fdatasync of {RAW_WRITE_BYTES} B around each omniq run ({} of {}; median, range {}-{}); each ratio below is the median of its runs' ratios to the mean of the raw rates just before and after",
+            paired.len(),
+            count(pair_writes, "write"),
+            thousands(lo as u64),
+            thousands(hi as u64)
+        ),
+        median(paired),
+        "writes/s",
+    );
+    rows.push_paired(
         "enqueue_per_s",
         format!("enqueue, group, 1 producer, 1 task per call, each awaited, no workers ({tasks}, {of_runs})"),
         median(alone),
         "tasks/s",
+        r_alone,
     );
-    rows.push(
+    rows.push_paired(
         "drain_per_s",
         format!("drain of {tasks} enqueued first, {workers} (start to last durable Completed, {of_runs})"),
         median(drained),
         "tasks/s",
+        r_drained,
     );
-    rows.push(
+    rows.push_paired(
         "producer_with_workers_per_s",
         format!("1 producer enqueueing 1 task per call while {workers} run ({tasks}, first enqueue to last durable Completed, {of_runs})"),
         median(everyday),
         "tasks/s",
+        r_everyday,
     );
-    rows.push(
+    rows.push_paired(
         "fail_once_per_s",
         format!("every task fails once then succeeds, budget 1 retry, no delay, {workers} ({tasks} enqueued first, to last durable Completed, {of_runs})"),
         median(retried),
         "tasks/s",
+        r_retried,
     );
     rows.push(
         "disk_bytes_per_completed_task",
@@ -545,6 +592,9 @@ mod tests {
         .unwrap();
         let keys: Vec<&str> = r.rows.iter().map(|r| r.key.as_str()).collect();
         assert_eq!(keys[0], "raw_fdatasync_per_s");
+        assert_eq!(keys[1], "raw_fdatasync_paired_per_s");
+        let paired = r.rows.iter().find(|r| r.key == "enqueue_per_s").unwrap();
+        assert!(paired.vs_raw.is_some_and(|x| x > 0.0 && x.is_finite()));
         for k in [
             "enqueue_per_s",
             "drain_per_s",
