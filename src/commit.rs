@@ -443,6 +443,14 @@ pub(crate) struct Core {
 }
 
 impl Core {
+    /// Whether a lone group now would be synced by the thread applying it (see `process`).
+    fn would_sync_here(&self) -> bool {
+        self.sync_tx.is_none()
+            || (self.writer.durability == Durability::Group
+                && self.inline_pause == 0
+                && self.order.idle())
+    }
+
     /// Applies `commands` as one group, then acknowledges it here or hands it to the syncers.
     /// `rx` is the command queue (only looked at: whether anything waits).
     fn process(&mut self, commands: Vec<Command>, rx: &Receiver<Command>) {
@@ -453,11 +461,7 @@ impl Core {
         // (Not `Relaxed`: there a claim's fsync must not hold up later acks.)
         self.inline_pause = self.inline_pause.saturating_sub(1);
         let pipelined = self.sync_tx.is_some();
-        let inline = pipelined
-            && self.writer.durability == Durability::Group
-            && self.inline_pause == 0
-            && self.order.idle()
-            && rx.is_empty();
+        let inline = pipelined && self.would_sync_here() && rx.is_empty();
         let mut applied = self.writer.apply_group(commands, !pipelined || inline);
         if inline && !rx.is_empty() {
             self.inline_pause = INLINE_PAUSE_GROUPS;
@@ -503,8 +507,11 @@ impl FastPath {
         let Some(mut core) = self.core.try_lock() else {
             return Some(command);
         };
-        // Checked again under the lock: a command queued meanwhile goes first.
-        if !self.rx.is_empty() {
+        // Checked again under the lock: a command queued meanwhile goes first. And only a group
+        // the writer would sync on its own thread anyway (or `Immediate`): under contention the
+        // writer's groups batch many commands per sync, where callers' groups hold one each
+        // (8 producers: -10 to -15 % when callers applied their own there too).
+        if !self.rx.is_empty() || !core.would_sync_here() {
             return Some(command);
         }
         core.process(vec![command], &self.rx);
