@@ -6,6 +6,11 @@
 //! one atomic `Store::commit`, makes it durable once, and only then answers every waiter. One
 //! fsync thus acknowledges many producers (group commit). Because the writer is the only
 //! mutator, validation (is it still Pending? is this lease current?) cannot race.
+//!
+//! "The writer" is the writer's state ([`Core`]) more than its thread: a caller that waits for
+//! its reply anyway may take that state when it is idle and run the same group on its own
+//! thread ([`FastPath`]), which saves two thread switches per call. Groups are still applied one
+//! at a time, under the `Core` lock.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
@@ -418,7 +423,7 @@ impl Writer {
                         }
                     }
                     lone = commands.len() == 1;
-                    core.process(commands, &rx);
+                    core.process(commands, &rx, false);
                 }
                 // Every sender is gone: let the syncers finish what they hold, then stop.
                 core.lock().sync_tx = None;
@@ -443,17 +448,20 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    /// Whether a lone group now would be synced by the thread applying it (see `process`).
-    fn would_sync_here(&self) -> bool {
+    /// Whether a lone group now would be synced by the thread applying it (see `process`). A
+    /// caller on the [`FastPath`] ignores the pause the writer takes after contention: it waits
+    /// for its own sync either way, and syncing it here saves the hand-offs (one producer + 4
+    /// workers: 0.38x the raw rate when callers respected the pause, 0.48x when they did not).
+    fn would_sync_here(&self, caller: bool) -> bool {
         self.sync_tx.is_none()
             || (self.writer.durability == Durability::Group
-                && self.inline_pause == 0
+                && (caller || self.inline_pause == 0)
                 && self.order.idle())
     }
 
     /// Applies `commands` as one group, then acknowledges it here or hands it to the syncers.
     /// `rx` is the command queue (only looked at: whether anything waits).
-    fn process(&mut self, commands: Vec<Command>, rx: &Receiver<Command>) {
+    fn process(&mut self, commands: Vec<Command>, rx: &Receiver<Command>, caller: bool) {
         // `Group`: a lone group with nothing in flight and nothing waiting is synced right
         // here, since a hand-off to a syncer thread would only add a thread wake-up to its
         // latency. But while it syncs this thread cannot apply anything else: when commands
@@ -461,7 +469,7 @@ impl Core {
         // (Not `Relaxed`: there a claim's fsync must not hold up later acks.)
         self.inline_pause = self.inline_pause.saturating_sub(1);
         let pipelined = self.sync_tx.is_some();
-        let inline = pipelined && self.would_sync_here() && rx.is_empty();
+        let inline = pipelined && self.would_sync_here(caller) && rx.is_empty();
         let mut applied = self.writer.apply_group(commands, !pipelined || inline);
         if inline && !rx.is_empty() {
             self.inline_pause = INLINE_PAUSE_GROUPS;
@@ -511,10 +519,10 @@ impl FastPath {
         // the writer would sync on its own thread anyway (or `Immediate`): under contention the
         // writer's groups batch many commands per sync, where callers' groups hold one each
         // (8 producers: -10 to -15 % when callers applied their own there too).
-        if !self.rx.is_empty() || !core.would_sync_here() {
+        if !self.rx.is_empty() || !core.would_sync_here(true) {
             return Some(command);
         }
-        core.process(vec![command], &self.rx);
+        core.process(vec![command], &self.rx, true);
         None
     }
 }
