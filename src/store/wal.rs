@@ -433,6 +433,14 @@ impl Wal {
     /// makes the rename durable before any record in the new segment is acknowledged).
     fn rotate_locked(&self, app: &mut Appender) -> Result<()> {
         crate::store::hook::reached("wal-rotate");
+        if app.preallocated {
+            // Cut the unused zeros off the segment being left: made durable by the sync that
+            // syncs this segment, which precedes any acknowledgement of a record after it. A
+            // directory left by a crash then reads as with plain segments, so a build from
+            // before preallocation (which took a zero tail followed by more segments for
+            // damage) can still open it.
+            app.file.set_len(app.len)?;
+        }
         let lsn = app.next_lsn;
         let path = self.dir.join(segment_name(lsn));
         let (file, preallocated) = match self.spare.take() {
@@ -933,8 +941,10 @@ mod tests {
     }
 
     /// Segments after the first are the spare renamed: written from byte 0 of a file that
-    /// already holds `segment_bytes` of zeros. Their zero-filled ends are not a tail: every
-    /// record reads back across them, and the open after a clean close finds no spare.
+    /// already holds `segment_bytes` of zeros, and cut to their records when the log moves on.
+    /// Every record reads back, also when the cut did not reach disk (zeros to a segment's end
+    /// are not a tail when the next segment starts with the next record), and the spare is
+    /// gone once the log is.
     #[test]
     fn preallocated_segments_read_back_across_their_zero_ends() {
         let dir = tempfile::tempdir().unwrap();
@@ -942,6 +952,7 @@ mod tests {
         let n = fill_preallocated(&wal, 3);
         let segs = segments(dir.path()).unwrap();
         assert!(segs.len() >= 4, "{segs:?}");
+        // Every segment but the current one was cut to its records at rotation.
         let zero_ended = segs[1..segs.len() - 1]
             .iter()
             .filter(|(_, p)| {
@@ -949,9 +960,19 @@ mod tests {
                 b.len() == 4096 && *b.last().unwrap() == 0
             })
             .count();
-        assert!(zero_ended >= 1, "no preallocated segment ends in zeros");
+        assert_eq!(zero_ended, 0, "a segment left behind kept its zeros");
         let read = read_log(dir.path()).unwrap();
         assert_eq!(read, (1..=n).map(|i| (i, ops(i))).collect::<Vec<_>>());
+        // The cuts lost (a crash before the sync that made them durable): zeros again.
+        for (_, p) in &segs[1..segs.len() - 1] {
+            let mut b = std::fs::read(p).unwrap();
+            b.resize(4096.max(b.len()), 0);
+            std::fs::write(p, &b).unwrap();
+        }
+        assert_eq!(
+            read_log(dir.path()).unwrap(),
+            (1..=n).map(|i| (i, ops(i))).collect::<Vec<_>>()
+        );
         assert!(dir.path().join(SPARE_NAME).exists());
         drop(wal);
         assert!(
