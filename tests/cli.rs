@@ -941,6 +941,7 @@ fn compact_rewrites_the_directory_named_as_its_argument() {
         "bytes_before",
         "bytes_after",
         "keys_copied",
+        "log_bytes",
         "duration_ms",
         "write_pause_ms",
     ] {
