@@ -1316,6 +1316,14 @@ mod tests {
         store: Arc<FailingSync>,
         durability: Durability,
     ) -> (Sender<Command>, JoinHandle<()>) {
+        let (tx, writer, _) = spawn_writer_fast(store, durability);
+        (tx, writer)
+    }
+
+    fn spawn_writer_fast(
+        store: Arc<FailingSync>,
+        durability: Durability,
+    ) -> (Sender<Command>, JoinHandle<()>, FastPath) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let writer = Writer {
             store,
@@ -1332,9 +1340,8 @@ mod tests {
             has_extras: false,
         }
         .spawn(rx)
-        .unwrap()
-        .0;
-        (tx, writer)
+        .unwrap();
+        (tx, writer.0, writer.1)
     }
 
     fn insert(tx: &Sender<Command>, t: TaskInfo) -> Receiver<Result<Vec<Inserted>>> {
@@ -1508,6 +1515,77 @@ mod tests {
             }
             self.inner.sync()
         }
+    }
+
+    /// The fast path: an idle writer lets the caller apply and sync its own command, acknowledged
+    /// before `try_here` returns. A writer busy syncing, or a group in flight at a syncer, sends
+    /// the command back to be queued (so under contention commands batch on the writer).
+    #[test]
+    fn a_caller_applies_its_own_command_only_when_the_writer_is_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FailingSync::open(dir.path());
+        let (tx, writer, fast) = spawn_writer_fast(store.clone(), Durability::Group);
+        let insert_cmd = || {
+            let (reply, rx) = crossbeam_channel::bounded(1);
+            let cmd = Command::Insert {
+                tasks: vec![NewTask {
+                    task: crate::task::test_task(3),
+                    extras: None,
+                }],
+                reply,
+            };
+            (cmd, rx)
+        };
+        let fast = Arc::new(fast);
+        let on_caller = |fast: &Arc<FastPath>, cmd: Command| -> Option<Command> {
+            let fast = fast.clone();
+            std::thread::Builder::new()
+                .name("caller".into())
+                .spawn(move || fast.try_here(cmd))
+                .unwrap()
+                .join()
+                .unwrap()
+        };
+
+        // Idle: applied and synced on the caller's thread, acknowledged when it returns.
+        let (cmd, reply) = insert_cmd();
+        assert!(on_caller(&fast, cmd).is_none());
+        reply.try_recv().unwrap().unwrap();
+        assert_eq!(*store.sync_threads.lock(), ["caller"]);
+
+        // The writer stalls in a lone group's sync (holding the core): the caller queues.
+        let stalled = store.gate.lock();
+        let first = insert(&tx, crate::task::test_task(3));
+        while store.sync_threads.lock().len() < 2 {
+            std::thread::yield_now();
+        }
+        let (cmd, queued_reply) = insert_cmd();
+        let cmd = on_caller(&fast, cmd).expect("the writer was busy");
+        tx.send(cmd).unwrap();
+        drop(stalled);
+        first.recv().unwrap().unwrap();
+        queued_reply.recv().unwrap().unwrap();
+
+        // That contention sent the writer's next groups to the syncers: one stalls there.
+        let stalled = store.gate.lock();
+        let in_flight = insert(&tx, crate::task::test_task(3));
+        while store.sync_threads.lock().len() < 4 {
+            std::thread::yield_now();
+        }
+        assert_eq!(store.sync_threads.lock()[3], "omniq-syncer");
+        let (cmd, reply) = insert_cmd();
+        let cmd = on_caller(&fast, cmd).expect("a group was in flight at a syncer");
+        tx.send(cmd).unwrap();
+        drop(stalled);
+        in_flight.recv().unwrap().unwrap();
+        reply.recv().unwrap().unwrap();
+        assert!(
+            !store.sync_threads.lock()[1..].iter().any(|t| t == "caller"),
+            "{:?}",
+            store.sync_threads.lock()
+        );
+        drop(tx);
+        writer.join().unwrap();
     }
 
     /// A failed sync is reported to the waiters of its group, and poisons the queue: every later
