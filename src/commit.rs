@@ -42,6 +42,14 @@ const INLINE_PAUSE_GROUPS: u32 = 256;
 /// Most commands applied in one group.
 pub(crate) const MAX_GROUP: usize = 1024;
 
+/// How long a group of nothing but workers' outcomes may wait for its sync, in the hope that
+/// the next group's sync covers it too ([`Command::Outcomes`]). The case it is for: one producer
+/// enqueueing while workers run, where each outcome arrives while the producer's enqueue is
+/// syncing and the producer's next enqueue follows within tens of microseconds; syncing the
+/// outcome on its own put a second fsync between every two enqueues. The cost: a worker's
+/// outcome on an otherwise idle queue is acknowledged this much later.
+pub(crate) const DEFER_OUTCOMES: std::time::Duration = std::time::Duration::from_micros(500);
+
 /// How an execution ended.
 #[derive(Clone, Debug)]
 pub(crate) enum Outcome {
@@ -146,6 +154,87 @@ pub(crate) enum Command {
     /// each still gets its own reply. The worker pool sends its workers' outcomes together with
     /// its next claim this way: one fsync per round instead of two.
     Many(Vec<Command>),
+    /// A worker pool's outcomes (`Finish` commands). Applied at once like [`Command::Many`],
+    /// but a group made of nothing else that claims nothing may wait up to [`DEFER_OUTCOMES`]
+    /// for its sync, so that the next group's sync covers it (see [`Core::process`]).
+    Outcomes(Vec<Command>),
+    /// Registers a worker pool's standing claim (see [`Standing`]); it takes part in this
+    /// group already.
+    Stand {
+        standing: Standing,
+        reply: Reply<()>,
+    },
+    /// Withdraws a standing claim; replies how many tasks it took in all (the pool waits for
+    /// that many before it stops).
+    Sit {
+        id: u64,
+        reply: Reply<u64>,
+    },
+    /// Does nothing but form a group, in which the standing claims look for due work (a pool
+    /// whose task came due by the clock, not by a write).
+    Poke {
+        reply: Reply<()>,
+    },
+}
+
+impl Command {
+    /// Whether the command's sync may wait for the next group's (see [`Command::Outcomes`]).
+    fn is_lazy(&self) -> bool {
+        matches!(self, Command::Outcomes(_))
+    }
+}
+
+/// A worker pool's standing claim: the free slots it has granted (`granted`, raised by the pool
+/// only) are filled by the writer, in whatever group makes work due, with that group's commit.
+/// So a task enqueued while a worker is idle is claimed in its own enqueue's group, with no
+/// second fsync for the claim (issue 12: one producer + 4 workers went from two syncs per
+/// task to one). The claimed tasks go to `reply`, once durable, like any claim's.
+pub(crate) struct Standing {
+    pub shared: Arc<StandingShared>,
+    pub queues: QueueSet,
+    pub reply: Sender<Result<Vec<TaskInfo>>>,
+}
+
+impl Standing {
+    pub(crate) fn new(
+        shared: Arc<StandingShared>,
+        queues: QueueSet,
+        reply: Sender<Result<Vec<TaskInfo>>>,
+    ) -> Standing {
+        Standing {
+            shared,
+            queues,
+            reply,
+        }
+    }
+}
+
+impl StandingShared {
+    /// Slots granted and not yet filled.
+    pub(crate) fn free(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.granted
+            .load(Ordering::Acquire)
+            .saturating_sub(self.taken.load(Ordering::Acquire))
+    }
+}
+
+/// What a pool and the writer share about a standing claim.
+#[derive(Debug, Default)]
+pub(crate) struct StandingShared {
+    /// Names the claim for [`Command::Sit`].
+    pub id: u64,
+    /// Slots granted so far, in all (only the pool raises it).
+    pub granted: std::sync::atomic::AtomicU64,
+    /// Tasks claimed for it so far, in all (only the writer raises it). While it is below
+    /// `granted`, every group looks for due work for it.
+    pub taken: std::sync::atomic::AtomicU64,
+    /// `granted` as the writer last looked for work for it: a pool that granted more since
+    /// knows a look is still to come.
+    pub seen: std::sync::atomic::AtomicU64,
+    /// The pool died ([`WorkerPool::simulate_crash`](crate::WorkerPool::simulate_crash)): claim
+    /// nothing more for it.
+    pub closed: std::sync::atomic::AtomicBool,
 }
 
 /// Retry backoff per queue, for tasks that carry none of their own.
@@ -183,6 +272,11 @@ pub(crate) struct Writer {
     pub next_tick: Arc<AtomicU64>,
     /// Whether any task may have extras (else transitions skip looking them up).
     pub has_extras: bool,
+    /// Worker pools' standing claims, in registration order.
+    pub standing: Vec<Standing>,
+    /// How long a group of nothing but workers' outcomes may wait for the next group's sync
+    /// ([`DEFER_OUTCOMES`]; tests set others).
+    pub defer_outcomes: std::time::Duration,
 }
 
 /// The earliest next tick among `schedules` (`u64::MAX` when none).
@@ -229,6 +323,12 @@ struct Group<'a> {
     /// The time log entries record, when not the group's (a claim logs its claimer's now,
     /// the instant its rate limits counted).
     log_at: Option<Timestamp>,
+    standing: &'a mut Vec<Standing>,
+    /// A task became due-able (`Pending`) in this group: a claim cannot see it until the
+    /// group is committed.
+    made_due: bool,
+    /// A standing claim had more slots than due work.
+    pool_idle: bool,
 }
 
 impl Group<'_> {
@@ -326,6 +426,9 @@ impl Group<'_> {
 
     fn record(&mut self, before: Option<TaskInfo>, after: Option<TaskInfo>, cause: Option<Cause>) {
         self.limiter.on_change(before.as_ref(), after.as_ref());
+        if after.as_ref().is_some_and(|a| a.status == Status::Pending) {
+            self.made_due = true;
+        }
         if let Some(b) = &before {
             self.unique_step(b, after.as_ref());
         }
@@ -403,6 +506,7 @@ impl Writer {
             writer: self,
             order,
             inline_pause: 0,
+            deferred: None,
         }));
         let fast = FastPath {
             core: core.clone(),
@@ -413,7 +517,16 @@ impl Writer {
             .spawn(move || {
                 // Polls briefly before sleeping after a lone command (see `next_command`).
                 let mut lone = false;
-                while let Ok(first) = next_command(&rx, lone) {
+                loop {
+                    let deadline = core.lock().deferred.as_ref().map(|d| d.1);
+                    let first = match next_command(&rx, lone, deadline) {
+                        Next::Command(c) => c,
+                        Next::Deadline => {
+                            core.lock().flush_deferred(&rx, false);
+                            continue;
+                        }
+                        Next::Closed => break,
+                    };
                     let mut core = core.lock();
                     let mut commands = vec![first];
                     while commands.len() < max {
@@ -425,8 +538,14 @@ impl Writer {
                     lone = commands.len() == 1;
                     core.process(commands, &rx, false);
                 }
-                // Every sender is gone: let the syncers finish what they hold, then stop.
-                core.lock().sync_tx = None;
+                // Every sender is gone: sync what waits, let the syncers finish what they
+                // hold, then stop.
+                let mut last = core.lock();
+                if let Some((d, _)) = last.deferred.take() {
+                    last.settle(d, &rx, false);
+                }
+                last.sync_tx = None;
+                drop(last);
                 for h in syncer_threads {
                     let _ = h.join();
                 }
@@ -445,6 +564,9 @@ pub(crate) struct Core {
     inline_pause: u32,
     /// The syncer threads' queue (`None`: `Immediate`, or none could start, or closing).
     sync_tx: Option<Sender<Applied>>,
+    /// Groups of workers' outcomes applied but not yet synced, and when they must be at the
+    /// latest ([`Command::Outcomes`]): the next group takes them along.
+    deferred: Option<(Applied, std::time::Instant)>,
 }
 
 impl Core {
@@ -459,37 +581,83 @@ impl Core {
                 && self.order.idle())
     }
 
-    /// Applies `commands` as one group, then acknowledges it here or hands it to the syncers.
+    /// Applies `commands` as one group, then acknowledges it here or hands it to the syncers
+    /// (with any deferred outcomes before it), or defers it (see [`Command::Outcomes`]).
     /// `rx` is the command queue (only looked at: whether anything waits).
     fn process(&mut self, commands: Vec<Command>, rx: &Receiver<Command>, caller: bool) {
-        // `Group`: a lone group with nothing in flight and nothing waiting is synced right
-        // here, since a hand-off to a syncer thread would only add a thread wake-up to its
-        // latency. But while it syncs this thread cannot apply anything else: when commands
-        // arrived meanwhile (other producers, workers), the pipeline is used for a while.
-        // (Not `Relaxed`: there a claim's fsync must not hold up later acks.)
         self.inline_pause = self.inline_pause.saturating_sub(1);
         let pipelined = self.sync_tx.is_some();
-        let inline = pipelined && self.would_sync_here(caller) && rx.is_empty();
-        let mut applied = self.writer.apply_group(commands, !pipelined || inline);
-        if inline && !rx.is_empty() {
-            self.inline_pause = INLINE_PAUSE_GROUPS;
+        // Deferred only on the writer thread, which wakes up for the deadline.
+        let lazy = pipelined
+            && !caller
+            && self.writer.durability == Durability::Group
+            && commands.iter().all(Command::is_lazy);
+        // `Group`: a lone group with nothing in flight and nothing waiting is synced right
+        // here (in `settle`), since a hand-off to a syncer thread would only add a thread
+        // wake-up to its latency. `Immediate` syncs every group as it is written.
+        let mut applied = self.writer.apply_group(commands, !pipelined);
+        if let Some((earlier, _)) = self.deferred.take() {
+            applied = earlier.then(applied);
         }
-        let notify = &self.writer.notify;
-        match &self.sync_tx {
-            Some(_) if inline => finish(applied, None, notify),
-            Some(_) if !applied.durable && self.order.may_skip_syncer(&applied) => {
-                // `Relaxed`, no claim, and no task in it still waiting in the syncer: it
-                // needs no fsync, so it must not wait behind an earlier claim's.
-                finish(applied, None, notify);
+        if lazy
+            && !applied.claimed
+            && applied.pool_idle
+            && applied.durable
+            && applied.error.is_none()
+        {
+            // Nothing but outcomes, no worker waits for a task from this group, and a pool
+            // has idle slots with nothing due for them: its sync may wait briefly for the
+            // next group's (while work is due, pools keep the writer busy anyway, and a
+            // deferred outcome would only hold its worker back).
+            let deadline = std::time::Instant::now() + self.writer.defer_outcomes;
+            self.deferred = Some((applied, deadline));
+            return;
+        }
+        self.settle(applied, rx, caller);
+    }
+
+    /// Syncs deferred outcomes whose time is up (the writer thread, when no group came).
+    fn flush_deferred(&mut self, rx: &Receiver<Command>, caller: bool) {
+        match self.deferred.take() {
+            Some((d, at)) if at <= std::time::Instant::now() => self.settle(d, rx, caller),
+            other => self.deferred = other,
+        }
+    }
+
+    /// Makes an applied group durable and acknowledges it: on this thread when it would be
+    /// synced here, else through the syncers (in order behind the groups they hold).
+    fn settle(&mut self, mut applied: Applied, rx: &Receiver<Command>, caller: bool) {
+        let notify = self.writer.notify.clone();
+        let Some(tx) = &self.sync_tx else {
+            // `Immediate` (synced as it was written), or no syncer.
+            return finish(applied, None, &notify);
+        };
+        if applied.error.is_some() {
+            return finish(applied, None, &notify);
+        }
+        if applied.durable && self.would_sync_here(caller) && rx.is_empty() {
+            // While it syncs this thread cannot apply anything else: when commands arrived
+            // meanwhile (other producers, workers), the pipeline is used for a while.
+            let result = self.writer.store.sync();
+            if let Err(e) = &result {
+                *self.writer.poisoned.lock() = Some(e.to_string());
             }
-            Some(tx) => {
-                self.order.sent_to_syncer(&mut applied);
-                if let Err(e) = tx.send(applied) {
-                    // The syncer is gone (it panicked): nothing can be acknowledged any more.
-                    finish(e.into_inner(), Some(&Error::Closed), notify);
-                }
+            if !rx.is_empty() {
+                self.inline_pause = INLINE_PAUSE_GROUPS;
             }
-            None => finish(applied, None, notify),
+            return finish(applied, result.err().as_ref(), &notify);
+        }
+        if !applied.durable && self.order.may_skip_syncer(&applied) {
+            // `Relaxed`, no claim, and no task in it still waiting in the syncer: it needs no
+            // fsync, so it must not wait behind an earlier claim's. (Not synced here either:
+            // there a claim's fsync must not hold up later acks.)
+            return finish(applied, None, &notify);
+        }
+        let tx = tx.clone();
+        self.order.sent_to_syncer(&mut applied);
+        if let Err(e) = tx.send(applied) {
+            // The syncer is gone (it panicked): nothing can be acknowledged any more.
+            finish(e.into_inner(), Some(&Error::Closed), &notify);
         }
     }
 }
@@ -528,9 +696,38 @@ impl FastPath {
 }
 
 impl Writer {
-    /// Applies one group to the store (atomically). With `sync_here` it is also made durable
-    /// on this thread (as the mode requires); otherwise the syncer does that.
+    /// Applies one group to the store. With `sync_here` it is also made durable on this
+    /// thread (as the mode requires); otherwise the syncer does that.
     fn apply_group(&mut self, commands: Vec<Command>, sync_here: bool) -> Applied {
+        let (mut applied, made_due) = self.apply_commands(Some(commands));
+        // Standing claims look for work at the end of the group itself, its own new due tasks
+        // included. With limits, a claim plans from the store's index, which the group's own
+        // writes reach only at its commit: if the group made tasks due and slots are still
+        // free, they look again in a second commit, in the same sync.
+        if made_due && applied.error.is_none() && self.standing_may_claim() {
+            applied = applied.then(self.apply_commands(None).0);
+        }
+        if sync_here && applied.durable && applied.error.is_none() {
+            if let Err(e) = self.store.sync() {
+                *self.poisoned.lock() = Some(e.to_string());
+                applied.error = Some(e);
+            }
+            applied.durable = false;
+        }
+        applied
+    }
+
+    /// Whether a standing claim has a slot to fill.
+    fn standing_may_claim(&self) -> bool {
+        self.standing.iter().any(|s| {
+            !s.shared.closed.load(std::sync::atomic::Ordering::Acquire) && s.shared.free() > 0
+        })
+    }
+
+    /// Applies `commands` as one atomic write to the store, not yet synced, with the standing
+    /// claims' look for work at its end; the second value: whether it made tasks due that the
+    /// look could not see. `None`: only the standing claims' look.
+    fn apply_commands(&mut self, commands: Option<Vec<Command>>) -> (Applied, bool) {
         let limiter = self.limiter.clone();
         let mut limiter = limiter.lock();
         let schedules = self.schedules.clone();
@@ -550,30 +747,53 @@ impl Writer {
             limiter: &mut limiter,
             schedules: &mut schedules,
             log_at: None,
+            standing: &mut self.standing,
+            made_due: false,
+            pool_idle: false,
         };
         if let Some(reason) = self.poisoned.lock().clone() {
             let err = Error::Storage(format!(
                 "an earlier commit failed to reach disk ({reason}); reopen the queue"
             ));
-            let replies = commands.into_iter().map(|c| refuse(c, &err)).collect();
-            return Applied {
-                changes: Vec::new(),
-                replies,
-                seq: group.seq,
-                durable: false,
-                error: Some(err),
-                ticket: 0,
-            };
+            let replies = commands
+                .into_iter()
+                .flatten()
+                .map(|c| refuse(c, &err))
+                .collect();
+            return (
+                Applied {
+                    changes: Vec::new(),
+                    replies,
+                    seq: group.seq,
+                    durable: false,
+                    claimed: false,
+                    pool_idle: false,
+                    error: Some(err),
+                    ticket: 0,
+                },
+                false,
+            );
         }
-        let mut replies: Vec<Pending> = Vec::with_capacity(commands.len());
-        for cmd in commands {
-            replies.push(apply(
-                &mut group,
-                cmd,
-                &mut *self.jitter,
-                &self.backoff,
-                &self.corrupt,
-            ));
+        let mut replies: Vec<Pending> = Vec::new();
+        let pass_only = commands.is_none();
+        match commands {
+            Some(commands) => {
+                for cmd in commands {
+                    replies.push(apply(
+                        &mut group,
+                        cmd,
+                        &mut *self.jitter,
+                        &self.backoff,
+                        &self.corrupt,
+                    ));
+                }
+            }
+            None => replies.extend(claim_for_standing(&mut group, &self.corrupt)),
+        }
+        // Tasks the group made due that its look could not see (see `claim_due`).
+        let made_due = group.made_due && !group.limiter.is_empty();
+        if !pass_only && !group.standing.is_empty() {
+            replies.extend(claim_for_standing(&mut group, &self.corrupt));
         }
         self.has_extras = group.has_extras;
         if !group.side.is_empty() {
@@ -591,7 +811,9 @@ impl Writer {
             earliest_tick(group.schedules),
             std::sync::atomic::Ordering::Release,
         );
-        let durable = self.durability != Durability::Relaxed || group.has_claim;
+        let claimed = group.has_claim;
+        let pool_idle = group.pool_idle;
+        let durable = self.durability != Durability::Relaxed || claimed;
         let (changes, seq) = (std::mem::take(&mut group.changes), group.seq);
         // The limits and schedules are not needed for the write itself: readers (a pool asking
         // what is due, `limits()`) need not wait for the sled write or an `Immediate` fsync.
@@ -604,21 +826,24 @@ impl Writer {
             // Reads may see the group from here on: `wait` uses this to know which group it
             // must see acknowledged before it reports what it read.
             self.notify.applying(seq);
-            self.store.commit(&changes, seq, durable && sync_here)
+            self.store.commit(&changes, seq, false)
         };
         if let Err(e) = &result {
             // The group may be partly applied in memory: nothing after it can be trusted until
             // a reopen replays or discards it.
             *self.poisoned.lock() = Some(e.to_string());
         }
-        Applied {
+        let applied = Applied {
             changes,
             replies,
             seq,
-            durable: durable && !sync_here,
+            durable,
+            claimed,
+            pool_idle,
             error: result.err(),
             ticket: 0,
-        }
+        };
+        (applied, made_due)
     }
 }
 
@@ -628,28 +853,42 @@ impl Writer {
 /// (issue 12, measured interleaved on a quiet machine: one producer +10-14 %, one producer + 4
 /// workers unchanged; 80 us cost the workers 5 %). Not after larger groups: with more busy
 /// threads than cores (8 producers, 16 workers) the poll took CPU from them (-7 %, -10 %). An
-/// idle writer polls once, for that long, then sleeps until a command arrives.
-fn next_command(
-    rx: &Receiver<Command>,
-    spin: bool,
-) -> std::result::Result<Command, crossbeam_channel::RecvError> {
+/// idle writer polls once, for that long, then sleeps until a command arrives, or until the
+/// `deadline` of deferred outcomes.
+fn next_command(rx: &Receiver<Command>, spin: bool, deadline: Option<std::time::Instant>) -> Next {
+    use crossbeam_channel::{RecvTimeoutError, TryRecvError};
+    let block = |rx: &Receiver<Command>| match deadline {
+        None => rx.recv().map_or(Next::Closed, Next::Command),
+        Some(at) => match rx.recv_deadline(at) {
+            Ok(c) => Next::Command(c),
+            Err(RecvTimeoutError::Timeout) => Next::Deadline,
+            Err(RecvTimeoutError::Disconnected) => Next::Closed,
+        },
+    };
     if !spin {
-        return rx.recv();
+        return block(rx);
     }
     let until = std::time::Instant::now() + std::time::Duration::from_micros(SPIN_MICROS);
     loop {
         match rx.try_recv() {
-            Ok(c) => return Ok(c),
-            Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                return Err(crossbeam_channel::RecvError)
-            }
-            Err(crossbeam_channel::TryRecvError::Empty) => {}
+            Ok(c) => return Next::Command(c),
+            Err(TryRecvError::Disconnected) => return Next::Closed,
+            Err(TryRecvError::Empty) => {}
         }
         if std::time::Instant::now() >= until {
-            return rx.recv();
+            return block(rx);
         }
         std::hint::spin_loop();
     }
+}
+
+/// What the writer thread woke up for.
+enum Next {
+    Command(Command),
+    /// Deferred outcomes are due for their sync.
+    Deadline,
+    /// Every sender is gone.
+    Closed,
 }
 
 /// How long the writer polls for its next command before it blocks (see [`next_command`]).
@@ -702,6 +941,10 @@ struct Applied {
     replies: Vec<Pending>,
     /// Needs a sync before its replies go out.
     durable: bool,
+    /// It claimed a task (someone waits to run it).
+    claimed: bool,
+    /// In its last look, a standing claim found less due work than it had slots for.
+    pool_idle: bool,
     /// The sequence number of its last transition.
     seq: u64,
     /// Applying it failed: its replies get this error.
@@ -711,6 +954,18 @@ struct Applied {
 }
 
 impl Applied {
+    /// `self` followed by `later`, acknowledged together (`later`'s sync covers both).
+    fn then(mut self, later: Applied) -> Applied {
+        self.changes.extend(later.changes);
+        self.replies.extend(later.replies);
+        self.durable |= later.durable;
+        self.claimed |= later.claimed;
+        self.pool_idle = later.pool_idle;
+        self.seq = self.seq.max(later.seq);
+        self.error = self.error.or(later.error);
+        self
+    }
+
     fn task_ids(&self) -> impl Iterator<Item = TaskId> + '_ {
         self.changes
             .iter()
@@ -848,7 +1103,10 @@ fn refuse(cmd: Command, err: &Error) -> Pending {
         Command::PauseSchedule { reply, .. } => pending(reply, Err(err.duplicate())),
         Command::RemoveSchedule { reply, .. } => pending(reply, Err(err.duplicate())),
         Command::Tick { reply, .. } => pending(reply, Err(err.duplicate())),
-        Command::Many(commands) => {
+        Command::Stand { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::Sit { reply, .. } => pending(reply, Err(err.duplicate())),
+        Command::Poke { reply } => pending(reply, Err(err.duplicate())),
+        Command::Many(commands) | Command::Outcomes(commands) => {
             let replies: Vec<Pending> = commands.into_iter().map(|c| refuse(c, err)).collect();
             Box::new(move |commit_err| {
                 for r in replies {
@@ -993,7 +1251,23 @@ fn apply(
             paused,
             reply,
         } => pending(reply, g.store.set_paused(&queue, paused)),
-        Command::Many(commands) => {
+        Command::Stand { standing, reply } => {
+            g.standing.push(standing);
+            pending(reply, Ok(()))
+        }
+        Command::Sit { id, reply } => {
+            let mut taken = 0;
+            g.standing.retain(|s| {
+                let this = s.shared.id == id;
+                if this {
+                    taken = s.shared.taken.load(std::sync::atomic::Ordering::Acquire);
+                }
+                !this
+            });
+            pending(reply, Ok(taken))
+        }
+        Command::Poke { reply } => pending(reply, Ok(())),
+        Command::Many(commands) | Command::Outcomes(commands) => {
             let replies: Vec<Pending> = commands
                 .into_iter()
                 .map(|c| apply(g, c, jitter, backoff, corrupt))
@@ -1239,13 +1513,49 @@ fn claim_due(
         let expired = g.limiter.prune(now);
         g.side.extend(expired);
     }
+    let unlimited = g.limiter.is_empty();
     let mut budgets = g.limiter.budgets(now);
-    let plan = limiter::plan(g.store, &mut budgets, queues, now, n, &skip)?;
+    let mut plan = limiter::plan(g.store, &mut budgets, queues, now, n, &skip)?;
     if plan.held > 0 {
         tracing::debug!(
             held = plan.held,
             "due tasks held back by limits (not claimed, not charged)"
         );
+    }
+    if unlimited && g.made_due {
+        // Tasks this group made due are not in the store's index yet: with no limits to
+        // plan, they compete with the store's picks in claim order here (with limits, the
+        // standing claims look again after the commit; see `Writer::apply_group`).
+        let paused = g.store.paused();
+        let corrupt = corrupt.lock();
+        for t in g.overlay.values().flatten() {
+            let wanted = match queues {
+                QueueSet::All => true,
+                QueueSet::Named(names) => names.contains(&t.queue),
+            };
+            if t.status == Status::Pending
+                && t.next_run_at <= now
+                && wanted
+                && !paused.contains(&t.queue)
+                && !corrupt.contains(&t.id)
+            {
+                plan.picks.push(crate::store::DueTask {
+                    id: t.id,
+                    queue: t.queue.clone(),
+                    kind: Some(t.kind.clone()),
+                    priority: t.priority,
+                    next_run: t.next_run_at,
+                });
+            }
+        }
+        drop(corrupt);
+        plan.picks.sort_by(|a, b| {
+            b.priority
+                .cmp(&a.priority)
+                .then(a.next_run.cmp(&b.next_run))
+                .then(a.id.cmp(&b.id))
+        });
+        plan.picks.truncate(n);
     }
     for due in plan.picks {
         let rec = match g.current(due.id) {
@@ -1268,6 +1578,56 @@ fn claim_due(
         }
     }
     Ok(claimed)
+}
+
+/// Fills the standing claims' granted slots with what is due now, in this group (after every
+/// command of it, so a task it inserted or made due is seen). Starts with a different pool
+/// each group, so no pool's claim always goes first. A claim that cannot read the store is
+/// skipped (logged): it is tried again in the next group.
+fn claim_for_standing(g: &mut Group<'_>, corrupt: &Mutex<HashSet<TaskId>>) -> Vec<Pending> {
+    use std::sync::atomic::Ordering;
+    g.standing
+        .retain(|s| !s.shared.closed.load(Ordering::Acquire));
+    let n = g.standing.len();
+    let mut replies = Vec::new();
+    if n == 0 {
+        return replies;
+    }
+    let first = (g.seq as usize) % n;
+    for i in (first..n).chain(0..first) {
+        let shared = &g.standing[i].shared;
+        let granted = shared.granted.load(Ordering::Acquire);
+        shared.seen.store(granted, Ordering::Release);
+        let free = granted.saturating_sub(shared.taken.load(Ordering::Acquire));
+        if free == 0 {
+            continue;
+        }
+        let queues = g.standing[i].queues.clone();
+        let want = usize::try_from(free).unwrap_or(usize::MAX);
+        match claim_due(g, &queues, want, g.now, corrupt) {
+            Ok(tasks) if tasks.len() < want => {
+                g.pool_idle = true;
+                if !tasks.is_empty() {
+                    let s = &mut g.standing[i];
+                    s.shared
+                        .taken
+                        .fetch_add(tasks.len() as u64, Ordering::AcqRel);
+                    replies.push(pending(s.reply.clone(), Ok(tasks)));
+                }
+            }
+            Ok(tasks) => {
+                let s = &mut g.standing[i];
+                s.shared
+                    .taken
+                    .fetch_add(tasks.len() as u64, Ordering::AcqRel);
+                replies.push(pending(s.reply.clone(), Ok(tasks)));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "a standing claim could not read what is due; tried again next group")
+            }
+        }
+    }
+    replies
 }
 
 #[cfg(test)]
@@ -1338,10 +1698,233 @@ mod tests {
             schedules: Arc::default(),
             next_tick: Arc::new(AtomicU64::new(u64::MAX)),
             has_extras: false,
+            standing: Vec::new(),
+            defer_outcomes: DEFER_OUTCOMES,
         }
         .spawn(rx)
         .unwrap();
         (tx, writer.0, writer.1)
+    }
+
+    fn spawn_writer_deferring(
+        store: Arc<FailingSync>,
+        defer_outcomes: std::time::Duration,
+    ) -> (Sender<Command>, JoinHandle<()>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let writer = Writer {
+            store,
+            clock: Arc::new(crate::testing::ManualClock::new(Timestamp(10))),
+            notify: Arc::new(Notify::default()),
+            jitter: Box::new(FixedJitter(0.5)),
+            backoff: BackoffTable::default(),
+            durability: Durability::Group,
+            poisoned: Arc::default(),
+            corrupt: Arc::default(),
+            limiter: Arc::default(),
+            schedules: Arc::default(),
+            next_tick: Arc::new(AtomicU64::new(u64::MAX)),
+            has_extras: false,
+            standing: Vec::new(),
+            defer_outcomes,
+        }
+        .spawn(rx)
+        .unwrap();
+        (tx, writer.0)
+    }
+
+    /// Sends `make(reply)` and waits for its reply.
+    fn call<T>(tx: &Sender<Command>, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        tx.send(make(reply)).unwrap();
+        rx.recv().unwrap()
+    }
+
+    /// A standing claim (issue 12): granted slots are filled in the commit of the group that
+    /// inserts the work, so the enqueue and its claim share one sync; never beyond the slots
+    /// granted; a poke has it look for work again; once withdrawn it takes nothing, and it
+    /// reports how many it took.
+    #[test]
+    fn a_standing_claim_takes_new_work_in_the_enqueues_own_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FailingSync::open(dir.path());
+        let (tx, writer) = spawn_writer(store.clone(), Durability::Group);
+        let shared = Arc::new(StandingShared {
+            id: 7,
+            ..StandingShared::default()
+        });
+        shared.granted.store(1, Ordering::Release);
+        let (to_pool, claimed) = crossbeam_channel::unbounded();
+        let standing = Standing::new(shared.clone(), QueueSet::All, to_pool);
+        call(&tx, |reply| Command::Stand { standing, reply }).unwrap();
+        let syncs = store.sync_threads.lock().len();
+
+        let first = crate::task::test_task(3);
+        insert(&tx, first.clone()).recv().unwrap().unwrap();
+        assert_eq!(
+            store.sync_threads.lock().len(),
+            syncs + 1,
+            "the enqueue and its claim share one sync"
+        );
+        let tasks = claimed
+            .try_recv()
+            .expect("claimed, and sent once durable")
+            .unwrap();
+        assert_eq!(tasks.len(), 1);
+        assert_eq!(tasks[0].id, first.id);
+        assert_eq!((tasks[0].status, tasks[0].attempts), (Status::Running, 1));
+
+        // No slot left: the next task waits, Pending.
+        let second = crate::task::test_task(3);
+        insert(&tx, second.clone()).recv().unwrap().unwrap();
+        assert!(
+            claimed.try_recv().is_err(),
+            "claimed beyond the slots granted"
+        );
+        assert_eq!(
+            store.get(second.id).unwrap().unwrap().status,
+            Status::Pending
+        );
+
+        // A slot granted and a poke: claimed in the poke's group.
+        shared.granted.fetch_add(1, Ordering::AcqRel);
+        call(&tx, |reply| Command::Poke { reply }).unwrap();
+        let tasks = claimed.recv().unwrap().unwrap();
+        assert_eq!(tasks[0].id, second.id);
+
+        // Withdrawn: it reports what it took and takes nothing more.
+        assert_eq!(call(&tx, |reply| Command::Sit { id: 7, reply }).unwrap(), 2);
+        shared.granted.fetch_add(5, Ordering::AcqRel);
+        let third = crate::task::test_task(3);
+        insert(&tx, third.clone()).recv().unwrap().unwrap();
+        assert!(claimed.recv().is_err(), "the writer let go of the claim");
+        assert_eq!(
+            store.get(third.id).unwrap().unwrap().status,
+            Status::Pending
+        );
+        drop(tx);
+        writer.join().unwrap();
+    }
+
+    /// A pool that died claims nothing more, even with slots granted.
+    #[test]
+    fn a_closed_standing_claim_takes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FailingSync::open(dir.path());
+        let (tx, writer) = spawn_writer(store.clone(), Durability::Group);
+        let shared = Arc::new(StandingShared::default());
+        shared.granted.store(4, Ordering::Release);
+        let (to_pool, claimed) = crossbeam_channel::unbounded();
+        let standing = Standing::new(shared.clone(), QueueSet::All, to_pool);
+        call(&tx, |reply| Command::Stand { standing, reply }).unwrap();
+        shared.closed.store(true, Ordering::Release);
+        let t = crate::task::test_task(3);
+        insert(&tx, t.clone()).recv().unwrap().unwrap();
+        assert!(claimed.recv().is_err(), "dropped, never answered");
+        assert_eq!(store.get(t.id).unwrap().unwrap().status, Status::Pending);
+        drop(tx);
+        writer.join().unwrap();
+    }
+
+    /// Claims two tasks and returns (id, lease) of each.
+    fn two_running(tx: &Sender<Command>) -> Vec<(TaskId, u64)> {
+        for _ in 0..2 {
+            insert(tx, crate::task::test_task(3))
+                .recv()
+                .unwrap()
+                .unwrap();
+        }
+        let tasks = call(tx, |reply| Command::Claim {
+            queues: QueueSet::All,
+            n: 2,
+            now: Timestamp(10),
+            reply,
+        })
+        .unwrap();
+        tasks.iter().map(|t| (t.id, t.lease)).collect()
+    }
+
+    fn outcome(id: TaskId, lease: u64) -> (Command, Receiver<Result<Finished>>) {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        let finish = Command::Finish {
+            id,
+            lease,
+            outcome: Outcome::Success(Vec::new()),
+            reply,
+        };
+        (Command::Outcomes(vec![finish]), rx)
+    }
+
+    /// Registers a standing claim with `slots` granted; returns what it claims.
+    fn idle_pool(tx: &Sender<Command>, slots: u64) -> Receiver<Result<Vec<TaskInfo>>> {
+        let shared = Arc::new(StandingShared::default());
+        shared.granted.store(slots, Ordering::Release);
+        let (to_pool, claimed) = crossbeam_channel::unbounded();
+        let standing = Standing::new(shared, QueueSet::Named(vec!["elsewhere".into()]), to_pool);
+        call(tx, |reply| Command::Stand { standing, reply }).unwrap();
+        claimed
+    }
+
+    /// Workers' outcomes with nothing else to do while a pool idles: applied, but neither
+    /// synced nor acknowledged until the next group's sync covers them (one sync for both), or
+    /// until their deadline, or the writer's close. Without an idle pool (work is due, or no
+    /// pool at all) they are synced at once.
+    #[test]
+    fn outcomes_wait_for_the_next_groups_sync_or_their_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FailingSync::open(dir.path());
+        let (tx, writer) =
+            spawn_writer_deferring(store.clone(), std::time::Duration::from_secs(3600));
+        let running = two_running(&tx);
+        // No pool: synced at once.
+        let syncs = store.sync_threads.lock().len();
+        let (cmd, done) = outcome(running[0].0, running[0].1);
+        tx.send(cmd).unwrap();
+        assert!(matches!(done.recv(), Ok(Ok(Finished::Applied(_)))));
+        assert_eq!(store.sync_threads.lock().len(), syncs + 1);
+
+        let _claimed = idle_pool(&tx, 2);
+        let running = two_running(&tx);
+        let syncs = store.sync_threads.lock().len();
+        let (cmd, done) = outcome(running[0].0, running[0].1);
+        tx.send(cmd).unwrap();
+        assert!(
+            done.recv_timeout(std::time::Duration::from_millis(100))
+                .is_err(),
+            "acknowledged before any sync"
+        );
+        assert_eq!(store.sync_threads.lock().len(), syncs);
+        insert(&tx, crate::task::test_task(3))
+            .recv()
+            .unwrap()
+            .unwrap();
+        assert!(matches!(done.try_recv(), Ok(Ok(Finished::Applied(_)))));
+        assert_eq!(
+            store.sync_threads.lock().len(),
+            syncs + 1,
+            "one sync for both"
+        );
+
+        // Closing syncs and acknowledges what still waits.
+        let (cmd, done) = outcome(running[1].0, running[1].1);
+        tx.send(cmd).unwrap();
+        drop(tx);
+        writer.join().unwrap();
+        assert!(matches!(done.try_recv(), Ok(Ok(Finished::Applied(_)))));
+        assert_eq!(store.sync_threads.lock().len(), syncs + 2);
+
+        // With no group after them, the deadline syncs them.
+        let dir = tempfile::tempdir().unwrap();
+        let store = FailingSync::open(dir.path());
+        let (tx, writer) =
+            spawn_writer_deferring(store.clone(), std::time::Duration::from_millis(20));
+        let _claimed = idle_pool(&tx, 1);
+        let running = two_running(&tx);
+        let (cmd, done) = outcome(running[0].0, running[0].1);
+        tx.send(cmd).unwrap();
+        let acked = done.recv_timeout(std::time::Duration::from_secs(30));
+        assert!(matches!(acked, Ok(Ok(Finished::Applied(_)))), "{acked:?}");
+        drop(tx);
+        writer.join().unwrap();
     }
 
     fn insert(tx: &Sender<Command>, t: TaskInfo) -> Receiver<Result<Vec<Inserted>>> {

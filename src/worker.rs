@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver, Sender};
 use parking_lot::Mutex;
 
-use crate::backend::{ClaimRequest, FinishRequest};
+use crate::backend::{ClaimRequest, FinishRequest, StandingLink};
 use crate::commit::{Finished, Outcome};
 use crate::error::{Error, Result};
 use crate::handler::{
@@ -191,7 +191,14 @@ impl WorkerPoolBuilder {
             claim_rx,
             in_flight: VecDeque::new(),
             last_full: false,
+            standing: None,
         };
+        d.standing = inner.backend.stand(&d.queues)?.map(|link| StandingClaim {
+            link,
+            received: 0,
+            poke: None,
+            unsent_grant: false,
+        });
         for _ in 0..self.concurrency {
             d.spawn_worker()?;
         }
@@ -385,6 +392,29 @@ struct Dispatcher {
     /// claim-ahead the next claim then skips the due count (a round trip on PostgreSQL) and
     /// asks for all it wants; a short reply brings the count back.
     last_full: bool,
+    /// The backend's standing claim for this pool, if it has them (sled): free slots are
+    /// granted to it rather than asked for, and the writer fills them in the very commit that
+    /// makes work due (an enqueue's, an outcome's), so no claim needs a commit of its own.
+    standing: Option<StandingClaim>,
+}
+
+/// The pool's side of a standing claim ([`Backend::stand`](crate::backend::Backend::stand)).
+struct StandingClaim {
+    link: StandingLink,
+    /// Tasks received from it so far.
+    received: u64,
+    /// A poke in flight: work came due by the clock, and the writer was asked to look.
+    poke: Option<Receiver<Result<()>>>,
+    /// Slots were granted and nothing was sent since, so no group is sure to look at them.
+    unsent_grant: bool,
+}
+
+impl StandingClaim {
+    /// Slots granted and not yet filled (or filled, with the tasks on their way).
+    fn outstanding(&self) -> usize {
+        let granted = self.link.shared.granted.load(Ordering::Acquire);
+        usize::try_from(granted.saturating_sub(self.received)).unwrap_or(usize::MAX)
+    }
 }
 
 impl Dispatcher {
@@ -415,7 +445,9 @@ impl Dispatcher {
                 stopping = Some(Instant::now());
             }
             if stopping.is_some() {
-                // Tasks claimed ahead and not started go back, uncharged.
+                // No more claims for this pool; tasks claimed ahead and not started go back,
+                // uncharged.
+                self.sit();
                 self.release_buffer();
             }
             if stopping.is_none() {
@@ -439,6 +471,13 @@ impl Dispatcher {
                 }
             }
             let timeout = self.sleep_for(stopping);
+            let (standing_rx, poke_rx) = match &self.standing {
+                Some(s) => (
+                    s.link.tasks.clone(),
+                    s.poke.clone().unwrap_or_else(crossbeam_channel::never),
+                ),
+                None => (crossbeam_channel::never(), crossbeam_channel::never()),
+            };
             select! {
                 recv(self.done_rx) -> done => {
                     if let Ok(done) = done {
@@ -452,6 +491,26 @@ impl Dispatcher {
                 recv(self.claim_rx) -> claimed => {
                     if let Ok(claimed) = claimed {
                         self.claimed(claimed);
+                    }
+                }
+                recv(standing_rx) -> claimed => {
+                    match claimed {
+                        Ok(Ok(tasks)) => {
+                            if let Some(s) = &mut self.standing {
+                                s.received += tasks.len() as u64;
+                            }
+                            self.take_claimed(tasks, stopping.is_none());
+                        }
+                        Ok(Err(e)) => tracing::error!(error = %e, "a standing claim's commit failed"),
+                        Err(_) => {
+                            tracing::error!("the backend dropped this pool's standing claim; claiming on request");
+                            self.standing = None;
+                        }
+                    }
+                }
+                recv(poke_rx) -> _ => {
+                    if let Some(s) = &mut self.standing {
+                        s.poke = None;
                     }
                 }
                 recv(self.wake) -> _ => {}
@@ -489,6 +548,9 @@ impl Dispatcher {
     /// [`WorkerPool::simulate_crash`]: end without another write, as a dead process would.
     fn crash(mut self) -> StopReport {
         self.cancel_all.store(true, Ordering::Release);
+        if let Some(s) = &self.standing {
+            s.link.shared.closed.store(true, Ordering::Release);
+        }
         self.outbox.clear();
         let abandoned = self.running.len() + self.asked() + self.buffer.len();
         for (_, ctx) in self.buffer.drain(..) {
@@ -519,7 +581,42 @@ impl Dispatcher {
     /// How many more tasks to claim: idle workers plus the claim-ahead allowance, less what
     /// is buffered or asked for already.
     fn want(&self) -> usize {
-        (self.idle + self.ahead).saturating_sub(self.buffer.len() + self.asked())
+        (self.idle + self.ahead)
+            .saturating_sub(self.buffer.len() + self.asked() + self.outstanding())
+    }
+
+    /// Slots granted to the standing claim and not yet filled.
+    fn outstanding(&self) -> usize {
+        self.standing.as_ref().map_or(0, StandingClaim::outstanding)
+    }
+
+    /// Withdraws the standing claim (a stop): once the backend confirms, it claims nothing
+    /// more for this pool. Tasks it claimed that have not arrived yet are waited for and
+    /// buffered, so the stop releases them like tasks claimed ahead.
+    fn sit(&mut self) {
+        let Some(mut s) = self.standing.take() else {
+            return;
+        };
+        let taken = match self.queue.inner.backend.sit(s.link.shared.id) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(error = %e, "could not withdraw the standing claim; tasks it took and this pool never saw are recovered at the next open");
+                return;
+            }
+        };
+        while s.received < taken {
+            match s.link.tasks.recv() {
+                Ok(Ok(tasks)) => {
+                    s.received += tasks.len() as u64;
+                    self.take_claimed(tasks, false);
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "a standing claim's commit failed");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
     }
 
     /// Gives buffered tasks to idle workers.
@@ -595,12 +692,17 @@ impl Dispatcher {
             return;
         }
         let finishes = std::mem::take(&mut self.outbox);
-        if let Err(e) = self.queue.inner.backend.submit(finishes, None) {
+        if let Some(s) = &mut self.standing {
+            s.unsent_grant = false;
+        }
+        if let Err(e) = self.queue.inner.backend.submit_outcomes(finishes) {
             tracing::error!(error = %e, "could not send outcomes to the writer; their workers record them directly");
         }
     }
 
-    /// How long to block: until the earliest due time or deadline; forever if neither.
+    /// How long to block: until the earliest due time or deadline; forever if neither. With a
+    /// standing claim, due work its slots could take but no write will bring to the writer
+    /// (it came due by the clock, or slots were granted after the last group) gets a poke.
     fn sleep_for(&mut self, stopping: Option<Instant>) -> Duration {
         let now = self.queue.now();
         let mut wake_at: Option<Timestamp> = None;
@@ -616,7 +718,7 @@ impl Dispatcher {
                 consider(t);
             }
         }
-        if stopping.is_none() && self.want() > 0 {
+        if stopping.is_none() && (self.want() > 0 || self.outstanding() > 0) {
             let asked = self.asked();
             if let Ok(due) = self
                 .queue
@@ -624,8 +726,27 @@ impl Dispatcher {
                 .backend
                 .due_summary(&self.queues, now, asked + 1)
             {
-                if due.ready > asked {
-                    return Duration::ZERO;
+                match &mut self.standing {
+                    Some(s) => {
+                        // Due work with free slots, and no group is sure to look at them: the
+                        // slots were granted with nothing sent after, or the writer has
+                        // looked since the last grant (so the work came due by the clock).
+                        let shared = &s.link.shared;
+                        let looked = shared.seen.load(Ordering::Acquire)
+                            >= shared.granted.load(Ordering::Acquire);
+                        let unlooked = s.unsent_grant || looked;
+                        if due.ready > 0 && shared.free() > 0 && unlooked && s.poke.is_none() {
+                            s.unsent_grant = false;
+                            match self.queue.inner.backend.poke() {
+                                Ok(rx) => s.poke = Some(rx),
+                                Err(e) => {
+                                    tracing::error!(error = %e, "could not ask the writer to claim")
+                                }
+                            }
+                        }
+                    }
+                    None if due.ready > asked => return Duration::ZERO,
+                    None => {}
                 }
                 if let Some(w) = due.next_wake {
                     consider(w);
@@ -652,6 +773,18 @@ impl Dispatcher {
     /// for the reply.
     fn request_claims(&mut self) -> Result<()> {
         let want = self.want();
+        if let Some(s) = &mut self.standing {
+            if want > 0 {
+                // Before the outcomes that freed these slots are sent: their commit may fill
+                // them.
+                s.link
+                    .shared
+                    .granted
+                    .fetch_add(want as u64, Ordering::AcqRel);
+                s.unsent_grant = true;
+            }
+            return Ok(());
+        }
         if want == 0 {
             return Ok(());
         }
@@ -693,30 +826,32 @@ impl Dispatcher {
         let asked = self.in_flight.pop_front().unwrap_or_default();
         self.last_full = matches!(&result, Ok(tasks) if tasks.len() == asked && asked > 0);
         match result {
-            Ok(mut tasks) => {
-                // The best go straight to idle workers (if none wait before them), the rest to
-                // the buffer. The buffered ones are registered first, so a cancel request can
-                // reach every task of this claim by the time any of its handlers runs.
-                let direct = if self.buffer.is_empty() {
-                    self.idle.min(tasks.len())
-                } else {
-                    0
-                };
-                for task in tasks.split_off(direct) {
-                    let ctx = Arc::new(TaskContext::new(
-                        &task,
-                        None,
-                        self.cancel_all.clone(),
-                        self.queue.downgrade(),
-                    ));
-                    self.queue.inner.executions.insert(ctx.clone());
-                    self.buffer.push_back((task, ctx));
-                }
-                for task in tasks {
-                    self.dispatch(task, None);
-                }
-            }
+            Ok(tasks) => self.take_claimed(tasks, true),
             Err(e) => tracing::error!(error = %e, "a claim failed; retrying when woken"),
+        }
+    }
+
+    /// Claimed tasks: the best go straight to idle workers (if `start` and none wait before
+    /// them), the rest to the buffer. The buffered ones are registered first, so a cancel
+    /// request can reach every task of a claim by the time any of its handlers runs.
+    fn take_claimed(&mut self, mut tasks: Vec<TaskInfo>, start: bool) {
+        let direct = if self.buffer.is_empty() && start {
+            self.idle.min(tasks.len())
+        } else {
+            0
+        };
+        for task in tasks.split_off(direct) {
+            let ctx = Arc::new(TaskContext::new(
+                &task,
+                None,
+                self.cancel_all.clone(),
+                self.queue.downgrade(),
+            ));
+            self.queue.inner.executions.insert(ctx.clone());
+            self.buffer.push_back((task, ctx));
+        }
+        for task in tasks {
+            self.dispatch(task, None);
         }
     }
 
@@ -930,5 +1065,52 @@ fn settle(queue: &Queue, ack: Ack, killed: &AtomicBool) {
 fn ack_loop(queue: Queue, acks: Receiver<Ack>, killed: Arc<AtomicBool>) {
     for ack in acks {
         settle(&queue, ack, &killed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+    use crate::{Durability, Status, TaskError};
+
+    #[derive(Serialize, Deserialize)]
+    struct Noop;
+
+    impl crate::Task for Noop {
+        const NAME: &'static str = "noop";
+        type Output = ();
+    }
+
+    fn syncs(q: &Queue) -> u64 {
+        q.inner
+            .backend
+            .commit_metrics()
+            .map_or(0, |m| m.sync_seconds.snapshot().count)
+    }
+
+    /// Issue 12: a task enqueued while a worker idles is claimed in its enqueue's own commit
+    /// (the pool's standing claim), and its outcome needs the only other sync: two syncs for
+    /// the task's whole life, where a claim of its own made three.
+    #[test]
+    fn an_idle_pool_claims_new_work_in_the_enqueues_own_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::builder(dir.path().join("q"))
+            .durability(Durability::Group)
+            .open()
+            .unwrap();
+        q.register(|_: Noop, _: &TaskContext| -> std::result::Result<(), TaskError> { Ok(()) });
+        let pool = q.workers().concurrency(1).start().unwrap();
+        // Once the first task is acknowledged complete, the pool has granted the slot it
+        // freed (grants go before the outcome that frees them).
+        let first = q.enqueue(Noop).unwrap();
+        q.wait(first, Duration::from_secs(30)).unwrap();
+        let before = syncs(&q);
+        let second = q.enqueue(Noop).unwrap();
+        let done = q.wait(second, Duration::from_secs(30)).unwrap();
+        assert_eq!((done.status, done.attempts), (Status::Completed, 1));
+        assert_eq!(syncs(&q), before + 2, "enqueue + claim, then the outcome");
+        assert_eq!(pool.stop().abandoned, 0);
     }
 }

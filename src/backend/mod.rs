@@ -54,6 +54,12 @@ pub(crate) struct ClaimRequest {
     pub reply: Reply<Vec<TaskInfo>>,
 }
 
+/// A worker pool's end of a standing claim ([`Backend::stand`]).
+pub(crate) struct StandingLink {
+    pub shared: std::sync::Arc<crate::commit::StandingShared>,
+    pub tasks: crossbeam_channel::Receiver<Result<Vec<TaskInfo>>>,
+}
+
 /// What a worker pool needs to know to decide whether to claim and how long to sleep. Tasks a
 /// limit holds back are not `ready`; `next_wake` includes when a rate window frees a slot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -146,6 +152,35 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// arrives on its own channel. (A worker pool sends its workers' outcomes together with its
     /// next claim: one durable commit for both.)
     fn submit(&self, finishes: Vec<FinishRequest>, claim: Option<ClaimRequest>) -> Result<()>;
+
+    /// A worker pool's outcomes with no claim: like `submit(finishes, None)`, but the backend
+    /// may hold their commit back briefly to share it with the next one (sled:
+    /// [`Command::Outcomes`](crate::commit::Command::Outcomes)).
+    fn submit_outcomes(&self, finishes: Vec<FinishRequest>) -> Result<()> {
+        self.submit(finishes, None)
+    }
+
+    /// Registers a standing claim for a worker pool serving `queues`: the pool grants free
+    /// slots ([`StandingLink::shared`]) and the backend fills them, with the commit of whatever
+    /// makes work due, sending the claimed tasks (durable) to [`StandingLink::tasks`]. `None`
+    /// when the backend has no such thing: the pool then claims with [`ClaimRequest`]s.
+    fn stand(&self, _queues: &QueueSet) -> Result<Option<StandingLink>> {
+        Ok(None)
+    }
+
+    /// Withdraws a standing claim; returns how many tasks it took in all. Once this returns,
+    /// it takes no more.
+    fn sit(&self, _id: u64) -> Result<u64> {
+        Ok(0)
+    }
+
+    /// Has the standing claims look for due work now (for work that came due by the clock);
+    /// the reply arrives once that commit is durable.
+    fn poke(&self) -> Result<crossbeam_channel::Receiver<Result<()>>> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let _ = tx.send(Ok(()));
+        Ok(rx)
+    }
 
     /// `Pending -> Cancelled`.
     fn cancel(&self, id: TaskId) -> Result<TaskInfo>;

@@ -11,9 +11,9 @@ use std::thread::JoinHandle;
 use crossbeam_channel::Sender;
 use parking_lot::{Mutex, RwLock};
 
-use crate::backend::{Backend, ClaimRequest, DueSummary, FinishRequest};
+use crate::backend::{Backend, ClaimRequest, DueSummary, FinishRequest, StandingLink};
 use crate::clock::Clock;
-use crate::commit::{self, BackoffTable, Command, NewTask, Writer};
+use crate::commit::{self, BackoffTable, Command, NewTask, Standing, StandingShared, Writer};
 use crate::error::{Error, Result};
 use crate::events::Notify;
 use crate::extras::{Inserted, LimitStatus, ScheduleInfo, TaskExtras};
@@ -94,6 +94,8 @@ impl SledBackend {
             schedules: schedules.clone(),
             next_tick: next_tick.clone(),
             has_extras,
+            standing: Vec::new(),
+            defer_outcomes: commit::DEFER_OUTCOMES,
         }
         .spawn(rx)?;
         let (writer, fast) = writer;
@@ -252,6 +254,44 @@ impl Backend for SledBackend {
             1 => self.send(commands.remove(0)),
             _ => self.send(Command::Many(commands)),
         }
+    }
+
+    fn submit_outcomes(&self, finishes: Vec<FinishRequest>) -> Result<()> {
+        if finishes.is_empty() {
+            return Ok(());
+        }
+        let commands = finishes
+            .into_iter()
+            .map(|f| Command::Finish {
+                id: f.id,
+                lease: f.lease,
+                outcome: f.outcome,
+                reply: f.reply,
+            })
+            .collect();
+        self.send(Command::Outcomes(commands))
+    }
+
+    fn stand(&self, queues: &QueueSet) -> Result<Option<StandingLink>> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let shared = Arc::new(StandingShared {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            ..StandingShared::default()
+        });
+        let (tx, tasks) = crossbeam_channel::unbounded();
+        let standing = Standing::new(shared.clone(), queues.clone(), tx);
+        self.call(|reply| Command::Stand { standing, reply })?;
+        Ok(Some(StandingLink { shared, tasks }))
+    }
+
+    fn sit(&self, id: u64) -> Result<u64> {
+        self.call(|reply| Command::Sit { id, reply })
+    }
+
+    fn poke(&self) -> Result<crossbeam_channel::Receiver<Result<()>>> {
+        let (reply, rx) = crossbeam_channel::bounded(1);
+        self.send(Command::Poke { reply })?;
+        Ok(rx)
     }
 
     fn cancel(&self, id: TaskId) -> Result<TaskInfo> {

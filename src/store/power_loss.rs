@@ -275,15 +275,34 @@ fn run(seed: u64) {
         schedules: Arc::default(),
         next_tick: Arc::new(AtomicU64::new(u64::MAX)),
         has_extras: false,
+        standing: Vec::new(),
+        defer_outcomes: crate::commit::DEFER_OUTCOMES,
     }
     .spawn(rx)
     .unwrap();
     let (writer, fast) = writer;
 
+    // A worker pool's standing claim takes part too: it claims in the groups of the commands
+    // below, with the slots granted to it now and then.
+    let standing = Arc::new(crate::commit::StandingShared::default());
+    let (to_pool, standing_claims) = crossbeam_channel::unbounded();
+    let (reply, stood) = crossbeam_channel::bounded(1);
+    tx.send(Command::Stand {
+        standing: crate::commit::Standing::new(standing.clone(), QueueSet::All, to_pool),
+        reply,
+    })
+    .unwrap();
+    // Its group may already be the one the power cut fails: then nothing more is sent.
+    let rounds = if stood.recv().unwrap().is_ok() {
+        400
+    } else {
+        0
+    };
+
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut running: Vec<(TaskId, u64)> = Vec::new();
     let later = Timestamp(u64::MAX / 4);
-    'work: for _ in 0..400 {
+    'work: for _ in 0..rounds {
         let n = if rng.random_bool(0.3) {
             rng.random_range(2..=4)
         } else {
@@ -337,7 +356,16 @@ fn run(seed: u64) {
         if commands.is_empty() {
             continue;
         }
-        let cmd = if commands.len() == 1 {
+        if rng.random_bool(0.2) {
+            standing
+                .granted
+                .fetch_add(rng.random_range(1..=2), std::sync::atomic::Ordering::AcqRel);
+        }
+        let only_finishes = commands.iter().all(|c| matches!(c, Command::Finish { .. }));
+        let cmd = if only_finishes && rng.random_bool(0.5) {
+            // As a worker pool sends them: their sync may wait for the next group's.
+            Command::Outcomes(commands)
+        } else if commands.len() == 1 {
             commands.pop().unwrap()
         } else {
             Command::Many(commands)
@@ -361,6 +389,12 @@ fn run(seed: u64) {
         for r in others {
             if r().unwrap().is_err() {
                 break 'work;
+            }
+        }
+        for claimed in standing_claims.try_iter() {
+            match claimed {
+                Ok(tasks) => running.extend(tasks.iter().map(|t| (t.id, t.lease))),
+                Err(_) => break 'work,
             }
         }
     }
