@@ -1791,8 +1791,41 @@ mod tests {
         let tasks = claimed.recv().unwrap().unwrap();
         assert_eq!(tasks[0].id, second.id);
 
+        // With a limit, the claim plans from the store's index: it looks again after the
+        // group's commit, still within the group's one sync. The limit holds the second of
+        // two new tasks back.
+        call(&tx, |reply| Command::SetLimit {
+            scope: LimitScope::Queue(first.queue.clone()),
+            limit: Some(Limit::default().concurrency(3)),
+            reply,
+        })
+        .unwrap();
+        shared.granted.fetch_add(2, Ordering::AcqRel);
+        let syncs = store.sync_threads.lock().len();
+        let (reply, inserted) = crossbeam_channel::bounded(1);
+        let pair = [crate::task::test_task(3), crate::task::test_task(3)];
+        tx.send(Command::Insert {
+            tasks: pair
+                .iter()
+                .map(|t| NewTask {
+                    task: t.clone(),
+                    extras: None,
+                })
+                .collect(),
+            reply,
+        })
+        .unwrap();
+        inserted.recv().unwrap().unwrap();
+        assert_eq!(store.sync_threads.lock().len(), syncs + 1);
+        let tasks = claimed
+            .try_recv()
+            .expect("claimed with the insert")
+            .unwrap();
+        assert_eq!(tasks.len(), 1, "two running and a limit of three");
+        assert!(pair.iter().any(|t| t.id == tasks[0].id));
+
         // Withdrawn: it reports what it took and takes nothing more.
-        assert_eq!(call(&tx, |reply| Command::Sit { id: 7, reply }).unwrap(), 2);
+        assert_eq!(call(&tx, |reply| Command::Sit { id: 7, reply }).unwrap(), 3);
         shared.granted.fetch_add(5, Ordering::AcqRel);
         let third = crate::task::test_task(3);
         insert(&tx, third.clone()).recv().unwrap().unwrap();
