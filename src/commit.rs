@@ -614,6 +614,13 @@ impl Core {
             return;
         }
         self.settle(applied, rx, caller);
+        // `Relaxed`: a group that needs no fsync is acknowledged without one, but a claim needs
+        // one; so the standing claims look in a group of their own, which waits for its fsync
+        // without holding up the enqueue that brought the work.
+        if self.writer.durability == Durability::Relaxed && self.writer.standing_may_claim() {
+            let (pass, _) = self.writer.apply_commands(None);
+            self.settle(pass, rx, caller);
+        }
     }
 
     /// Syncs deferred outcomes whose time is up (the writer thread, when no group came).
@@ -701,10 +708,15 @@ impl Writer {
     fn apply_group(&mut self, commands: Vec<Command>, sync_here: bool) -> Applied {
         let (mut applied, made_due) = self.apply_commands(Some(commands));
         // Standing claims look for work at the end of the group itself, its own new due tasks
-        // included. With limits, a claim plans from the store's index, which the group's own
-        // writes reach only at its commit: if the group made tasks due and slots are still
-        // free, they look again in a second commit, in the same sync.
-        if made_due && applied.error.is_none() && self.standing_may_claim() {
+        // included (not `Relaxed`: see `Core::process`). With limits, a claim plans from the
+        // store's index, which the group's own writes reach only at its commit: if the group
+        // made tasks due and slots are still free, they look again in a second commit, in the
+        // same sync.
+        if made_due
+            && applied.error.is_none()
+            && self.durability != Durability::Relaxed
+            && self.standing_may_claim()
+        {
             applied = applied.then(self.apply_commands(None).0);
         }
         if sync_here && applied.durable && applied.error.is_none() {
@@ -792,7 +804,7 @@ impl Writer {
         }
         // Tasks the group made due that its look could not see (see `claim_due`).
         let made_due = group.made_due && !group.limiter.is_empty();
-        if !pass_only && !group.standing.is_empty() {
+        if !pass_only && !group.standing.is_empty() && self.durability != Durability::Relaxed {
             replies.extend(claim_for_standing(&mut group, &self.corrupt));
         }
         self.has_extras = group.has_extras;
