@@ -542,7 +542,8 @@ impl Writer {
                 // hold, then stop.
                 let mut last = core.lock();
                 if let Some((d, _)) = last.deferred.take() {
-                    last.settle(d, &rx, false);
+                    let here = last.would_sync_here(false) && rx.is_empty();
+                    last.settle(d, &rx, here);
                 }
                 last.sync_tx = None;
                 drop(last);
@@ -594,7 +595,10 @@ impl Core {
             && commands.iter().all(Command::is_lazy);
         // `Group`: a lone group with nothing in flight and nothing waiting is synced right
         // here (in `settle`), since a hand-off to a syncer thread would only add a thread
-        // wake-up to its latency. `Immediate` syncs every group as it is written.
+        // wake-up to its latency. `Immediate` syncs every group as it is written. Decided
+        // before the group is applied (8 producers: 5 % fewer enqueues/s when commands that
+        // arrived during the apply sent it to the syncers instead).
+        let here = self.would_sync_here(caller) && rx.is_empty();
         let mut applied = self.writer.apply_group(commands, !pipelined);
         if let Some((earlier, _)) = self.deferred.take() {
             applied = earlier.then(applied);
@@ -613,27 +617,31 @@ impl Core {
             self.deferred = Some((applied, deadline));
             return;
         }
-        self.settle(applied, rx, caller);
+        self.settle(applied, rx, here);
         // `Relaxed`: a group that needs no fsync is acknowledged without one, but a claim needs
         // one; so the standing claims look in a group of their own, which waits for its fsync
         // without holding up the enqueue that brought the work.
         if self.writer.durability == Durability::Relaxed && self.writer.standing_may_claim() {
+            let here = self.would_sync_here(caller) && rx.is_empty();
             let (pass, _) = self.writer.apply_commands(None);
-            self.settle(pass, rx, caller);
+            self.settle(pass, rx, here);
         }
     }
 
     /// Syncs deferred outcomes whose time is up (the writer thread, when no group came).
     fn flush_deferred(&mut self, rx: &Receiver<Command>, caller: bool) {
         match self.deferred.take() {
-            Some((d, at)) if at <= std::time::Instant::now() => self.settle(d, rx, caller),
+            Some((d, at)) if at <= std::time::Instant::now() => {
+                let here = self.would_sync_here(caller) && rx.is_empty();
+                self.settle(d, rx, here)
+            }
             other => self.deferred = other,
         }
     }
 
-    /// Makes an applied group durable and acknowledges it: on this thread when it would be
-    /// synced here, else through the syncers (in order behind the groups they hold).
-    fn settle(&mut self, mut applied: Applied, rx: &Receiver<Command>, caller: bool) {
+    /// Makes an applied group durable and acknowledges it: on this thread if `here` (see
+    /// `process`), else through the syncers (in order behind the groups they hold).
+    fn settle(&mut self, mut applied: Applied, rx: &Receiver<Command>, here: bool) {
         let notify = self.writer.notify.clone();
         let Some(tx) = &self.sync_tx else {
             // `Immediate` (synced as it was written), or no syncer.
@@ -642,7 +650,7 @@ impl Core {
         if applied.error.is_some() {
             return finish(applied, None, &notify);
         }
-        if applied.durable && self.would_sync_here(caller) && rx.is_empty() {
+        if applied.durable && here {
             // While it syncs this thread cannot apply anything else: when commands arrived
             // meanwhile (other producers, workers), the pipeline is used for a while.
             let result = self.writer.store.sync();
