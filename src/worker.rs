@@ -499,7 +499,7 @@ impl Dispatcher {
                             if let Some(s) = &mut self.standing {
                                 s.received += tasks.len() as u64;
                             }
-                            self.take_claimed(tasks, stopping.is_none());
+                            self.take_claimed(tasks);
                         }
                         Ok(Err(e)) => tracing::error!(error = %e, "a standing claim's commit failed"),
                         Err(_) => {
@@ -592,7 +592,8 @@ impl Dispatcher {
 
     /// Withdraws the standing claim (a stop): once the backend confirms, it claims nothing
     /// more for this pool. Tasks it claimed that have not arrived yet are waited for and
-    /// buffered, so the stop releases them like tasks claimed ahead.
+    /// handled like a claim in flight at a stop: started on idle workers (the stop waits for
+    /// them), the rest buffered, so the stop releases them like tasks claimed ahead.
     fn sit(&mut self) {
         let Some(mut s) = self.standing.take() else {
             return;
@@ -608,7 +609,7 @@ impl Dispatcher {
             match s.link.tasks.recv() {
                 Ok(Ok(tasks)) => {
                     s.received += tasks.len() as u64;
-                    self.take_claimed(tasks, false);
+                    self.take_claimed(tasks);
                 }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "a standing claim's commit failed");
@@ -826,16 +827,16 @@ impl Dispatcher {
         let asked = self.in_flight.pop_front().unwrap_or_default();
         self.last_full = matches!(&result, Ok(tasks) if tasks.len() == asked && asked > 0);
         match result {
-            Ok(tasks) => self.take_claimed(tasks, true),
+            Ok(tasks) => self.take_claimed(tasks),
             Err(e) => tracing::error!(error = %e, "a claim failed; retrying when woken"),
         }
     }
 
-    /// Claimed tasks: the best go straight to idle workers (if `start` and none wait before
-    /// them), the rest to the buffer. The buffered ones are registered first, so a cancel
+    /// Claimed tasks: the best go straight to idle workers (if none wait before them), the
+    /// rest to the buffer (released at a stop). The buffered ones are registered first, so a cancel
     /// request can reach every task of a claim by the time any of its handlers runs.
-    fn take_claimed(&mut self, mut tasks: Vec<TaskInfo>, start: bool) {
-        let direct = if self.buffer.is_empty() && start {
+    fn take_claimed(&mut self, mut tasks: Vec<TaskInfo>) {
+        let direct = if self.buffer.is_empty() {
             self.idle.min(tasks.len())
         } else {
             0
