@@ -1785,8 +1785,10 @@ mod tests {
             syncs + 1,
             "the enqueue and its claim share one sync"
         );
+        // Sent right after the insert's reply, in the same acknowledgement.
+        let soon = std::time::Duration::from_secs(10);
         let tasks = claimed
-            .try_recv()
+            .recv_timeout(soon)
             .expect("claimed, and sent once durable")
             .unwrap();
         assert_eq!(tasks.len(), 1);
@@ -1838,7 +1840,7 @@ mod tests {
         inserted.recv().unwrap().unwrap();
         assert_eq!(store.sync_threads.lock().len(), syncs + 1);
         let tasks = claimed
-            .try_recv()
+            .recv_timeout(soon)
             .expect("claimed with the insert")
             .unwrap();
         assert_eq!(tasks.len(), 1, "two running and a limit of three");
