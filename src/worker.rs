@@ -2,8 +2,11 @@
 //!
 //! The dispatcher claims as many tasks as there are free workers (plus up to
 //! [`claim_ahead`](WorkerPoolBuilder::claim_ahead) more, default none), in order (priority,
-//! then due time, then enqueue order), with one durable commit for the whole claim batch
-//! before any handler runs. When nothing is due it blocks until new work commits,
+//! then due time, then enqueue order), durably before any handler runs. On a local directory
+//! it does so through a standing claim: it grants its free slots to the commit writer, which
+//! fills them in the very commit that makes work due (an enqueue's, an outcome's), so a task
+//! enqueued while a worker idles costs no commit of its own to claim. Elsewhere (PostgreSQL)
+//! it sends a claim per batch, together with the outcomes workers handed it. When nothing is due it blocks until new work commits,
 //! the earliest `next_run_at` or running deadline arrives, a worker frees up, or `stop()` is
 //! called: no fixed-interval polling, so an idle pool uses no CPU.
 //!
