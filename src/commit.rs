@@ -1704,6 +1704,22 @@ mod tests {
         store: Arc<FailingSync>,
         durability: Durability,
     ) -> (Sender<Command>, JoinHandle<()>, FastPath) {
+        spawn_writer_with(store, durability, DEFER_OUTCOMES)
+    }
+
+    fn spawn_writer_deferring(
+        store: Arc<FailingSync>,
+        defer_outcomes: std::time::Duration,
+    ) -> (Sender<Command>, JoinHandle<()>) {
+        let (tx, writer, _) = spawn_writer_with(store, Durability::Group, defer_outcomes);
+        (tx, writer)
+    }
+
+    fn spawn_writer_with(
+        store: Arc<FailingSync>,
+        durability: Durability,
+        defer_outcomes: std::time::Duration,
+    ) -> (Sender<Command>, JoinHandle<()>, FastPath) {
         let (tx, rx) = crossbeam_channel::unbounded();
         let writer = Writer {
             store,
@@ -1719,37 +1735,11 @@ mod tests {
             next_tick: Arc::new(AtomicU64::new(u64::MAX)),
             has_extras: false,
             standing: Vec::new(),
-            defer_outcomes: DEFER_OUTCOMES,
-        }
-        .spawn(rx)
-        .unwrap();
-        (tx, writer.0, writer.1)
-    }
-
-    fn spawn_writer_deferring(
-        store: Arc<FailingSync>,
-        defer_outcomes: std::time::Duration,
-    ) -> (Sender<Command>, JoinHandle<()>) {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let writer = Writer {
-            store,
-            clock: Arc::new(crate::testing::ManualClock::new(Timestamp(10))),
-            notify: Arc::new(Notify::default()),
-            jitter: Box::new(FixedJitter(0.5)),
-            backoff: BackoffTable::default(),
-            durability: Durability::Group,
-            poisoned: Arc::default(),
-            corrupt: Arc::default(),
-            limiter: Arc::default(),
-            schedules: Arc::default(),
-            next_tick: Arc::new(AtomicU64::new(u64::MAX)),
-            has_extras: false,
-            standing: Vec::new(),
             defer_outcomes,
         }
         .spawn(rx)
         .unwrap();
-        (tx, writer.0)
+        (tx, writer.0, writer.1)
     }
 
     /// Sends `make(reply)` and waits for its reply.

@@ -54,6 +54,16 @@ pub(crate) struct SledBackend {
     notify: Arc<Notify>,
 }
 
+/// A worker's outcome as the writer's command.
+fn finish_command(f: FinishRequest) -> Command {
+    Command::Finish {
+        id: f.id,
+        lease: f.lease,
+        outcome: f.outcome,
+        reply: f.reply,
+    }
+}
+
 /// Due tasks counted per limit for `waiting` in stats.
 const WAITING_CAP: usize = 10_000;
 
@@ -232,15 +242,7 @@ impl Backend for SledBackend {
     }
 
     fn submit(&self, finishes: Vec<FinishRequest>, claim: Option<ClaimRequest>) -> Result<()> {
-        let mut commands: Vec<Command> = finishes
-            .into_iter()
-            .map(|f| Command::Finish {
-                id: f.id,
-                lease: f.lease,
-                outcome: f.outcome,
-                reply: f.reply,
-            })
-            .collect();
+        let mut commands: Vec<Command> = finishes.into_iter().map(finish_command).collect();
         if let Some(c) = claim {
             commands.push(Command::Claim {
                 queues: c.queues,
@@ -260,15 +262,7 @@ impl Backend for SledBackend {
         if finishes.is_empty() {
             return Ok(());
         }
-        let commands = finishes
-            .into_iter()
-            .map(|f| Command::Finish {
-                id: f.id,
-                lease: f.lease,
-                outcome: f.outcome,
-                reply: f.reply,
-            })
-            .collect();
+        let commands = finishes.into_iter().map(finish_command).collect();
         self.send(Command::Outcomes(commands))
     }
 
